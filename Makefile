@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PROTO_SRC := protos/federation/_proto/v1/node.proto
+
+.PHONY: install demo test lint typecheck pytest protos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: on these machines torch==2.13.0 is a CPU build on local disk;
+	# letting pip resolve `torch>=2.2` itself would download several GB of CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/federation demo
+
+lint: install
+	$(BIN)/ruff check federation nodes tests benchmarks
+	$(BIN)/ruff format --check federation nodes tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy federation nodes
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	    --pyi_out=. $(PROTO_SRC)
+
+bench: install
+	$(BIN)/python benchmarks/analytics.py
+
+clean:
+	rm -rf $(VENV) demo-state bench-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,267 @@
+"""The ``federation`` command.
+
+Consumer commands: ``describe``, ``query``; node operators: ``node serve|init`` (run by the
+node runtime in its own process); certificates: ``certs init|issue``; ``demo``. Exit codes:
+0 success, 1 a node refused or failed, 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from federation import pki
+from federation.coordinator import Coordinator, QueryResult
+from federation.errors import ConfigError, FederationError, InvalidRequestError
+from federation.filters import parse_filter
+from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
+from federation.releases import NodeDescription
+
+__all__ = ["main"]
+
+QUERY_KINDS = ("count", "sum", "mean", "histogram", "quantile")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="federation", description="Privacy-preserving federated analytics."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("describe", help="show each node's datasets and your budget there")
+    p.add_argument("--config", type=Path, default=Path("federation.toml"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    q = sub.add_parser("query", help="ask the nodes for a DP statistic")
+    q.add_argument("kind", choices=QUERY_KINDS)
+    q.add_argument("--config", type=Path, default=Path("federation.toml"))
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--column", help="numeric or category column (not for count)")
+    q.add_argument("--where", help="filter, e.g. \"age >= 30 and housing == 'rent'\"")
+    q.add_argument("--group-by", help="category or bool column")
+    q.add_argument("--bounds", help="clamp bounds 'lower,upper' (default: the public bounds)")
+    q.add_argument("--bins", type=int, help="histogram bins / quantile resolution")
+    q.add_argument("--quantiles", default="0.5", help="comma-separated, e.g. 0.25,0.5,0.75")
+    q.add_argument("--epsilon", type=float, required=True, help="epsilon to spend at each node")
+    q.add_argument("--delta", type=float, default=0.0, help="delta per node (gaussian)")
+    q.add_argument("--mechanism", choices=[m.value for m in Mechanism], default="laplace")
+    q.add_argument("--min-nodes", type=int, help="answer from at least N reachable nodes")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    n = sub.add_parser("node", help="node operator commands (serve, init)", add_help=False)
+    n.add_argument("rest", nargs=argparse.REMAINDER)
+
+    c = sub.add_parser("certs", help="create a federation CA and issue certificates")
+    csub = c.add_subparsers(dest="certs_command", required=True)
+    ci = csub.add_parser("init", help="create a CA in a directory")
+    ci.add_argument("--out", type=Path, required=True)
+    ci.add_argument("--name", default="federation-ca")
+    cs = csub.add_parser("issue", help="issue a node or consumer certificate")
+    cs.add_argument("--ca", type=Path, required=True, help="directory holding ca.pem/ca.key")
+    cs.add_argument("--name", required=True)
+    cs.add_argument("--role", choices=["node", "consumer"], required=True)
+    cs.add_argument("--host", default="", help="node: comma-separated DNS names / IPs")
+    cs.add_argument("--out", type=Path, help="output directory (default: the CA directory)")
+    cs.add_argument("--days", type=int, default=397, help="validity in days")
+
+    d = sub.add_parser("demo", help="run two local nodes on synthetic data and query them")
+    d.add_argument("--rows", type=int, default=200_000, help="rows per node")
+    d.add_argument("--epsilon", type=float, default=0.5, help="epsilon per query per node")
+    d.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["node"]:
+        # The node runtime lives in `nodes`, which this package never imports: run it as
+        # its own program (same interpreter), replacing this process.
+        os.execv(sys.executable, [sys.executable, "-m", "nodes", *args_list[1:]])  # noqa: S606
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "describe":
+            return _describe(args)
+        if args.command == "query":
+            return _query(args)
+        if args.command == "certs":
+            return _certs(args)
+        from federation.demo import run_demo
+
+        return run_demo(rows=args.rows, epsilon=args.epsilon, seed=args.seed)
+    except (ConfigError, InvalidRequestError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except FederationError as err:
+        sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
+        return 1
+
+
+def _describe(args: argparse.Namespace) -> int:
+    with Coordinator.from_config(args.config) as fed:
+        descriptions = fed.describe()
+    if args.json:
+        print(json.dumps({n: _description_dict(d) for n, d in descriptions.items()}, indent=2))
+        return 0
+    for desc in descriptions.values():
+        print(format_description(desc))
+    return 0
+
+
+def _description_dict(d: NodeDescription) -> dict[str, object]:
+    return {
+        "node": d.node_name,
+        "jurisdiction": d.jurisdiction,
+        "version": d.software_version,
+        "consumer": d.consumer,
+        "operations": list(d.allowed_operations),
+        "budget": {
+            "epsilon": d.budget.epsilon,
+            "delta": d.budget.delta,
+            "spent_epsilon": d.budget.spent_epsilon,
+            "remaining_epsilon": d.budget.remaining_epsilon,
+            "releases": d.budget.releases,
+            "max_epsilon_per_release": d.budget.max_epsilon_per_release,
+        },
+        "datasets": [
+            {
+                "name": s.name,
+                "columns": [
+                    {
+                        "name": c.name,
+                        "type": c.type.value,
+                        "lower": c.lower,
+                        "upper": c.upper,
+                        "domain": list(c.domain),
+                    }
+                    for c in s.columns
+                ],
+            }
+            for s in d.datasets
+        ],
+    }
+
+
+def format_description(d: NodeDescription) -> str:
+    """Render a node description for a terminal."""
+    b = d.budget
+    lines = [
+        f"{d.node_name} ({d.jurisdiction}), federation {d.software_version}",
+        f"  you are {d.consumer!r}; allowed: {', '.join(d.allowed_operations)}",
+        f"  budget: epsilon {b.spent_epsilon:.4g} spent of {b.epsilon:g} "
+        f"({b.remaining_epsilon:.4g} left, delta {b.delta:g}, "
+        f"max {b.max_epsilon_per_release:g} per release, {b.releases} releases)",
+    ]
+    for s in d.datasets:
+        lines.append(f"  dataset {s.name!r}:")
+        for c in s.columns:
+            extra = ""
+            if c.has_bounds:
+                extra = f" [{c.lower:g}, {c.upper:g}]"
+            elif c.domain:
+                extra = " {" + ", ".join(c.domain) + "}"
+            lines.append(f"    {c.name:<16} {c.type.value}{extra}")
+    return "\n".join(lines)
+
+
+def build_query(args: argparse.Namespace) -> Query:
+    """Turn ``federation query`` arguments into a query value."""
+    where = parse_filter(args.where) if args.where else None
+    group_by = args.group_by or None
+    if args.kind == "count":
+        return Count(dataset=args.dataset, where=where, group_by=group_by)
+    if not args.column:
+        raise InvalidRequestError(f"{args.kind} needs --column")
+    bounds = _parse_bounds(args.bounds) if args.bounds else None
+    common = {
+        "dataset": args.dataset,
+        "column": args.column,
+        "where": where,
+        "group_by": group_by,
+        "bounds": bounds,
+    }
+    if args.kind == "sum":
+        return Sum(**common)  # type: ignore[arg-type]
+    if args.kind == "mean":
+        return Mean(**common)  # type: ignore[arg-type]
+    if args.kind == "histogram":
+        return Histogram(**common, bins=args.bins or 10)  # type: ignore[arg-type]
+    quantiles = tuple(float(q) for q in args.quantiles.split(","))
+    return Quantile(**common, quantiles=quantiles, bins=args.bins or 256)  # type: ignore[arg-type]
+
+
+def _parse_bounds(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        lower, upper = (float(p) for p in parts)
+    except ValueError as err:
+        raise InvalidRequestError(f"--bounds: expected 'lower,upper'; got {text!r}") from err
+    return (lower, upper)
+
+
+def _query(args: argparse.Namespace) -> int:
+    query = build_query(args)
+    with Coordinator.from_config(args.config) as fed:
+        result = fed.analyze(
+            query,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            mechanism=args.mechanism,
+            min_nodes=args.min_nodes,
+        )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_result(result))
+    return 0
+
+
+def format_result(result: QueryResult, truth: dict[str, list[float]] | None = None) -> str:
+    """Render a result as a table; ``truth`` adds exact values (synthetic data only)."""
+    pct = round(result.confidence * 100)
+    header = f"{'group':<14} {'':<18} {'DP estimate':>14} {f'{pct}% CI':>29}"
+    if truth is not None:
+        header += f" {'true value':>14}"
+    lines = [header]
+    for g in result.groups:
+        for i, (label, e) in enumerate(zip(result.labels, g.estimates, strict=True)):
+            ci = f"[{e.low:,.4g}, {e.high:,.4g}]"
+            row = (
+                f"{(g.group or 'all') if i == 0 else '':<14} {label:<18} {e.value:>14,.4g} {ci:>29}"
+            )
+            if truth is not None:
+                row += f" {truth[g.group][i]:>14,.4g}"
+            lines.append(row)
+    lines.append(
+        "cost: "
+        + "; ".join(
+            f"{n.node} epsilon {n.epsilon:g} (spent {n.spent_epsilon:.3g}, "
+            f"left {n.remaining_epsilon:.3g}, receipt {n.receipt_id[:8]})"
+            for n in result.nodes
+        )
+    )
+    if result.missing:
+        lines.append(f"missing nodes: {', '.join(result.missing)}")
+    return "\n".join(lines)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.certs_command == "init":
+        path = pki.init_ca(args.out, name=args.name)
+        print(f"CA written: {path} (keep {path.with_suffix('.key').name} secret and offline)")
+        return 0
+    hosts = [h for h in args.host.split(",") if h]
+    cert, key = pki.issue(
+        args.ca,
+        name=args.name,
+        role=args.role,
+        hosts=hosts,
+        out_dir=args.out,
+        validity_days=args.days,
+    )
+    print(f"issued {args.role} certificate {cert} and key {key} (mode 0600)")
+    return 0

@@ -1,0 +1,261 @@
+"""The coordinator: asks nodes for DP statistics concurrently and combines the answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+
+from federation import pki
+from federation.config import CoordinatorConfig, load_coordinator_config
+from federation.coordinator.analytics import Estimate, GroupResult, NodeSpend, QueryResult, combine
+from federation.coordinator.client import NodeClient
+from federation.errors import (
+    FederationError,
+    InvalidRequestError,
+    NodeUnavailableError,
+    SchemaMismatchError,
+)
+from federation.queries import Count, Mechanism, Query
+from federation.releases import BudgetStatus, NodeDescription, Release
+from federation.schema import DatasetSchema, check_compatible
+from federation.wire import AnalyzeRequest
+
+__all__ = [
+    "Coordinator",
+    "Estimate",
+    "GroupResult",
+    "NodeClient",
+    "NodeSpend",
+    "QueryResult",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Coordinator:
+    """Fan queries out to a set of nodes and combine their DP releases.
+
+    Example (against real nodes)::
+
+        with Coordinator.from_config("federation.toml") as fed:
+            result = fed.analyze(Mean("credit", "income"), epsilon=0.5)
+            print(result.value, result.estimate().low, result.estimate().high)
+    """
+
+    def __init__(self, clients: Sequence[NodeClient]) -> None:
+        """Use already-constructed node clients (see ``from_config``/``from_addresses``)."""
+        if not clients:
+            raise InvalidRequestError("a coordinator needs at least one node")
+        self.clients = {c.name: c for c in clients}
+        self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
+        self._descriptions: dict[str, NodeDescription] = {}
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> Coordinator:
+        """Connect to the nodes listed in a ``federation.toml``."""
+        return cls.from_coordinator_config(load_coordinator_config(Path(path)))
+
+    @classmethod
+    def from_coordinator_config(cls, config: CoordinatorConfig) -> Coordinator:
+        """Connect to the nodes of a parsed config."""
+        identity = None
+        if config.tls is not None:
+            identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+        return cls.from_addresses(
+            {n.name: n.address for n in config.nodes},
+            identity=identity,
+            consumer=config.consumer,
+            timeout_s=config.timeout_s,
+        )
+
+    @classmethod
+    def from_addresses(
+        cls,
+        addresses: Mapping[str, str],
+        *,
+        identity: pki.Identity | None = None,
+        consumer: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> Coordinator:
+        """Connect to ``{node name: "host:port"}``; TLS when ``identity`` is given."""
+        clients = [
+            NodeClient(name, address, identity=identity, consumer=consumer, timeout_s=timeout_s)
+            for name, address in addresses.items()
+        ]
+        return cls(clients)
+
+    # ---------------------------------------------------------------- metadata
+
+    def describe(self) -> dict[str, NodeDescription]:
+        """Describe every node (public metadata and this consumer's budget there)."""
+        results, failures = self._fan_out(lambda c: c.describe(), list(self.clients))
+        if failures:
+            raise _first_failure(failures)
+        self._descriptions.update(results)
+        return {name: results[name] for name in self.clients}
+
+    def budgets(self) -> dict[str, BudgetStatus]:
+        """This consumer's budget at each node."""
+        return {name: d.budget for name, d in self.describe().items()}
+
+    def schema(self, dataset: str, nodes: Sequence[str] | None = None) -> DatasetSchema:
+        """The dataset's schema, after checking that the nodes agree on it.
+
+        Raises:
+            SchemaMismatchError: the nodes' schemas differ (the message lists the columns).
+        """
+        names = list(nodes) if nodes is not None else list(self.clients)
+        missing = [n for n in names if n not in self._descriptions]
+        if missing:
+            found, failures = self._fan_out(lambda c: c.describe(), missing)
+            self._descriptions.update(found)
+            names = [n for n in names if n not in failures]
+        schemas = {n: self._descriptions[n].dataset(dataset) for n in names}
+        problems = check_compatible(schemas)
+        if problems:
+            raise SchemaMismatchError(
+                f"nodes disagree on the schema of dataset {dataset!r}:\n  " + "\n  ".join(problems)
+            )
+        return next(iter(schemas.values()))
+
+    # ---------------------------------------------------------------- analytics
+
+    def analyze(
+        self,
+        query: Query,
+        *,
+        epsilon: float,
+        delta: float = 0.0,
+        mechanism: Mechanism | str = Mechanism.LAPLACE,
+        min_nodes: int | None = None,
+        confidence: float = 0.95,
+        seed: int | None = None,
+    ) -> QueryResult:
+        """Ask every node for ``query`` at ``epsilon`` (each node charges its own budget).
+
+        Args:
+            query: a ``Count``, ``Sum``, ``Mean``, ``Histogram`` or ``Quantile``.
+            epsilon: epsilon to spend at *each* node (nodes hold disjoint records).
+            delta: delta per node for the gaussian mechanism (0 for laplace).
+            mechanism: ``"laplace"`` (pure DP) or ``"gaussian"``.
+            min_nodes: answer from at least this many nodes when some are unreachable;
+                None requires all of them.
+            confidence: coverage of the intervals.
+            seed: seed of the interval simulations (None: fresh).
+
+        Raises:
+            NodeUnavailableError: a node is unreachable (and ``min_nodes`` not met).
+            SchemaMismatchError: nodes disagree on the dataset's schema.
+            BudgetExhaustedError, InvalidRequestError, PolicyError: a node refused.
+        """
+        mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
+        if not 0 < confidence < 1:
+            raise InvalidRequestError(f"confidence must be in (0, 1); got {confidence!r}")
+        request = AnalyzeRequest(query=query, epsilon=epsilon, delta=delta, mechanism=mech)
+        needed = len(self.clients) if min_nodes is None else min_nodes
+        if not 1 <= needed <= len(self.clients):
+            raise InvalidRequestError(
+                f"min_nodes must be between 1 and {len(self.clients)}; got {min_nodes}"
+            )
+        # Check the cross-border contract before any node spends budget on this query.
+        self.schema(query.dataset, [n for n in self.clients if n in self._descriptions] or None)
+        releases, failures = self._fan_out(lambda c: c.analyze(request), list(self.clients))
+        return self._result(query, releases, failures, needed, confidence, seed)
+
+    def _result(
+        self,
+        query: Query,
+        releases: dict[str, Release],
+        failures: dict[str, FederationError],
+        needed: int,
+        confidence: float,
+        seed: int | None,
+    ) -> QueryResult:
+        refusals = {n: e for n, e in failures.items() if not isinstance(e, NodeUnavailableError)}
+        if refusals:
+            raise _first_failure(refusals)
+        if len(releases) < needed:
+            names = ", ".join(sorted(failures))
+            raise NodeUnavailableError(
+                f"only {len(releases)} of {len(self.clients)} nodes answered (need {needed}); "
+                f"unavailable: {names}. Details: " + "; ".join(str(e) for e in failures.values())
+            )
+        ordered = {n: releases[n] for n in self.clients if n in releases}
+        labels, groups = combine(
+            query, ordered, confidence=confidence, rng=np.random.default_rng(seed)
+        )
+        spends = tuple(
+            NodeSpend(
+                node=name,
+                epsilon=r.cost_epsilon,
+                delta=r.cost_delta,
+                spent_epsilon=r.budget.spent_epsilon,
+                remaining_epsilon=r.budget.remaining_epsilon,
+                receipt_id=r.receipt.id,
+            )
+            for name, r in ordered.items()
+        )
+        missing = tuple(sorted(failures))
+        notes = (f"answered without: {', '.join(missing)}",) if missing else ()
+        return QueryResult(
+            query=query,
+            labels=labels,
+            groups=groups,
+            nodes=spends,
+            missing=missing,
+            confidence=confidence,
+            notes=notes,
+        )
+
+    def count(self, dataset: str, *, epsilon: float) -> QueryResult:
+        """Shorthand for ``analyze(Count(dataset), epsilon=epsilon)``."""
+        return self.analyze(Count(dataset), epsilon=epsilon)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _fan_out(
+        self, call: Callable[[NodeClient], T], names: Sequence[str]
+    ) -> tuple[dict[str, T], dict[str, FederationError]]:
+        futures = {name: self._pool.submit(call, self.clients[name]) for name in names}
+        results: dict[str, T] = {}
+        failures: dict[str, FederationError] = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except FederationError as err:
+                log.warning("node %s: %s", name, err)
+                failures[name] = err
+        return results, failures
+
+    def close(self) -> None:
+        """Close every channel and the worker pool."""
+        for client in self.clients.values():
+            client.close()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Coordinator:
+        """Use as a context manager that closes on exit."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close channels."""
+        self.close()
+
+
+def _first_failure(failures: Mapping[str, FederationError]) -> FederationError:
+    return next(iter(failures.values()))

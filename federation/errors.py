@@ -1,0 +1,122 @@
+"""The exception tree that node and coordinator share, and its gRPC status mapping.
+
+::
+
+    FederationError
+    ├── ConfigError                          bad config; raised at startup, never mid-request
+    ├── InvalidRequestError (also ValueError) → INVALID_ARGUMENT
+    ├── UnauthenticatedError                 → UNAUTHENTICATED
+    ├── PolicyError                          → PERMISSION_DENIED
+    ├── BudgetExhaustedError                 → RESOURCE_EXHAUSTED (carries the remaining budget)
+    ├── SchemaMismatchError                  → FAILED_PRECONDITION
+    ├── NodeUnavailableError                 ← UNAVAILABLE, DEADLINE_EXCEEDED
+    └── NodeInternalError                    ← INTERNAL, UNKNOWN and anything unmapped
+
+A node aborts with ``status_for(err)``; the client turns the status back into the same
+class with ``error_from_status``, so a notebook user catches ``BudgetExhaustedError``,
+never ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "BudgetExhaustedError",
+    "ConfigError",
+    "FederationError",
+    "InvalidRequestError",
+    "NodeInternalError",
+    "NodeUnavailableError",
+    "PolicyError",
+    "SchemaMismatchError",
+    "UnauthenticatedError",
+    "error_from_status",
+    "status_for",
+]
+
+
+class FederationError(Exception):
+    """Base class of every error Federation raises on purpose."""
+
+
+class ConfigError(FederationError):
+    """A node or coordinator configuration is invalid (raised at startup)."""
+
+
+class InvalidRequestError(FederationError, ValueError):
+    """A request is malformed or names something that does not exist."""
+
+
+class UnauthenticatedError(FederationError):
+    """The caller could not be identified."""
+
+
+class PolicyError(FederationError):
+    """The node's policy does not allow this caller to do this."""
+
+
+class BudgetExhaustedError(FederationError):
+    """The release would exceed the caller's privacy budget or a per-release cap."""
+
+    def __init__(self, message: str, *, remaining_epsilon: float | None = None) -> None:
+        super().__init__(message)
+        self.remaining_epsilon = remaining_epsilon
+
+
+class SchemaMismatchError(FederationError):
+    """Nodes disagree on a dataset's schema, so their releases cannot be combined."""
+
+
+class NodeUnavailableError(FederationError):
+    """A node could not be reached or did not answer in time."""
+
+
+class NodeInternalError(FederationError):
+    """A node failed while handling a request (its log has the details)."""
+
+
+_TABLE: tuple[tuple[type[FederationError], grpc.StatusCode], ...] = (
+    (BudgetExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
+    (SchemaMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NodeUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (NodeInternalError, grpc.StatusCode.INTERNAL),
+)
+
+_REMAINING_TAG = "remaining_epsilon="
+
+
+def status_for(err: FederationError) -> grpc.StatusCode:
+    """Return the gRPC status code a node answers with for ``err``."""
+    for cls, code in _TABLE:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_status(code: grpc.StatusCode, details: str, *, node: str) -> FederationError:
+    """Turn a gRPC status from ``node`` back into the exception class it stands for."""
+    message = f"node {node!r}: {details}"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return NodeUnavailableError(f"node {node!r} is unavailable ({code.name}): {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return BudgetExhaustedError(message, remaining_epsilon=_parse_remaining(details))
+    for cls, mapped in _TABLE:
+        if mapped is code:
+            return cls(message)
+    return NodeInternalError(f"{message} ({code.name})")
+
+
+def _parse_remaining(details: str) -> float | None:
+    """Read the ``remaining_epsilon=...`` tag a node puts in budget messages."""
+    start = details.find(_REMAINING_TAG)
+    if start < 0:
+        return None
+    token = details[start + len(_REMAINING_TAG) :].split()[0].rstrip(".,;)")
+    try:
+        return float(token)
+    except ValueError:
+        return None

@@ -1,0 +1,158 @@
+"""Public dataset schemas: the cross-border data contract that nodes declare and agree on.
+
+A schema is public metadata written by the node operator. It never comes from the data:
+bounds and category domains are declared, so publishing them leaks nothing about a record.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from federation.errors import InvalidRequestError
+
+__all__ = ["Column", "ColumnType", "DatasetSchema", "check_compatible"]
+
+
+class ColumnType(enum.Enum):
+    """The type of a column, as declared in a node config."""
+
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    CATEGORY = "category"
+
+    @property
+    def is_numeric(self) -> bool:
+        """Whether sums, means and numeric histograms make sense on this type."""
+        return self in (ColumnType.INT, ColumnType.FLOAT)
+
+    @property
+    def is_discrete(self) -> bool:
+        """Whether the column has a finite public domain (usable for group-by)."""
+        return self in (ColumnType.BOOL, ColumnType.CATEGORY)
+
+
+BOOL_DOMAIN: tuple[str, ...] = ("false", "true")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One public column description.
+
+    Attributes:
+        name: column name, as in the data file.
+        type: declared type.
+        lower: public lower bound (numeric columns), or None if the operator gave none.
+        upper: public upper bound (numeric columns), or None.
+        domain: public category values in code order (category columns); ``("false", "true")``
+            for bool columns.
+        description: free text for people.
+    """
+
+    name: str
+    type: ColumnType
+    lower: float | None = None
+    upper: float | None = None
+    domain: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "a").isalnum():
+            raise InvalidRequestError(
+                f"column name {self.name!r} must be non-empty letters, digits and underscores"
+            )
+        if (self.lower is None) != (self.upper is None):
+            raise InvalidRequestError(f"column {self.name!r}: give both lower and upper, or neither")
+        if self.lower is not None and self.upper is not None:
+            if not self.type.is_numeric:
+                raise InvalidRequestError(f"column {self.name!r}: bounds need an int or float type")
+            if not (math.isfinite(self.lower) and math.isfinite(self.upper)):
+                raise InvalidRequestError(f"column {self.name!r}: bounds must be finite")
+            if not self.lower < self.upper:
+                raise InvalidRequestError(
+                    f"column {self.name!r}: lower {self.lower} must be below upper {self.upper}"
+                )
+        if self.type is ColumnType.CATEGORY:
+            if not self.domain:
+                raise InvalidRequestError(
+                    f"category column {self.name!r} needs a public domain (list of values)"
+                )
+            if len(set(self.domain)) != len(self.domain):
+                raise InvalidRequestError(f"column {self.name!r}: domain has duplicate values")
+        elif self.type is ColumnType.BOOL:
+            object.__setattr__(self, "domain", BOOL_DOMAIN)
+        elif self.domain:
+            raise InvalidRequestError(f"column {self.name!r}: only category columns take a domain")
+
+    @property
+    def has_bounds(self) -> bool:
+        """Whether the operator declared public bounds."""
+        return self.lower is not None
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetSchema:
+    """A dataset's public schema: its name and columns."""
+
+    name: str
+    columns: tuple[Column, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"dataset {self.name!r} declares a column twice")
+
+    def column(self, name: str) -> Column:
+        """Return the column called ``name``.
+
+        Raises:
+            InvalidRequestError: no such column (the message lists the known ones).
+        """
+        for col in self.columns:
+            if col.name == name:
+                return col
+        known = ", ".join(c.name for c in self.columns)
+        raise InvalidRequestError(
+            f"dataset {self.name!r} has no column {name!r}; its columns are: {known}"
+        )
+
+
+def check_compatible(schemas: dict[str, DatasetSchema]) -> list[str]:
+    """List the columns on which the schemas of several nodes disagree.
+
+    Args:
+        schemas: node name -> that node's schema of one dataset.
+
+    Returns:
+        One human-readable line per mismatching column; empty when all agree.
+    """
+    lines: list[str] = []
+    if not schemas:
+        return lines
+    by_column: dict[str, dict[str, Column | None]] = {}
+    for node, schema in schemas.items():
+        for col in schema.columns:
+            by_column.setdefault(col.name, {})[node] = col
+    for name in sorted(by_column):
+        seen = by_column[name]
+        variants = {node: seen.get(node) for node in schemas}
+        described = {node: _describe(col) for node, col in variants.items()}
+        if len(set(described.values())) > 1:
+            parts = "; ".join(f"{node}: {text}" for node, text in sorted(described.items()))
+            lines.append(f"column {name!r} differs: {parts}")
+    return lines
+
+
+def _describe(col: Column | None) -> str:
+    """Render the contract-relevant part of a column for comparison."""
+    if col is None:
+        return "missing"
+    text = col.type.value
+    if col.has_bounds:
+        text += f" [{col.lower:g}, {col.upper:g}]"
+    if col.type is ColumnType.CATEGORY:
+        text += " {" + ", ".join(col.domain) + "}"
+    return text

@@ -1,0 +1,1 @@
+"""Node runtime: the only code that reads raw records."""

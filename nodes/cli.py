@@ -1,0 +1,65 @@
+"""``python -m nodes``: the node operator's commands (``federation node ...`` runs these).
+
+``serve --config node.toml [--insecure]`` runs a node; ``init DATA [--name ...]`` prints a
+commented starter config for a CSV or Parquet file. A bad config exits with code 2 and one
+message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from federation.errors import ConfigError
+from nodes.config import starter_config
+from nodes.server import serve
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="federation node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run a node from its config")
+    p_serve.add_argument("--config", required=True, type=Path, help="path to node.toml")
+    p_serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext (only on a loopback address; for development)",
+    )
+    p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p_init = sub.add_parser("init", help="print a commented starter node.toml for a data file")
+    p_init.add_argument("data", type=Path, help="CSV or Parquet file")
+    p_init.add_argument("--name", default="my-node", help="node name, e.g. hong-kong")
+    p_init.add_argument("--jurisdiction", default="XX", help="jurisdiction code, e.g. HK")
+    p_init.add_argument("--dataset", default=None, help="dataset name (default: file stem)")
+    p_init.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a node command; return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                stream=sys.stderr,
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            return serve(args.config, insecure=args.insecure)
+        text = starter_config(
+            args.data, name=args.name, jurisdiction=args.jurisdiction, dataset=args.dataset
+        )
+        if args.out is None:
+            sys.stdout.write(text)
+        else:
+            args.out.write_text(text)
+            sys.stderr.write(f"wrote {args.out}\n")
+        return 0
+    except ConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2

@@ -1,0 +1,136 @@
+"""Start a node: load config and data once, open the ledger, serve gRPC until told to stop.
+
+On start the node prints one JSON line to stdout, ``{"event": "serving", "node": ...,
+"address": "host:port"}``, so that a launcher (``LocalFederation``, tests) learns the port it
+bound when the config says port 0; it then waits on the standard health RPC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from federation import pki
+from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation.errors import ConfigError
+from nodes.analytics import DatasetEngine
+from nodes.config import NodeConfig, load_config
+from nodes.data import load_table
+from nodes.guard import Guard
+from nodes.ledger import Ledger
+from nodes.service import NodeService
+
+__all__ = ["RunningNode", "serve", "start_node"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "federation.v1.Node"
+
+
+@dataclass
+class RunningNode:
+    """A started node: its gRPC server, bound address and parts."""
+
+    server: grpc.Server
+    address: str
+    health: health.HealthServicer
+    guard: Guard
+    ledger: Ledger
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Mark the node not serving and stop the server, letting calls finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.ledger.close()
+
+
+def start_node(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
+    """Load data, open the ledger and start serving ``config``.
+
+    Raises:
+        ConfigError: plaintext requested off loopback, TLS files unusable, data unreadable,
+            or the address cannot be bound.
+    """
+    use_tls = config.tls is not None
+    if not use_tls and not (insecure and config.is_loopback):
+        raise ConfigError(
+            f"node {config.name!r} has no [tls] section: plaintext is only allowed on a "
+            "loopback address with --insecure; add [tls] (see `federation certs`) to listen "
+            f"on {config.listen}"
+        )
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engines = {
+        ds.name: DatasetEngine(load_table(ds.source, schema=ds.schema, file_format=ds.format))
+        for ds in config.datasets
+    }
+    ledger = Ledger(config.state_dir / "ledger.sqlite")
+    guard = Guard(config, use_tls=use_tls)
+    service = NodeService(config, engines=engines, ledger=ledger, guard=guard)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
+    )
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = _bind(server, config)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{config.listen_host}:{port}"
+    log.info("node %r serving on %s (%s)", config.name, address, "TLS" if use_tls else "plain")
+    return RunningNode(server, address, health_servicer, guard, ledger)
+
+
+def _bind(server: grpc.Server, config: NodeConfig) -> int:
+    try:
+        if config.tls is not None:
+            identity = pki.Identity.load(
+                ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key
+            )
+            port = server.add_secure_port(config.listen, pki.server_credentials(identity))
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError as err:
+        raise ConfigError(f"node.listen: cannot bind {config.listen}: {err}") from err
+    if port == 0:
+        raise ConfigError(f"node.listen: cannot bind {config.listen} (address in use?)")
+    return port
+
+
+def serve(config_path: Path, *, insecure: bool = False) -> int:
+    """Run a node until SIGTERM or SIGINT; SIGHUP re-reads the revocation file."""
+    config = load_config(config_path)
+    node = start_node(config, insecure=insecure)
+    done = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    def reload(signum: int, frame: FrameType | None) -> None:
+        node.guard.reload_revocations()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
+    event = {"event": "serving", "node": config.name, "address": node.address}
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+    done.wait()
+    node.stop()
+    return 0

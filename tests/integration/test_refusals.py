@@ -1,0 +1,264 @@
+"""Unhappy paths over real gRPC: right status code, a message a person can act on, nothing
+charged, and the node stays up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from federation import (
+    BudgetExhaustedError,
+    Count,
+    InvalidRequestError,
+    Mean,
+    NodeUnavailableError,
+    PolicyError,
+    Sum,
+    parse_filter,
+)
+from federation import pki
+from federation._proto.v1 import node_pb2 as pb
+from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation.coordinator import Coordinator
+from federation.datasets import CREDIT_SCHEMA, synthetic_credit
+from federation.local import LocalFederation
+from federation.schema import Column, ColumnType, DatasetSchema
+
+
+def raw_stub(local: LocalFederation, node: str) -> tuple[grpc.Channel, pb_grpc.NodeStub]:
+    """A plain generated stub with the federation's consumer identity."""
+    assert local.identity is not None
+    channel = grpc.secure_channel(
+        local.processes[node].address,
+        pki.channel_credentials(local.identity),
+        options=[("grpc.ssl_target_name_override", node)],
+    )
+    return channel, pb_grpc.NodeStub(channel)
+
+
+def releases(fed: Coordinator) -> dict[str, int]:
+    return {name: d.budget.releases for name, d in fed.describe().items()}
+
+
+def count_request(**overrides: object) -> pb.AnalyzeRequest:
+    fields: dict[str, object] = {
+        "query": pb.Query(kind=pb.QUERY_KIND_COUNT, dataset="credit"),
+        "epsilon": 0.5,
+        "mechanism": pb.MECHANISM_LAPLACE,
+    }
+    fields.update(overrides)
+    return pb.AnalyzeRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        (Mean("credit", "salary"), "has no column 'salary'"),
+        (Sum("credit", "housing"), "needs an int or float column"),
+        (Count("credit", group_by="income"), "group by a category or bool column"),
+        (Count("credit", where=parse_filter("housing == 'castle'")), "not in the public domain"),
+        (Count("credit", where=parse_filter("age == 'old'")), "compare with a number"),
+        (Count("loans"), "has no dataset 'loans'"),
+    ],
+)
+def test_bad_query_is_invalid_argument_and_charges_nothing(
+    fed: Coordinator, query: object, message: str
+) -> None:
+    before = releases(fed)
+    with pytest.raises(InvalidRequestError, match=message):
+        fed.analyze(query, epsilon=0.5)  # type: ignore[arg-type]
+    assert releases(fed) == before
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_epsilon_is_invalid_argument(local_fed: LocalFederation, epsilon: float) -> None:
+    channel, stub = raw_stub(local_fed, "hong-kong")
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(count_request(epsilon=epsilon), timeout=10)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "epsilon must be a finite number > 0" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_msg", "message"),
+    [
+        (pb.AnalyzeRequest(epsilon=0.5), "no query"),
+        (count_request(query=pb.Query(dataset="credit")), "query kind"),
+        (count_request(mechanism=7), "mechanism"),
+        (count_request(delta=0.1), "only used by the gaussian mechanism"),
+        (count_request(mechanism=pb.MECHANISM_GAUSSIAN, delta=0.0), "needs 0 < delta < 1"),
+        (
+            count_request(
+                query=pb.Query(kind=pb.QUERY_KIND_COUNT, dataset="credit", where=pb.Filter())
+            ),
+            "empty node",
+        ),
+        (
+            count_request(
+                query=pb.Query(
+                    kind=pb.QUERY_KIND_COUNT,
+                    dataset="credit",
+                    where=pb.Filter(
+                        comparison=pb.Comparison(
+                            column="age",
+                            op=pb.OPERATOR_IN,
+                            values=[pb.Value(number=float(i)) for i in range(5000)],
+                        )
+                    ),
+                )
+            ),
+            "at most 1024",
+        ),
+        (
+            count_request(
+                query=pb.Query(
+                    kind=pb.QUERY_KIND_SUM, dataset="credit", column="income", has_bounds=True,
+                    lower=5.0, upper=1.0,
+                )
+            ),
+            "must be below upper",
+        ),
+    ],
+)
+def test_malformed_request_is_invalid_argument(
+    local_fed: LocalFederation, fed: Coordinator, request_msg: pb.AnalyzeRequest, message: str
+) -> None:
+    before = releases(fed)
+    channel, stub = raw_stub(local_fed, "hong-kong")
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(request_msg, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    assert releases(fed) == before
+
+
+def test_message_over_the_transport_cap_is_cut_off_and_node_stays_up(
+    local_fed: LocalFederation, fed: Coordinator
+) -> None:
+    huge = pb.Query(kind=pb.QUERY_KIND_COUNT, dataset="x" * (5 * 1024 * 1024))
+    channel, stub = raw_stub(local_fed, "hong-kong")
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(count_request(query=huge), timeout=10)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert fed.describe()["hong-kong"].node_name == "hong-kong"
+
+
+def test_epsilon_over_the_per_release_cap_is_resource_exhausted(fed: Coordinator) -> None:
+    before = releases(fed)
+    with pytest.raises(BudgetExhaustedError, match="per-release cap of 5"):
+        fed.analyze(Count("credit"), epsilon=6.0)
+    assert releases(fed) == before
+
+
+def test_unknown_consumer_is_permission_denied(local_fed: LocalFederation) -> None:
+    pki_dir = local_fed.workdir / "pki"
+    cert, key = pki.issue(pki_dir, name="stranger", role="consumer")
+    identity = pki.Identity.load(ca=pki_dir / "ca.pem", cert=cert, key=key)
+    addresses = {n: p.address for n, p in local_fed.processes.items()}
+    with Coordinator.from_addresses(addresses, identity=identity) as stranger:
+        with pytest.raises(PolicyError, match="'stranger' is not in node"):
+            stranger.describe()
+
+
+def test_client_without_certificate_fails_the_handshake(local_fed: LocalFederation) -> None:
+    assert local_fed.identity is not None
+    creds = grpc.ssl_channel_credentials(root_certificates=local_fed.identity.ca_pem)
+    channel = grpc.secure_channel(
+        local_fed.processes["shenzhen"].address,
+        creds,
+        options=[("grpc.ssl_target_name_override", "shenzhen")],
+    )
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.NodeStub(channel).Describe(pb.DescribeRequest(), timeout=10)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- budget and restarts
+
+
+@pytest.fixture
+def small_budget(tmp_path: Path) -> Iterator[LocalFederation]:
+    frames = {
+        name: synthetic_credit(jurisdiction=name, rows=2000, seed=i)
+        for i, name in enumerate(("hong-kong", "shenzhen"))
+    }
+    local = LocalFederation.from_arrays(
+        frames, schema=CREDIT_SCHEMA, epsilon=1.0, max_epsilon_per_release=1.0,
+        workdir=tmp_path / "fed",
+    )
+    local.start()
+    yield local
+    local.stop()
+
+
+def test_budget_refuses_and_charges_nothing_then_survives_restart(
+    small_budget: LocalFederation,
+) -> None:
+    fed = small_budget.coordinator
+    assert fed is not None
+    fed.analyze(Count("credit"), epsilon=0.6)
+    with pytest.raises(BudgetExhaustedError, match="remaining_epsilon=0.4") as info:
+        fed.analyze(Count("credit"), epsilon=0.6)
+    assert info.value.remaining_epsilon == pytest.approx(0.4)
+    status = fed.budgets()["hong-kong"]
+    assert status.releases == 1
+    assert status.spent_epsilon == pytest.approx(0.6)
+
+    small_budget.restart("hong-kong")
+    fed = small_budget.coordinator
+    assert fed is not None
+    after = fed.budgets()["hong-kong"]
+    assert after.releases == 1
+    assert after.spent_epsilon == pytest.approx(0.6)
+    with pytest.raises(BudgetExhaustedError):
+        fed.analyze(Count("credit"), epsilon=0.5)
+    fed.analyze(Count("credit"), epsilon=0.4)  # exactly the remainder is allowed
+    assert fed.budgets()["hong-kong"].remaining_epsilon == pytest.approx(0.0, abs=1e-9)
+
+
+def test_unreachable_node_is_named_or_skipped_with_min_nodes(
+    small_budget: LocalFederation,
+) -> None:
+    fed = small_budget.coordinator
+    assert fed is not None
+    fed.describe()
+    small_budget.processes["shenzhen"].kill()
+    with pytest.raises(NodeUnavailableError, match="shenzhen"):
+        fed.analyze(Count("credit"), epsilon=0.1)
+    result = fed.analyze(Count("credit"), epsilon=0.1, min_nodes=1)
+    assert result.missing == ("shenzhen",)
+    assert [n.node for n in result.nodes] == ["hong-kong"]
+
+
+# ---------------------------------------------------------------- missing bounds (plaintext)
+
+
+def test_column_without_public_bounds_needs_request_bounds(tmp_path: Path) -> None:
+    schema = DatasetSchema(
+        name="survey",
+        columns=(
+            Column("spend", ColumnType.FLOAT),
+            Column("region", ColumnType.CATEGORY, domain=("north", "south")),
+        ),
+    )
+    rng = np.random.default_rng(0)
+    data = {
+        "lab": {
+            "spend": rng.uniform(0, 100, 500),
+            "region": rng.choice(np.array(["north", "south"]), 500),
+        }
+    }
+    with LocalFederation.from_arrays(data, schema=schema, tls=False, workdir=tmp_path) as fed:
+        with pytest.raises(InvalidRequestError, match="has no public bounds"):
+            fed.analyze(Mean("survey", "spend"), epsilon=1.0)
+        assert fed.budgets()["lab"].releases == 0
+        result = fed.analyze(Mean("survey", "spend", bounds=(0.0, 100.0)), epsilon=1.0)
+        assert 40 < result.value < 60

@@ -1,0 +1,307 @@
+"""Tests for federation.pki: CA, issuance, revocation and validity checks."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from federation import pki
+from federation.errors import ConfigError, InvalidRequestError
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("ca")
+    pki.init_ca(directory, name="test-ca")
+    return directory
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_ca_writes_constrained_ca(tmp_path: Path) -> None:
+    cert_path = pki.init_ca(tmp_path / "ca", name="my-ca", validity_days=30)
+    assert cert_path == tmp_path / "ca" / "ca.pem"
+    cert = _load(cert_path)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "my-ca"
+    assert cert.issuer == cert.subject
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value.ca
+    assert constraints.value.path_length == 0
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign
+    assert usage.crl_sign
+    assert not usage.digital_signature
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=30)
+    cert.verify_directly_issued_by(cert)
+    assert _mode(tmp_path / "ca" / "ca.key") == 0o600
+
+
+def test_init_ca_refuses_to_overwrite(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        pki.init_ca(tmp_path)
+    assert (tmp_path / "ca.key").read_bytes() == before
+
+
+def test_init_ca_refuses_when_only_the_key_exists(tmp_path: Path) -> None:
+    (tmp_path / "ca.key").write_bytes(b"old")
+    with pytest.raises(ConfigError, match="ca.key"):
+        pki.init_ca(tmp_path)
+    assert not (tmp_path / "ca.pem").exists()
+
+
+def test_issue_node_certificate(ca_dir: Path, tmp_path: Path) -> None:
+    cert_path, key_path = pki.issue(
+        ca_dir,
+        name="node-eu",
+        role="node",
+        hosts=["127.0.0.1", "::1", "node-eu.example.org", "node-eu"],
+        out_dir=tmp_path,
+    )
+    assert (cert_path, key_path) == (tmp_path / "node-eu.pem", tmp_path / "node-eu.key")
+    cert = _load(cert_path)
+    cert.verify_directly_issued_by(_load(ca_dir / "ca.pem"))
+    assert pki.common_name(cert_path.read_bytes()) == "node-eu"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["node-eu", "node-eu.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert _mode(key_path) == 0o600
+
+
+def test_issue_consumer_certificate(ca_dir: Path, tmp_path: Path) -> None:
+    cert_path, key_path = pki.issue(ca_dir, name="acme-ai", role="consumer", out_dir=tmp_path)
+    cert = _load(cert_path)
+    assert pki.common_name(cert_path.read_bytes()) == "acme-ai"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.DNSName("acme-ai")]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert _mode(key_path) == 0o600
+
+
+def test_issue_defaults_to_ca_dir(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    cert_path, key_path = pki.issue(tmp_path, name="acme-ai", role="consumer")
+    assert cert_path.parent == key_path.parent == tmp_path
+
+
+def test_issue_refuses_to_overwrite(ca_dir: Path, tmp_path: Path) -> None:
+    pki.issue(ca_dir, name="twice", role="consumer", out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="already exists"):
+        pki.issue(ca_dir, name="twice", role="consumer", out_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a" * 65, "has space", "slash/name", "../up", ".hidden", "ünï", "a:b"]
+)
+def test_issue_rejects_invalid_names(ca_dir: Path, tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="invalid"):
+        pki.issue(ca_dir, name=name, role="consumer", out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a", "A" * 64, "node_1.eu-west"])
+def test_issue_accepts_valid_names(ca_dir: Path, tmp_path: Path, name: str) -> None:
+    cert_path, _ = pki.issue(ca_dir, name=name, role="consumer", out_dir=tmp_path)
+    assert pki.common_name(cert_path.read_bytes()) == name
+
+
+def test_init_ca_rejects_invalid_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid"):
+        pki.init_ca(tmp_path, name="bad name")
+
+
+def test_issue_rejects_bad_arguments(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="role"):
+        pki.issue(ca_dir, name="x", role="admin", out_dir=tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="hosts"):
+        pki.issue(ca_dir, name="x", role="consumer", hosts=["h"], out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="neither an IP address nor a DNS name"):
+        pki.issue(ca_dir, name="x", role="node", hosts=["bad host"], out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="validity_days"):
+        pki.issue(ca_dir, name="x", role="node", validity_days=0, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="after the CA expires"):
+        pki.issue(ca_dir, name="x", role="node", validity_days=100_000, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="timezone-aware"):
+        pki.issue(ca_dir, name="x", role="node", not_before=datetime(2020, 1, 1), out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_issue_without_ca_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ca\.pem does not exist"):
+        pki.issue(tmp_path, name="x", role="node")
+
+
+def test_fingerprint_and_serial(ca_dir: Path, tmp_path: Path) -> None:
+    cert_path, _ = pki.issue(ca_dir, name="fp", role="consumer", out_dir=tmp_path)
+    cert = _load(cert_path)
+    pem = cert_path.read_bytes()
+    assert pki.fingerprint(pem) == cert.fingerprint(hashes.SHA256()).hex()
+    assert len(pki.fingerprint(pem)) == 64
+    assert int(pki.serial_hex(pem), 16) == cert.serial_number
+    assert pki.serial_hex(pem) == pki.serial_hex(pem).lower().lstrip("0")
+
+
+def test_common_name_rejects_garbage() -> None:
+    with pytest.raises(InvalidRequestError, match="PEM"):
+        pki.common_name(b"not a certificate")
+
+
+def _colons(hex_digits: str) -> str:
+    return ":".join(hex_digits[i : i + 2] for i in range(0, len(hex_digits), 2))
+
+
+def test_read_revocation_file_normalizes_entries(tmp_path: Path) -> None:
+    fp = "AB" * 32
+    path = tmp_path / "revoked.txt"
+    path.write_text(
+        "# revoked certificates\n"
+        "\n"
+        f"{_colons(fp)}\n"
+        "  00:0A:1B  # serial with leading zeros and colons\n"
+        "DEADBEEF\n"
+        "cn:Old-Consumer\n"
+        "CN: other\n"
+    )
+    assert pki.read_revocation_file(path) == frozenset(
+        {"ab" * 32, "a1b", "deadbeef", "cn:old-consumer", "cn:other"}
+    )
+
+
+def test_read_empty_revocation_file(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.txt"
+    path.write_text("# nothing yet\n\n")
+    assert pki.read_revocation_file(path) == frozenset()
+
+
+@pytest.mark.parametrize(
+    "bad", ["not-hex", "ab cd", "ab::cd", "a" * 41, "a" * 65, "cn:", "cn:bad name", "xyz:ab"]
+)
+def test_read_revocation_file_names_malformed_line(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "revoked.txt"
+    path.write_text(f"# header\ndeadbeef\n{bad}\n")
+    with pytest.raises(ConfigError, match=r"revoked\.txt line 3"):
+        pki.read_revocation_file(path)
+
+
+def test_read_missing_revocation_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.txt does not exist"):
+        pki.read_revocation_file(tmp_path / "missing.txt")
+
+
+def test_is_revoked_by_fingerprint_serial_or_name(ca_dir: Path, tmp_path: Path) -> None:
+    cert_path, _ = pki.issue(ca_dir, name="Acme-AI", role="consumer", out_dir=tmp_path)
+    other_path, _ = pki.issue(ca_dir, name="other", role="consumer", out_dir=tmp_path)
+    pem, other = cert_path.read_bytes(), other_path.read_bytes()
+    path = tmp_path / "revoked.txt"
+    for entry in (
+        _colons(pki.fingerprint(pem)).upper(),
+        "00" + pki.serial_hex(pem).upper(),
+        "cn:acme-ai",
+    ):
+        path.write_text(entry + "\n")
+        revoked = pki.read_revocation_file(path)
+        assert pki.is_revoked(pem, revoked), entry
+        assert not pki.is_revoked(other, revoked), entry
+    assert not pki.is_revoked(pem, frozenset())
+
+
+def test_check_validity_rejects_expired(ca_dir: Path, tmp_path: Path) -> None:
+    start = datetime.now(UTC) - timedelta(days=30)
+    cert_path, _ = pki.issue(
+        ca_dir, name="old", role="consumer", out_dir=tmp_path, not_before=start, validity_days=1
+    )
+    with pytest.raises(InvalidRequestError, match="expired") as caught:
+        pki.check_validity(cert_path.read_bytes())
+    assert (start + timedelta(days=1)).date().isoformat() in str(caught.value)
+
+
+def test_check_validity_rejects_not_yet_valid(ca_dir: Path, tmp_path: Path) -> None:
+    start = datetime.now(UTC) + timedelta(days=2)
+    cert_path, _ = pki.issue(
+        ca_dir, name="future", role="consumer", out_dir=tmp_path, not_before=start
+    )
+    with pytest.raises(InvalidRequestError, match="not yet valid"):
+        pki.check_validity(cert_path.read_bytes())
+
+
+def test_check_validity_accepts_current_and_bounds(ca_dir: Path, tmp_path: Path) -> None:
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    cert_path, _ = pki.issue(
+        ca_dir, name="bounds", role="consumer", out_dir=tmp_path, not_before=start, validity_days=1
+    )
+    pem = cert_path.read_bytes()
+    pki.check_validity(pem, now=start)
+    pki.check_validity(pem, now=start + timedelta(days=1))
+    with pytest.raises(InvalidRequestError, match="expired"):
+        pki.check_validity(pem, now=start + timedelta(days=1, seconds=1))
+    with pytest.raises(InvalidRequestError, match="timezone-aware"):
+        pki.check_validity(pem, now=datetime(2030, 1, 1, 12))
+
+
+def _identity_files(ca_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    cert_path, key_path = pki.issue(ca_dir, name="acme-ai", role="consumer", out_dir=tmp_path)
+    return ca_dir / "ca.pem", cert_path, key_path
+
+
+def test_identity_load_round_trip(ca_dir: Path, tmp_path: Path) -> None:
+    ca, cert, key = _identity_files(ca_dir, tmp_path)
+    identity = pki.Identity.load(ca=ca, cert=cert, key=key)
+    assert identity.ca_pem == ca.read_bytes()
+    assert identity.cert_pem == cert.read_bytes()
+    assert identity.key_pem == key.read_bytes()
+    assert "PRIVATE KEY" not in repr(identity)
+
+
+@pytest.mark.parametrize("which", ["ca", "cert", "key"])
+def test_identity_load_names_missing_file(ca_dir: Path, tmp_path: Path, which: str) -> None:
+    ca, cert, key = _identity_files(ca_dir, tmp_path)
+    paths = {"ca": ca, "cert": cert, "key": key}
+    paths[which] = tmp_path / f"missing-{which}.pem"
+    with pytest.raises(ConfigError, match=f"missing-{which}.pem does not exist"):
+        pki.Identity.load(**paths)
+
+
+@pytest.mark.parametrize("which", ["ca", "cert", "key"])
+def test_identity_load_names_invalid_file(ca_dir: Path, tmp_path: Path, which: str) -> None:
+    ca, cert, key = _identity_files(ca_dir, tmp_path)
+    paths = {"ca": ca, "cert": cert, "key": key}
+    bad = tmp_path / f"garbage-{which}.pem"
+    bad.write_bytes(b"-----BEGIN NONSENSE-----\nAAAA\n-----END NONSENSE-----\n")
+    paths[which] = bad
+    with pytest.raises(ConfigError, match=f"garbage-{which}.pem"):
+        pki.Identity.load(**paths)
+
+
+def test_identity_load_names_unreadable_file(ca_dir: Path, tmp_path: Path) -> None:
+    ca, cert, _ = _identity_files(ca_dir, tmp_path)
+    with pytest.raises(ConfigError, match=f"{tmp_path.name}.*cannot be read"):
+        pki.Identity.load(ca=ca, cert=cert, key=tmp_path)  # a directory cannot be read
+
+
+def test_identity_load_rejects_key_of_another_certificate(ca_dir: Path, tmp_path: Path) -> None:
+    ca, cert, _ = _identity_files(ca_dir, tmp_path)
+    _, other_key = pki.issue(ca_dir, name="other", role="consumer", out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"other\.key does not belong"):
+        pki.Identity.load(ca=ca, cert=cert, key=other_key)
