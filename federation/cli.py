@@ -185,13 +185,13 @@ def build_query(args: argparse.Namespace) -> Query:
         "bounds": bounds,
     }
     if args.kind == "sum":
-        return Sum(**common)  # type: ignore[arg-type]
+        return Sum(**common)
     if args.kind == "mean":
-        return Mean(**common)  # type: ignore[arg-type]
+        return Mean(**common)
     if args.kind == "histogram":
-        return Histogram(**common, bins=args.bins or 10)  # type: ignore[arg-type]
+        return Histogram(**common, bins=args.bins or 10)
     quantiles = tuple(float(q) for q in args.quantiles.split(","))
-    return Quantile(**common, quantiles=quantiles, bins=args.bins or 256)  # type: ignore[arg-type]
+    return Quantile(**common, quantiles=quantiles, bins=args.bins or 256)
 
 
 def _parse_bounds(text: str) -> tuple[float, float]:

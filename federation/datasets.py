@@ -80,7 +80,7 @@ class _Profile:
 _PROFILES: dict[str, _Profile] = {
     "hong-kong": _Profile(
         employment=(0.66, 0.10, 0.04, 0.15, 0.05),
-        housing=(0.22, 0.20, 0.28, 0.25, 0.05),
+        housing=(0.18, 0.18, 0.33, 0.27, 0.04),
         age_mean=45.0,
         age_sd=11.0,
         income_median=240_000.0,
@@ -91,7 +91,7 @@ _PROFILES: dict[str, _Profile] = {
     ),
     "shenzhen": _Profile(
         employment=(0.56, 0.24, 0.07, 0.05, 0.08),
-        housing=(0.18, 0.26, 0.30, 0.06, 0.20),
+        housing=(0.20, 0.28, 0.24, 0.05, 0.23),
         age_mean=35.0,
         age_sd=9.0,
         income_median=150_000.0,

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +25,7 @@ from federation.queries import Count, Histogram, Mean, Quantile, Query
 
 __all__ = ["run_demo"]
 
-Columns = Mapping[str, npt.NDArray[np.generic]]
+Columns = Mapping[str, npt.NDArray[Any]]
 NODES = ("hong-kong", "shenzhen")
 
 
@@ -35,7 +36,7 @@ class _Step:
     truth: Callable[[Columns], dict[str, list[float]]]
 
 
-def _pooled(frames: Mapping[str, Columns]) -> dict[str, npt.NDArray[np.generic]]:
+def _pooled(frames: Mapping[str, Columns]) -> dict[str, npt.NDArray[Any]]:
     names = next(iter(frames.values())).keys()
     return {k: np.concatenate([np.asarray(f[k]) for f in frames.values()]) for k in names}
 

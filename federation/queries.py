@@ -67,7 +67,9 @@ class Comparison:
         if not self.values:
             raise InvalidRequestError(f"comparison on {self.column!r} needs a value")
         if self.op is not Operator.IN and len(self.values) != 1:
-            raise InvalidRequestError(f"operator {self.op.value} on {self.column!r} takes one value")
+            raise InvalidRequestError(
+                f"operator {self.op.value} on {self.column!r} takes one value"
+            )
         for v in self.values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise InvalidRequestError(f"filter value for {self.column!r} must be finite")

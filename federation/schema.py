@@ -64,7 +64,9 @@ class Column:
                 f"column name {self.name!r} must be non-empty letters, digits and underscores"
             )
         if (self.lower is None) != (self.upper is None):
-            raise InvalidRequestError(f"column {self.name!r}: give both lower and upper, or neither")
+            raise InvalidRequestError(
+                f"column {self.name!r}: give both lower and upper, or neither"
+            )
         if self.lower is not None and self.upper is not None:
             if not self.type.is_numeric:
                 raise InvalidRequestError(f"column {self.name!r}: bounds need an int or float type")

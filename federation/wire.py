@@ -8,7 +8,9 @@ a node it reads what a possibly hostile caller sent: malformed input raises
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from federation._proto.v1 import node_pb2 as pb
 from federation.errors import InvalidRequestError
@@ -57,6 +59,8 @@ __all__ = [
     "schema_to_proto",
 ]
 
+K = TypeVar("K")
+
 MAX_FILTER_NODES = 256
 MAX_FILTER_DEPTH = 32
 MAX_IN_VALUES = 1024
@@ -77,7 +81,7 @@ _OPERATORS = {
     Operator.IN: pb.OPERATOR_IN,
 }
 _MECHANISMS = {Mechanism.LAPLACE: pb.MECHANISM_LAPLACE, Mechanism.GAUSSIAN: pb.MECHANISM_GAUSSIAN}
-_KINDS: dict[type, int] = {
+_KINDS: dict[type, pb.QueryKind] = {
     Count: pb.QUERY_KIND_COUNT,
     Sum: pb.QUERY_KIND_SUM,
     Mean: pb.QUERY_KIND_MEAN,
@@ -86,7 +90,7 @@ _KINDS: dict[type, int] = {
 }
 
 
-def _reverse(table: dict[object, int], value: int, what: str) -> object:
+def _reverse(table: Mapping[K, int], value: int, what: str) -> K:
     for key, code in table.items():
         if code == value:
             return key
@@ -120,8 +124,7 @@ def schema_from_proto(msg: pb.DatasetSchema) -> DatasetSchema:
     """Convert a dataset schema message back to a value."""
     columns = []
     for c in msg.columns:
-        ctype = _reverse(dict(_COLUMN_TYPES), c.type, f"column {c.name!r} type")
-        assert isinstance(ctype, ColumnType)
+        ctype = _reverse(_COLUMN_TYPES, c.type, f"column {c.name!r} type")
         columns.append(
             Column(
                 name=c.name,
@@ -195,8 +198,7 @@ def _filter_from_proto(msg: pb.Filter, *, depth: int, budget: list[int]) -> Filt
     kind = msg.WhichOneof("node")
     if kind == "comparison":
         c = msg.comparison
-        op = _reverse(dict(_OPERATORS), c.op, f"filter operator on {c.column!r}")
-        assert isinstance(op, Operator)
+        op = _reverse(_OPERATORS, c.op, f"filter operator on {c.column!r}")
         if len(c.values) > MAX_IN_VALUES:
             raise InvalidRequestError(
                 f"filter on {c.column!r} lists {len(c.values)} values; at most {MAX_IN_VALUES}"
@@ -239,7 +241,7 @@ def query_to_proto(query: Query) -> pb.Query:
 
 def query_from_proto(msg: pb.Query) -> Query:
     """Convert a query message to a value (validating what a value can check alone)."""
-    kind = _reverse({k: v for k, v in _KINDS.items()}, msg.kind, "query kind")
+    kind = _reverse(_KINDS, msg.kind, "query kind")
     where = filter_from_proto(msg.where) if msg.HasField("where") else None
     group_by = msg.group_by or None
     if kind is Count:
@@ -293,9 +295,8 @@ def analyze_request_from_proto(msg: pb.AnalyzeRequest) -> AnalyzeRequest:
     mechanism = (
         Mechanism.LAPLACE
         if msg.mechanism == pb.MECHANISM_UNSPECIFIED
-        else _reverse(dict(_MECHANISMS), msg.mechanism, "mechanism")
+        else _reverse(_MECHANISMS, msg.mechanism, "mechanism")
     )
-    assert isinstance(mechanism, Mechanism)
     return AnalyzeRequest(
         query=query_from_proto(msg.query),
         epsilon=msg.epsilon,
@@ -340,8 +341,7 @@ def _noise_to_proto(noise: NoiseInfo) -> pb.Noise:
 
 
 def _noise_from_proto(msg: pb.Noise) -> NoiseInfo:
-    mechanism = _reverse(dict(_MECHANISMS), msg.mechanism, "noise mechanism")
-    assert isinstance(mechanism, Mechanism)
+    mechanism = _reverse(_MECHANISMS, msg.mechanism, "noise mechanism")
     return NoiseInfo(
         mechanism=mechanism,
         scale=msg.scale,

@@ -80,9 +80,7 @@ class Plan:
 # ------------------------------------------------------------------ planning (no data)
 
 
-def plan_query(
-    request: AnalyzeRequest, *, schema: DatasetSchema, policy: ConsumerPolicy
-) -> Plan:
+def plan_query(request: AnalyzeRequest, *, schema: DatasetSchema, policy: ConsumerPolicy) -> Plan:
     """Validate ``request`` against the schema and policy and describe what it will cost.
 
     Raises:
@@ -464,7 +462,7 @@ def _compare(expr: Comparison, table: Table) -> npt.NDArray[np.bool_]:
     if expr.op is Operator.IN:
         return np.isin(data, np.asarray(values))
     value = values[0]
-    ops: dict[Operator, Callable[[object, object], npt.NDArray[np.bool_]]] = {
+    ops: dict[Operator, np.ufunc] = {
         Operator.EQ: np.equal,
         Operator.NE: np.not_equal,
         Operator.LT: np.less,
@@ -472,4 +470,4 @@ def _compare(expr: Comparison, table: Table) -> npt.NDArray[np.bool_]:
         Operator.GT: np.greater,
         Operator.GE: np.greater_equal,
     }
-    return ops[expr.op](data, value)
+    return np.asarray(ops[expr.op](data, value), dtype=np.bool_)

@@ -85,9 +85,11 @@ class Ledger:
 
     def spend(self, consumer: str) -> Spend:
         """Return the consumer's composed spend so far (zero if none)."""
-        row = self._connect().execute(
-            "SELECT state FROM spend WHERE consumer = ?", (consumer,)
-        ).fetchone()
+        row = (
+            self._connect()
+            .execute("SELECT state FROM spend WHERE consumer = ?", (consumer,))
+            .fetchone()
+        )
         return Spend.from_json(row[0]) if row else Spend()
 
     def status(self, policy: ConsumerPolicy) -> BudgetStatus:
@@ -155,9 +157,11 @@ class Ledger:
 
     def total_charged(self, consumer: str) -> float:
         """Sum of the per-release epsilons recorded for ``consumer`` (for audits and tests)."""
-        rows = self._connect().execute(
-            "SELECT charge FROM charges WHERE consumer = ?", (consumer,)
-        ).fetchall()
+        rows = (
+            self._connect()
+            .execute("SELECT charge FROM charges WHERE consumer = ?", (consumer,))
+            .fetchall()
+        )
         return sum(Charge.from_json(r[0]).epsilon for r in rows)
 
     def count(self, consumer: str | None = None) -> int:
@@ -165,9 +169,11 @@ class Ledger:
         if consumer is None:
             row = self._connect().execute("SELECT COUNT(*) FROM charges").fetchone()
         else:
-            row = self._connect().execute(
-                "SELECT COUNT(*) FROM charges WHERE consumer = ?", (consumer,)
-            ).fetchone()
+            row = (
+                self._connect()
+                .execute("SELECT COUNT(*) FROM charges WHERE consumer = ?", (consumer,))
+                .fetchone()
+            )
         return int(row[0])
 
     def close(self) -> None:

@@ -83,7 +83,7 @@ def start_node(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
     )
-    pb_grpc.add_NodeServicer_to_server(service, server)
+    pb_grpc.add_NodeServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = _bind(server, config)
@@ -98,9 +98,7 @@ def start_node(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
 def _bind(server: grpc.Server, config: NodeConfig) -> int:
     try:
         if config.tls is not None:
-            identity = pki.Identity.load(
-                ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key
-            )
+            identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
             port = server.add_secure_port(config.listen, pki.server_credentials(identity))
         else:
             port = server.add_insecure_port(config.listen)

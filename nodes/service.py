@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 
 import federation
+from federation import wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
-from federation import wire
 from federation.errors import FederationError, InvalidRequestError, status_for
 from federation.releases import NodeDescription, Receipt, Release
 from nodes.analytics import DatasetEngine, Plan, plan_query

@@ -63,7 +63,7 @@ class NodeClient:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
             self._metadata = ((CONSUMER_HEADER, consumer),) if consumer else ()
-        self._stub = pb_grpc.NodeStub(self._channel)
+        self._stub = pb_grpc.NodeStub(self._channel)  # type: ignore[no-untyped-call]
 
     def describe(self) -> NodeDescription:
         """Ask for the node's public metadata and this consumer's budget."""

@@ -91,9 +91,11 @@ def laplace_charge(*, epsilon: float, sensitivity: int) -> Charge:
     """Describe a discrete Laplace release with scale t = sensitivity / epsilon.
 
     Guarantee: epsilon-DP (delta = 0) for an integer-valued query whose value changes by at
-    most ``sensitivity`` when one record is added or removed; noise has
-    P(x) proportional to exp(-|x| / t) on the integers (CKS 2020, arXiv:2004.00010, Sec. 2.2,
-    Prop. 2 style argument: P(x) / P(x + sensitivity) <= exp(sensitivity / t)).
+    most ``sensitivity`` when one record is added or removed. The noise has
+    P(x) proportional to exp(-|x| / t) on the integers (the discrete Laplace of CKS 2020,
+    arXiv:2004.00010, Def. 2 / Sec. 2.2); for any output k and shift |s| <= sensitivity,
+    P(k) / P(k - s) <= exp(|s| / t) <= exp(epsilon) by the triangle inequality, which is
+    epsilon-DP (Dwork & Roth 2014, Thm. 3.6, on the integer grid).
     The RDP curve is ``pure_dp_rdp(epsilon)``.
 
     Args:
@@ -302,7 +304,7 @@ def _gaussian_sigma(epsilon: float, delta: float, sensitivity: int) -> float:
     sigma0 = _analytic_sigma(epsilon, delta, float(sensitivity))
     if sigma0 > EXACT_SIGMA_MAX:
         return _zcdp_sigma(epsilon, delta, sensitivity)
-    if True:
+    if _discrete_delta(sigma0, epsilon, sensitivity) <= delta:
         return sigma0
     low, gap = sigma0, sigma0 * 2.0**-20
     high = sigma0 + gap

@@ -19,8 +19,8 @@ from federation import (
     PolicyError,
     Sum,
     parse_filter,
+    pki,
 )
-from federation import pki
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator
@@ -117,8 +117,12 @@ def test_bad_epsilon_is_invalid_argument(local_fed: LocalFederation, epsilon: fl
         (
             count_request(
                 query=pb.Query(
-                    kind=pb.QUERY_KIND_SUM, dataset="credit", column="income", has_bounds=True,
-                    lower=5.0, upper=1.0,
+                    kind=pb.QUERY_KIND_SUM,
+                    dataset="credit",
+                    column="income",
+                    has_bounds=True,
+                    lower=5.0,
+                    upper=1.0,
                 )
             ),
             "must be below upper",
@@ -130,9 +134,8 @@ def test_malformed_request_is_invalid_argument(
 ) -> None:
     before = releases(fed)
     channel, stub = raw_stub(local_fed, "hong-kong")
-    with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Analyze(request_msg, timeout=10)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        stub.Analyze(request_msg, timeout=10)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
     assert releases(fed) == before
@@ -143,9 +146,8 @@ def test_message_over_the_transport_cap_is_cut_off_and_node_stays_up(
 ) -> None:
     huge = pb.Query(kind=pb.QUERY_KIND_COUNT, dataset="x" * (5 * 1024 * 1024))
     channel, stub = raw_stub(local_fed, "hong-kong")
-    with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Analyze(count_request(query=huge), timeout=10)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        stub.Analyze(count_request(query=huge), timeout=10)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert fed.describe()["hong-kong"].node_name == "hong-kong"
 
@@ -162,9 +164,11 @@ def test_unknown_consumer_is_permission_denied(local_fed: LocalFederation) -> No
     cert, key = pki.issue(pki_dir, name="stranger", role="consumer")
     identity = pki.Identity.load(ca=pki_dir / "ca.pem", cert=cert, key=key)
     addresses = {n: p.address for n, p in local_fed.processes.items()}
-    with Coordinator.from_addresses(addresses, identity=identity) as stranger:
-        with pytest.raises(PolicyError, match="'stranger' is not in node"):
-            stranger.describe()
+    with (
+        Coordinator.from_addresses(addresses, identity=identity) as stranger,
+        pytest.raises(PolicyError, match="'stranger' is not in node"),
+    ):
+        stranger.describe()
 
 
 def test_client_without_certificate_fails_the_handshake(local_fed: LocalFederation) -> None:
@@ -175,9 +179,8 @@ def test_client_without_certificate_fails_the_handshake(local_fed: LocalFederati
         creds,
         options=[("grpc.ssl_target_name_override", "shenzhen")],
     )
-    with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.NodeStub(channel).Describe(pb.DescribeRequest(), timeout=10)
+    with channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.NodeStub(channel).Describe(pb.DescribeRequest(), timeout=10)
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
@@ -191,7 +194,10 @@ def small_budget(tmp_path: Path) -> Iterator[LocalFederation]:
         for i, name in enumerate(("hong-kong", "shenzhen"))
     }
     local = LocalFederation.from_arrays(
-        frames, schema=CREDIT_SCHEMA, epsilon=1.0, max_epsilon_per_release=1.0,
+        frames,
+        schema=CREDIT_SCHEMA,
+        epsilon=1.0,
+        max_epsilon_per_release=1.0,
         workdir=tmp_path / "fed",
     )
     local.start()

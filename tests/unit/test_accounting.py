@@ -84,7 +84,7 @@ def test_rdp_to_epsilon_matches_formula_and_opacus() -> None:
     opacus_eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=1e-6)
     ours = rdp_to_epsilon(rdp, delta=1e-6)
     assert ours == pytest.approx(_by_hand_epsilon(rdp, 1e-6), rel=1e-9)
-    assert ours >= opacus_eps
+    assert ours > opacus_eps  # rounded up past float error
 
 
 def test_rdp_to_epsilon_handles_infinite_orders() -> None:
@@ -110,7 +110,7 @@ def test_pure_charges_compose_basically_at_delta_zero() -> None:
     spend = Spend().plus(laplace_charge(epsilon=0.3, sensitivity=1))
     spend = spend.plus(laplace_charge(epsilon=0.4, sensitivity=5))
     assert spend.epsilon_at(0.0) == pytest.approx(0.7, rel=1e-9)
-    assert spend.epsilon_at(0.0) >= 0.7
+    assert spend.epsilon_at(0.0) > spend.epsilon_sum  # rounded up past float error
 
 
 def test_gaussian_spend_at_delta_zero_is_infinite() -> None:
