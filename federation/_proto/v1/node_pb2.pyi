@@ -250,16 +250,24 @@ class Cost(_message.Message):
     def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("id", "node_name", "consumer", "issued_at")
+    __slots__ = ("id", "node_name", "consumer", "issued_at", "payload_sha256", "signature", "key_id", "sequence")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     node_name: str
     consumer: str
     issued_at: float
-    def __init__(self, id: _Optional[str] = ..., node_name: _Optional[str] = ..., consumer: _Optional[str] = ..., issued_at: _Optional[float] = ...) -> None: ...
+    payload_sha256: str
+    signature: bytes
+    key_id: str
+    sequence: int
+    def __init__(self, id: _Optional[str] = ..., node_name: _Optional[str] = ..., consumer: _Optional[str] = ..., issued_at: _Optional[float] = ..., payload_sha256: _Optional[str] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
     __slots__ = ("groups", "bin_labels", "bin_edges", "cost", "budget", "receipt")
@@ -276,3 +284,119 @@ class AnalyzeResponse(_message.Message):
     budget: BudgetStatus
     receipt: Receipt
     def __init__(self, groups: _Optional[_Iterable[_Union[GroupRelease, _Mapping]]] = ..., bin_labels: _Optional[_Iterable[str]] = ..., bin_edges: _Optional[_Iterable[float]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "total_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("architecture", "hidden", "dataset", "features", "target")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    hidden: _containers.RepeatedScalarFieldContainer[int]
+    dataset: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    target: str
+    def __init__(self, architecture: _Optional[str] = ..., hidden: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ...) -> None: ...
+
+class TrainConfig(_message.Message):
+    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    round: int
+    total_rounds: int
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    local_steps: int
+    learning_rate: float
+    clip_norm: float
+    job_id: str
+    metrics_epsilon: float
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("config", "chunk")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    config: TrainConfig
+    chunk: TensorChunk
+    def __init__(self, config: _Optional[_Union[TrainConfig, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class Metric(_message.Message):
+    __slots__ = ("name", "value", "noise")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    noise: Noise
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., noise: _Optional[_Union[Noise, _Mapping]] = ...) -> None: ...
+
+class TrainResult(_message.Message):
+    __slots__ = ("noisy_examples", "examples_noise", "noise_multiplier", "sample_rate", "steps", "cost", "budget", "receipt", "metrics", "tensors", "job_epsilon")
+    NOISY_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_NOISE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    JOB_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    noisy_examples: float
+    examples_noise: Noise
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    cost: Cost
+    budget: BudgetStatus
+    receipt: Receipt
+    metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    job_epsilon: float
+    def __init__(self, noisy_examples: _Optional[float] = ..., examples_noise: _Optional[_Union[Noise, _Mapping]] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., job_epsilon: _Optional[float] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("result", "chunk")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    result: TrainResult
+    chunk: TensorChunk
+    def __init__(self, result: _Optional[_Union[TrainResult, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...

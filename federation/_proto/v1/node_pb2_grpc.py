@@ -44,6 +44,11 @@ class NodeStub:
                 request_serializer=federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeRequest.SerializeToString,
                 response_deserializer=federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/federation.v1.Node/Train',
+                request_serializer=federation_dot___proto_dot_v1_dot_node__pb2.TrainRequest.SerializeToString,
+                response_deserializer=federation_dot___proto_dot_v1_dot_node__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -63,6 +68,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request_iterator, context):
+        """One round of local DP-SGD. The client streams a TrainConfig, then the global weights in
+        chunks; the node validates, charges the round to the caller's budget, trains, and
+        streams back a TrainResult, then the DP model update in chunks. No size limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Analyze,
                     request_deserializer=federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeRequest.FromString,
                     response_serializer=federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeResponse.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=federation_dot___proto_dot_v1_dot_node__pb2.TrainRequest.FromString,
+                    response_serializer=federation_dot___proto_dot_v1_dot_node__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Node:
             '/federation.v1.Node/Analyze',
             federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeRequest.SerializeToString,
             federation_dot___proto_dot_v1_dot_node__pb2.AnalyzeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/federation.v1.Node/Train',
+            federation_dot___proto_dot_v1_dot_node__pb2.TrainRequest.SerializeToString,
+            federation_dot___proto_dot_v1_dot_node__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
