@@ -1,0 +1,128 @@
+"""The ``federation`` command as a user runs it: real subprocesses against real nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pytest
+
+from federation.local import LocalFederation
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "federation", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        check=False,
+    )
+
+
+@pytest.fixture
+def federation_toml(local_fed: LocalFederation, tmp_path: Path) -> Path:
+    pki_dir = local_fed.workdir / "pki"
+    lines = [
+        "[coordinator]",
+        "timeout_s = 30",
+        "",
+        "[tls]",
+        f'ca = "{pki_dir / "ca.pem"}"',
+        f'cert = "{pki_dir / "local-researcher.pem"}"',
+        f'key = "{pki_dir / "local-researcher.key"}"',
+    ]
+    for name, proc in local_fed.processes.items():
+        lines += ["", "[[nodes]]", f'name = "{name}"', f'address = "{proc.address}"']
+    path = tmp_path / "federation.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_query_json_has_estimate_interval_and_per_node_costs(federation_toml: Path) -> None:
+    proc = run(
+        "query", "mean", "--config", str(federation_toml), "--dataset", "credit",
+        "--column", "income", "--where", "age >= 30", "--epsilon", "0.5", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    estimate = out["groups"][0]["estimates"][0]
+    assert estimate["ci_low"] <= estimate["value"] <= estimate["ci_high"]
+    assert {n["node"] for n in out["nodes"]} == {"hong-kong", "shenzhen"}
+    for node in out["nodes"]:
+        assert node["epsilon_charged"] == pytest.approx(0.5)
+        assert node["remaining_epsilon"] < 1000
+        assert len(node["receipt"]) == 32
+
+
+def test_query_group_by_table_and_describe(federation_toml: Path) -> None:
+    proc = run(
+        "query", "count", "--config", str(federation_toml), "--dataset", "credit",
+        "--group-by", "housing", "--epsilon", "0.5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for value in ("own", "mortgage", "rent", "public", "family", "95% CI"):
+        assert value in proc.stdout
+    described = run("describe", "--config", str(federation_toml), "--json")
+    assert described.returncode == 0, described.stderr
+    info = json.loads(described.stdout)
+    assert info["hong-kong"]["consumer"] == "local-researcher"
+    assert info["shenzhen"]["budget"]["releases"] >= 1
+
+
+def test_bad_query_exits_2_with_a_clear_message(federation_toml: Path) -> None:
+    proc = run(
+        "query", "sum", "--config", str(federation_toml), "--dataset", "credit",
+        "--column", "salary", "--epsilon", "0.5",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "has no column 'salary'" in proc.stderr
+    bad_filter = run(
+        "query", "count", "--config", str(federation_toml), "--dataset", "credit",
+        "--where", "age >>= 3", "--epsilon", "0.5",
+    )  # fmt: skip
+    assert bad_filter.returncode == 2
+    assert "filter" in bad_filter.stderr
+
+
+def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nname = "hk"\nlisten = "127.0.0.1:0"\n[[datasets]]\nname = 3\n')
+    proc = run("node", "serve", "--config", str(config))
+    assert proc.returncode == 2
+    assert "datasets[0].name" in proc.stderr
+
+
+def test_node_init_writes_a_starter_config_without_data_values(tmp_path: Path) -> None:
+    data = tmp_path / "loans.csv"
+    table = pa.table({"amount": [12345.67, 89012.34], "approved": [True, False]})
+    pa_csv.write_csv(table, data)
+    out = tmp_path / "node.toml"
+    proc = run("node", "init", str(data), "--name", "hong-kong", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "amount" in text
+    assert "approved" in text
+    assert "12345" not in text
+    assert "89012" not in text
+
+
+def test_certs_commands_write_a_ca_and_certificates(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    assert run("certs", "init", "--out", str(pki_dir)).returncode == 0
+    node = run(
+        "certs", "issue", "--ca", str(pki_dir), "--name", "hong-kong", "--role", "node",
+        "--host", "127.0.0.1,node.hk.example",
+    )  # fmt: skip
+    assert node.returncode == 0, node.stderr
+    consumer = run(
+        "certs", "issue", "--ca", str(pki_dir), "--name", "acme-ai", "--role", "consumer"
+    )
+    assert consumer.returncode == 0, consumer.stderr
+    assert (pki_dir / "acme-ai.key").stat().st_mode & 0o777 == 0o600
+    assert (pki_dir / "hong-kong.pem").exists()
