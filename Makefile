@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTO_SRC := protos/federation/_proto/v1/node.proto
 
-.PHONY: install demo test lint typecheck pytest protos bench clean
+.PHONY: install demo test lint typecheck pytest protos bench bench-training notebook clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ demo: install
 	$(BIN)/federation demo
 
 lint: install
-	$(BIN)/ruff check federation nodes tests benchmarks
-	$(BIN)/ruff format --check federation nodes tests benchmarks
+	$(BIN)/ruff check federation nodes tests benchmarks notebooks/build.py
+	$(BIN)/ruff format --check federation nodes tests benchmarks notebooks/build.py
 
 typecheck: install
 	$(BIN)/mypy federation nodes
@@ -37,8 +37,21 @@ protos: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 	    --pyi_out=. $(PROTO_SRC)
 
+# JupyterLab on notebooks/ (the `notebook` extra is installed here only, not by `make test`).
+NOTEBOOK_STAMP := $(VENV)/.notebook-stamp
+$(NOTEBOOK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,notebook]'
+	touch $(NOTEBOOK_STAMP)
+
+notebook: $(NOTEBOOK_STAMP)
+	$(BIN)/jupyter lab notebooks/
+
 bench: install
 	$(BIN)/python benchmarks/analytics.py
+
+# Federated training rounds from 1M to 550M parameters (minutes; several GB of memory).
+bench-training: install
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) demo-state bench-data .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,10 @@ Nodes keep raw records in their jurisdiction and release only differentially pri
 statistics; a ``Coordinator`` asks them and combines the answers.
 """
 
+import importlib
+import logging
+import typing
+
 from federation.coordinator import Coordinator, Estimate, GroupResult, NodeSpend, QueryResult
 from federation.errors import (
     BudgetExhaustedError,
@@ -26,14 +30,22 @@ from federation.queries import (
     Quantile,
     Sum,
 )
-from federation.releases import BudgetStatus, NodeDescription
+from federation.releases import Budgets, BudgetStatus, NodeDescription
 from federation.schema import Column, ColumnType, DatasetSchema
 
+if typing.TYPE_CHECKING:
+    from federation.coordinator.training import RoundRecord, TrainingResult, load_model
+    from federation.models import ModelSpec
+
 __version__ = "0.1.0"
+
+# A library stays quiet unless the application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BudgetExhaustedError",
     "BudgetStatus",
+    "Budgets",
     "Column",
     "ColumnType",
     "ConfigError",
@@ -48,6 +60,7 @@ __all__ = [
     "LocalFederation",
     "Mean",
     "Mechanism",
+    "ModelSpec",
     "NodeDescription",
     "NodeInternalError",
     "NodeSpend",
@@ -55,9 +68,30 @@ __all__ = [
     "PolicyError",
     "Quantile",
     "QueryResult",
+    "RoundRecord",
     "SchemaMismatchError",
     "Sum",
+    "TrainingResult",
     "UnauthenticatedError",
     "__version__",
+    "load_model",
     "parse_filter",
 ]
+
+# Training names load torch (seconds): imported on first use, so `import federation` stays fast.
+_LAZY = {
+    "ModelSpec": "federation.models",
+    "RoundRecord": "federation.coordinator.training",
+    "TrainingResult": "federation.coordinator.training",
+    "load_model": "federation.coordinator.training",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a training name on first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'federation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,8 +1,9 @@
 """The ``federation`` command.
 
-Consumer commands: ``describe``, ``query``; node operators: ``node serve|init`` (run by the
-node runtime in its own process); certificates: ``certs init|issue``; ``demo``. Exit codes:
-0 success, 1 a node refused or failed, 2 bad usage or config.
+Consumer commands: ``describe``, ``query``, ``receipts verify``; node operators and
+auditors: ``node serve|init`` and ``audit verify|report`` (run by the node runtime in its own
+process); certificates: ``certs init|issue``; ``demo``. Exit codes: 0 success, 1 a node
+refused or failed (or a receipt or audit chain does not verify), 2 bad usage or config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from federation import pki
+from federation import pki, receipts
+from federation._train_cli import add_train_parser, run_train
 from federation.coordinator import Coordinator, QueryResult
 from federation.errors import ConfigError, FederationError, InvalidRequestError
 from federation.filters import parse_filter
@@ -54,6 +56,31 @@ def _parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("node", help="node operator commands (serve, init)", add_help=False)
     n.add_argument("rest", nargs=argparse.REMAINDER)
+    a = sub.add_parser(
+        "audit", help="verify a node's audit chain; compliance report", add_help=False
+    )
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+
+    r = sub.add_parser("receipts", help="prove what you received from whom")
+    rsub = r.add_subparsers(dest="receipts_command", required=True)
+    rv = rsub.add_parser("verify", help="check the signed receipts in query results")
+    rv.add_argument(
+        "files",
+        nargs="+",
+        type=argparse.FileType("rb"),
+        help="`federation query --json` output, a list of them, or a training checkpoint",
+    )
+    rv.add_argument("--ca", type=argparse.FileType("rb"), help="the federation CA certificate")
+    rv.add_argument(
+        "--node-cert",
+        action="append",
+        default=[],
+        type=_node_key,
+        metavar="[NODE=]PEM",
+        help="trust this certificate (or NODE=public key) for a node (repeatable)",
+    )
+
+    add_train_parser(sub)
 
     c = sub.add_parser("certs", help="create a federation CA and issue certificates")
     csub = c.add_subparsers(dest="certs_command", required=True)
@@ -78,10 +105,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["node"]:
+    if args_list[:1] in (["node"], ["audit"]):
         # The node runtime lives in `nodes`, which this package never imports: run it as
-        # its own program (same interpreter), replacing this process.
-        os.execv(sys.executable, [sys.executable, "-m", "nodes", *args_list[1:]])  # noqa: S606
+        # its own program (same interpreter), replacing this process. `audit` reads a
+        # node's state directory, so it is node code too.
+        rest = args_list[1:] if args_list[0] == "node" else args_list
+        os.execv(sys.executable, [sys.executable, "-m", "nodes", *rest])  # noqa: S606
     args = _parser().parse_args(args_list)
     try:
         if args.command == "describe":
@@ -90,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _query(args)
         if args.command == "certs":
             return _certs(args)
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "receipts":
+            return _verify_receipts(args)
         from federation.demo import run_demo
 
         return run_demo(rows=args.rows, epsilon=args.epsilon, seed=args.seed)
@@ -230,9 +263,10 @@ def format_result(result: QueryResult, truth: dict[str, list[float]] | None = No
     for g in result.groups:
         for i, (label, e) in enumerate(zip(result.labels, g.estimates, strict=True)):
             ci = f"[{e.low:,.4g}, {e.high:,.4g}]"
-            row = (
-                f"{(g.group or 'all') if i == 0 else '':<14} {label:<18} {e.value:>14,.4g} {ci:>29}"
-            )
+            value = f"{e.value:>14,.4g}"
+            if e.suppressed:  # a node's min_cohort guard withheld it
+                value, ci = f"{'suppressed':>14}", ""
+            row = f"{(g.group or 'all') if i == 0 else '':<14} {label:<18} {value} {ci:>29}"
             if truth is not None:
                 row += f" {truth[g.group][i]:>14,.4g}"
             lines.append(row)
@@ -247,6 +281,47 @@ def format_result(result: QueryResult, truth: dict[str, list[float]] | None = No
     if result.missing:
         lines.append(f"missing nodes: {', '.join(result.missing)}")
     return "\n".join(lines)
+
+
+def _node_key(text: str) -> tuple[str, bytes]:
+    """``--node-cert [NODE=]PEM``: the node (default: the certificate's name) and the PEM."""
+    node, sep, path = text.partition("=")
+    if not sep:
+        node, path = "", text
+    with argparse.FileType("rb")(path) as handle:
+        pem = handle.read()
+    if not node:
+        try:
+            node = pki.common_name(pem)
+        except InvalidRequestError as err:
+            raise argparse.ArgumentTypeError(f"{path}: {err}; use NODE={path}") from err
+    return node, pem
+
+
+def _verify_receipts(args: argparse.Namespace) -> int:
+    records: list[receipts.ReceiptRecord] = []
+    for handle in args.files:
+        with handle:
+            try:
+                document = json.load(handle)
+            except ValueError as err:
+                raise ConfigError(f"{handle.name} is not JSON: {err}") from err
+        records += receipts.find_receipt_records(document)
+    ca_pem = None
+    if args.ca is not None:
+        with args.ca:
+            ca_pem = args.ca.read()
+    if not records:
+        raise ConfigError("no receipts in the given files (expected `federation query --json`)")
+    results = receipts.verify_records(records, ca_pem=ca_pem, node_keys=dict(args.node_cert))
+    for record, failure in results:
+        r = record.receipt
+        head = f"{r.node_name:<14} receipt {r.id[:12]} entry {r.sequence:<6} epsilon {r.epsilon:g}"
+        print(f"{head}  {'OK' if failure is None else 'FAILED: ' + failure}")
+    failed = sum(1 for _, failure in results if failure is not None)
+    anchor = "signing certificates issued by the given CA" if ca_pem else "keys given"
+    print(f"{len(results)} receipts: {len(results) - failed} verified, {failed} failed ({anchor})")
+    return 1 if failed else 0
 
 
 def _certs(args: argparse.Namespace) -> int:

@@ -17,16 +17,31 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.cli import format_description, format_result
+from federation.coordinator import Coordinator
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.errors import BudgetExhaustedError
 from federation.filters import parse_filter
 from federation.local import LocalFederation
+from federation.metrics import fit_centralized, predict, roc_auc
+from federation.models import ModelSpec, encode_features
 from federation.queries import Count, Histogram, Mean, Quantile, Query
 
 __all__ = ["run_demo"]
 
 Columns = Mapping[str, npt.NDArray[Any]]
 NODES = ("hong-kong", "shenzhen")
+FEATURES = (
+    "age",
+    "income",
+    "debt_ratio",
+    "credit_lines",
+    "years_employed",
+    "employment",
+    "housing",
+    "has_mortgage",
+    "loan_amount",
+)
+TRAIN_EPSILON = 3.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,9 @@ def run_demo(*, rows: int = 200_000, epsilon: float = 0.5, seed: int = 7) -> int
         for i, name in enumerate(NODES)
     }
     pooled = _pooled(frames)
-    local = LocalFederation.from_arrays(frames, schema=CREDIT_SCHEMA, epsilon=5.0)
+    local = LocalFederation.from_arrays(
+        frames, schema=CREDIT_SCHEMA, epsilon=10.0, max_epsilon_per_release=TRAIN_EPSILON
+    )
     out.write("Starting nodes hong-kong and shenzhen (separate processes, mutual TLS) ...\n\n")
     with local as fed:
         for desc in fed.describe().values():
@@ -101,6 +118,7 @@ def run_demo(*, rows: int = 200_000, epsilon: float = 0.5, seed: int = 7) -> int
             result = fed.analyze(step.query, epsilon=epsilon, seed=seed)
             out.write(f"\n== {step.title}  (epsilon {epsilon:g} per node)\n")
             out.write(format_result(result, truth=step.truth(pooled)) + "\n")
+        _train(fed, pooled, rows=rows, seed=seed)
         out.write("\n== A request over the per-release cap is refused, and costs nothing\n")
         try:
             fed.analyze(Count("credit"), epsilon=50.0)
@@ -114,3 +132,40 @@ def run_demo(*, rows: int = 200_000, epsilon: float = 0.5, seed: int = 7) -> int
             )
     out.write(f"\nDone in {time.perf_counter() - started:.1f} s; nodes stopped.\n")
     return 0
+
+
+def _train(fed: Coordinator, pooled: Columns, *, rows: int, seed: int) -> None:
+    """Federated DP-SGD at both nodes vs a centralized non-private model, same held-out set."""
+    out = sys.stdout
+    spec = ModelSpec(
+        architecture="mlp", dataset="credit", features=FEATURES, target="defaulted", hidden=(32,)
+    )
+    out.write(
+        f"\n== Federated training: MLP(32) on 'defaulted', DP-SGD at each node, "
+        f"target epsilon {TRAIN_EPSILON:g} per node\n"
+    )
+    result = fed.train(
+        spec, rounds=5, target_epsilon=TRAIN_EPSILON, sample_rate=0.02, local_steps=20,
+        learning_rate=2.0, progress=False, seed=seed,
+    )  # fmt: skip
+    for record in result.history:
+        spent = ", ".join(f"{n} {e:.2f}" for n, e in sorted(record.job_epsilon.items()))
+        out.write(f"round {record.round + 1}: nodes {len(record.job_epsilon)}, epsilon {spent}\n")
+    held_out = _pooled(
+        {
+            name: synthetic_credit(jurisdiction=name, rows=max(rows // 4, 2000), seed=seed + 99 + i)
+            for i, name in enumerate(NODES)
+        }
+    )
+    x_test = encode_features(held_out, features=FEATURES, schema=CREDIT_SCHEMA)
+    y_test = np.asarray(held_out["defaulted"], dtype=bool)
+    x_train = encode_features(pooled, features=FEATURES, schema=CREDIT_SCHEMA)
+    baseline = fit_centralized(
+        x_train, np.asarray(pooled["defaulted"], dtype=bool), spec=spec, epochs=3, seed=seed
+    )
+    auc_dp = roc_auc(predict(result.model, x_test), y_test)
+    auc_central = roc_auc(predict(baseline, x_test), y_test)
+    out.write(
+        f"ROC-AUC on {len(y_test):,} held-out synthetic applicants: federated DP model "
+        f"{auc_dp:.3f} | centralized non-private baseline (same run) {auc_central:.3f}\n"
+    )

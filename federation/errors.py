@@ -19,6 +19,8 @@ never ``grpc.RpcError``.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 __all__ = [
@@ -115,8 +117,11 @@ def _parse_remaining(details: str) -> float | None:
     start = details.find(_REMAINING_TAG)
     if start < 0:
         return None
-    token = details[start + len(_REMAINING_TAG) :].split()[0].rstrip(".,;)")
+    tokens = details[start + len(_REMAINING_TAG) :].split()
+    if not tokens:
+        return None
     try:
-        return float(token)
+        value = float(tokens[0].rstrip(".,;)"))
     except ValueError:
         return None
+    return value if math.isfinite(value) and value >= 0 else None

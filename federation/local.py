@@ -3,29 +3,32 @@
 ``LocalFederation`` writes node configs, generates throwaway certificates (a CA, one
 certificate per node, one for the consumer), starts each node as a separate process with
 ``python -m nodes serve``, waits on the standard health RPC, and yields a connected
-``Coordinator``. On exit it stops the processes and deletes what it created. Node processes
-also die with their parent (Linux ``PR_SET_PDEATHSIG``), so a killed kernel leaves no orphans.
+``Coordinator``. On exit it stops the processes and deletes what it created, also when the
+with-block is interrupted (``KeyboardInterrupt``), when the object is garbage collected and
+at interpreter exit. Each node watches its launcher's pid and stops when the launcher is
+gone, so a killed kernel leaves no orphans; its temp dir, which a ``SIGKILL`` leaves behind, is
+removed by the next ``LocalFederation`` (see ``federation._workdir``).
 
 This is the one module of ``federation`` that knows nodes exist; it only launches them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -33,16 +36,22 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation import pki
+from federation._frames import frame_to_columns
+from federation._workdir import make_workdir
 from federation.coordinator import Coordinator
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
 from federation.errors import NodeUnavailableError
 from federation.schema import ColumnType, DatasetSchema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["LocalFederation", "NodeProcess", "node_config_toml"]
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "local-researcher"
+PARENT_PID_ENV = "FEDERATION_PARENT_PID"  # read by nodes/server.py
 START_TIMEOUT_S = 60.0
 
 
@@ -55,6 +64,11 @@ class NodeProcess:
     process: subprocess.Popen[bytes]
     address: str
     log_path: Path
+
+    def terminate(self) -> None:
+        """Ask the node to stop (SIGTERM) without waiting."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the node to stop (SIGTERM), then kill it if it does not."""
@@ -74,12 +88,6 @@ class NodeProcess:
         self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _toml(value: object) -> str:
@@ -162,6 +170,13 @@ class LocalFederation:
         self.owns_workdir = owns_workdir
         self.processes: dict[str, NodeProcess] = {}
         self.coordinator: Coordinator | None = None
+        # Stops the nodes and removes an owned workdir when this object is garbage collected
+        # or the interpreter exits without stop() (a notebook never closing its federation).
+        # It holds the process dict, never self, so it does not keep self alive.
+        self._owned_dir = workdir if owns_workdir else None
+        self._finalizer = weakref.finalize(
+            self, _release, self.processes, self._owned_dir, os.getpid()
+        )
 
     # ---------------------------------------------------------------- construction
 
@@ -177,6 +192,7 @@ class LocalFederation:
         seed: int = 0,
         tls: bool = True,
         workdir: Path | None = None,
+        allowed_models: Sequence[str] | None = None,
     ) -> LocalFederation:
         """Synthetic cross-border credit data for each node, ``rows`` rows each.
 
@@ -189,6 +205,9 @@ class LocalFederation:
             seed: data seed.
             tls: mutual TLS with throwaway certificates (plaintext loopback if False).
             workdir: where to put data, state and certificates (default: a temp dir).
+            allowed_models: architectures the consumer may train (default: the node's,
+                ``logistic`` and ``mlp``); ``"wide-mlp"`` allows layers past 4096 units,
+                i.e. models of hundreds of millions of parameters (gigabytes per node).
         """
         frames = {
             name: synthetic_credit(jurisdiction=name, rows=rows, seed=seed + i)
@@ -197,6 +216,57 @@ class LocalFederation:
         return cls.from_arrays(
             frames,
             schema=CREDIT_SCHEMA,
+            epsilon=epsilon,
+            delta=delta,
+            max_epsilon_per_release=max_epsilon_per_release,
+            tls=tls,
+            workdir=workdir,
+            allowed_models=allowed_models,
+        )
+
+    @classmethod
+    def from_frames(
+        cls,
+        frames: Mapping[str, pd.DataFrame],
+        *,
+        schema: DatasetSchema,
+        epsilon: float = 10.0,
+        delta: float = 1e-6,
+        max_epsilon_per_release: float | None = None,
+        tls: bool = True,
+        workdir: Path | None = None,
+    ) -> LocalFederation:
+        """One node per pandas DataFrame, serving the columns ``schema`` declares.
+
+        Example::
+
+            schema = DatasetSchema("loans", columns=(Column("age", ColumnType.INT, 18, 90),))
+            with LocalFederation.from_frames({"hong-kong": df_hk, "shenzhen": df_sz},
+                                             schema=schema) as fed:
+                fed.analyze(Mean("loans", "age"), epsilon=0.5)
+
+        Args:
+            frames: node name -> that node's records. Frame columns the schema does not
+                declare are not served; the index is ignored.
+            schema: the public schema every node declares (bounds and domains are public:
+                choose them from domain knowledge, not from the data).
+            epsilon: the consumer's total budget at each node.
+            delta: the consumer's total delta at each node.
+            max_epsilon_per_release: per-release cap (default: min(epsilon, 2.0)).
+            tls: mutual TLS with throwaway certificates (plaintext loopback if False).
+            workdir: where to put data, state and certificates (default: a temp dir).
+
+        Raises:
+            InvalidRequestError: a frame lacks a schema column, holds missing values, has a
+                dtype that does not fit its column, or a value outside its public bounds.
+        """
+        data = {
+            name: frame_to_columns(frame, schema=schema, node=name)
+            for name, frame in frames.items()
+        }
+        return cls.from_arrays(
+            data,
+            schema=schema,
             epsilon=epsilon,
             delta=delta,
             max_epsilon_per_release=max_epsilon_per_release,
@@ -215,11 +285,46 @@ class LocalFederation:
         max_epsilon_per_release: float | None = None,
         tls: bool = True,
         workdir: Path | None = None,
+        allowed_models: Sequence[str] | None = None,
     ) -> LocalFederation:
-        """Write each node's columns to Parquet and build node configs for them."""
+        """Write each node's columns to Parquet and build node configs for them.
+
+        ``allowed_models``: see ``synthetic``.
+        """
         owns = workdir is None
-        root = Path(tempfile.mkdtemp(prefix="federation-")) if workdir is None else workdir
+        root = make_workdir() if workdir is None else workdir
         root.mkdir(parents=True, exist_ok=True)
+        try:
+            return cls._build(
+                root,
+                data,
+                schema=schema,
+                epsilon=epsilon,
+                delta=delta,
+                max_epsilon_per_release=max_epsilon_per_release,
+                tls=tls,
+                owns=owns,
+                allowed_models=allowed_models,
+            )
+        except BaseException:
+            if owns:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _build(
+        cls,
+        root: Path,
+        data: Mapping[str, Mapping[str, npt.NDArray[np.generic]]],
+        *,
+        schema: DatasetSchema,
+        epsilon: float,
+        delta: float,
+        max_epsilon_per_release: float | None,
+        tls: bool,
+        owns: bool,
+        allowed_models: Sequence[str] | None = None,
+    ) -> LocalFederation:
         identity, tls_files = _make_pki(root, list(data)) if tls else (None, {})
         policy: dict[str, object] = {
             "epsilon": epsilon,
@@ -227,6 +332,8 @@ class LocalFederation:
             "max_epsilon_per_release": max_epsilon_per_release or min(epsilon, 2.0),
             "operations": ["describe", "analyze", "train"],
         }
+        if allowed_models is not None:
+            policy["allowed_models"] = list(allowed_models)
         configs = {}
         for name, columns in data.items():
             node_dir = root / name
@@ -250,19 +357,21 @@ class LocalFederation:
     def start(self) -> Coordinator:
         """Start every node, wait until each is healthy, and connect a coordinator."""
         try:
-            for name, path in self.node_configs.items():
-                self.processes[name] = self._spawn(name, path)
+            self._spawn_all()
             for proc in self.processes.values():
                 self._wait_healthy(proc)
         except BaseException:
             self.stop()
             raise
-        self.coordinator = Coordinator.from_addresses(
-            {n: p.address for n, p in self.processes.items()},
-            identity=self.identity,
-            consumer=None if self.identity else self.consumer,
-        )
+        self.coordinator = self._connect()
         return self.coordinator
+
+    def state_dir(self, name: str) -> Path:
+        """Node ``name``'s state dir (ledger, audit log), e.g. for ``federation audit report``.
+
+        As written by ``synthetic``, ``from_arrays`` and ``from_frames``: ``<node dir>/state``.
+        """
+        return self.node_configs[name].parent / "state"
 
     def restart(self, name: str) -> None:
         """Stop node ``name`` and start it again from the same config and state."""
@@ -272,22 +381,31 @@ class LocalFederation:
         self.processes[name] = proc
         if self.coordinator is not None:
             self.coordinator.close()
-            self.coordinator = Coordinator.from_addresses(
-                {n: p.address for n, p in self.processes.items()},
-                identity=self.identity,
-                consumer=None if self.identity else self.consumer,
-            )
+            self.coordinator = self._connect()
 
     def stop(self) -> None:
-        """Stop nodes, close the coordinator and remove the work dir if we made it."""
-        if self.coordinator is not None:
-            self.coordinator.close()
-            self.coordinator = None
-        for proc in self.processes.values():
-            proc.stop()
-        self.processes.clear()
-        if self.owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        """Stop nodes, close the coordinator and remove the work dir if we made it.
+
+        Safe to call twice. If it is itself interrupted, whatever is left is released when
+        this object is garbage collected or at interpreter exit.
+        """
+        try:
+            if self.coordinator is not None:
+                coordinator, self.coordinator = self.coordinator, None
+                coordinator.close()
+        finally:
+            _release(self.processes, self._owned_dir, os.getpid())
+
+    def _connect(self) -> Coordinator:
+        coordinator = Coordinator.from_addresses(
+            {n: p.address for n, p in self.processes.items()},
+            identity=self.identity,
+            consumer=None if self.identity else self.consumer,
+        )
+        # The coordinator keeps us (and so the nodes) alive: `fed = local.start()` may drop
+        # `local`, and the finalizer must not stop nodes a live coordinator still uses.
+        coordinator._keep_alive.append(self)
+        return coordinator
 
     def __enter__(self) -> Coordinator:
         """Start and return the coordinator."""
@@ -303,19 +421,41 @@ class LocalFederation:
         self.stop()
 
     def _spawn(self, name: str, config_path: Path) -> NodeProcess:
+        process, log_path = self._launch(config_path)
+        address = _read_address(process, name, log_path)
+        return NodeProcess(name, config_path, process, address, log_path)
+
+    def _spawn_all(self) -> None:
+        """Launch every node at once (each takes seconds to import), then read addresses."""
+        launched: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        try:
+            for name, path in self.node_configs.items():
+                launched[name] = self._launch(path)
+            for name, (process, log_path) in launched.items():
+                address = _read_address(process, name, log_path)
+                path = self.node_configs[name]
+                self.processes[name] = NodeProcess(name, path, process, address, log_path)
+        except BaseException:
+            for name, (process, _) in launched.items():
+                if name not in self.processes:
+                    process.kill()
+                    process.wait()
+                    if process.stdout is not None:
+                        process.stdout.close()
+            raise
+
+    def _launch(self, config_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = config_path.parent / "node.log"
         args = [sys.executable, "-m", "nodes", "serve", "--config", str(config_path)]
         if self.identity is None:
             args.append("--insecure")
+        # The node watches this pid and stops when it is gone (a killed kernel leaves no
+        # orphans). No preexec_fn: running Python in a fork of a process with live gRPC
+        # threads can abort the child; without it, Python spawns with posix_spawn.
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                args,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-            )
-        address = _read_address(process, name, log_path)
-        return NodeProcess(name, config_path, process, address, log_path)
+            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, env=env)
+        return process, log_path
 
     def _wait_healthy(self, proc: NodeProcess) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -337,10 +477,28 @@ class LocalFederation:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or proc.process.poll() is not None:
+                    # The tail goes in the message: stopping removes a temp workdir, log too.
+                    tail = _log_tail(proc.log_path)
                     raise NodeUnavailableError(
-                        f"node {proc.name!r} did not become healthy; see {proc.log_path}"
+                        f"node {proc.name!r} did not become healthy; its log ends:\n{tail}"
                     )
                 time.sleep(0.05)
+
+
+def _release(processes: dict[str, NodeProcess], workdir: Path | None, owner_pid: int) -> None:
+    """Stop every node (all asked at once, then awaited) and remove ``workdir`` if given.
+
+    Idempotent: ``stop()`` calls it, and so does the finalizer at garbage collection or exit.
+    """
+    if os.getpid() != owner_pid:
+        return  # a forked child (multiprocessing) must not stop its parent's nodes
+    for proc in processes.values():
+        proc.terminate()
+    for name in list(processes):
+        processes[name].stop()
+        del processes[name]
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _read_address(process: subprocess.Popen[bytes], name: str, log_path: Path) -> str:
@@ -365,9 +523,14 @@ def _read_address(process: subprocess.Popen[bytes], name: str, log_path: Path) -
     if "address" not in result:
         process.kill()
         process.wait()
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        process.stdout.close()
+        tail = _log_tail(log_path)
         raise NodeUnavailableError(f"node {name!r} failed to start; its log ends:\n{tail}")
     return result["address"]
+
+
+def _log_tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
 
 
 def _make_pki(root: Path, nodes: Sequence[str]) -> tuple[pki.Identity, dict[str, dict[str, Path]]]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from federation._html import budgets_html, node_description_html
 from federation.errors import InvalidRequestError
 from federation.queries import Mechanism
 from federation.schema import DatasetSchema
 
 __all__ = [
     "BudgetStatus",
+    "Budgets",
     "GroupRelease",
     "Measurement",
     "NodeDescription",
@@ -84,14 +86,33 @@ class BudgetStatus:
     max_epsilon_per_release: float
 
 
+class Budgets(dict[str, BudgetStatus]):
+    """This consumer's budget at each node: a ``dict`` that renders as a table in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        return budgets_html(self)
+
+
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """Proof of one release: the node's ledger entry for it."""
+    """Proof of one release: the node's signed audit entry for it.
 
-    id: str
+    ``federation.receipts`` defines the hashed payload and the signed bytes exactly, and
+    verifies a receipt against the node's certificate.
+    """
+
+    id: str  # the release's audit entry id
     node_name: str
     consumer: str
-    issued_at: float
+    issued_at: float  # seconds since the Unix epoch
+    payload_sha256: str = ""  # hex SHA-256 of the released values' canonical JSON
+    signature: bytes = b""  # the node's signature over receipts.receipt_message(...)
+    key_id: str = ""  # the signing key (receipts.key_id_of)
+    sequence: int = 0  # position of the release entry in the node's audit chain
+    epsilon: float = 0.0  # cost of the release
+    delta: float = 0.0
+    operation: str = ""  # "analyze", "train", ...
+    charge_id: str = ""  # the audit entry that charged the budget for this release
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +139,10 @@ class NodeDescription:
     consumer: str
     budget: BudgetStatus
     allowed_operations: tuple[str, ...]
+    # PEM that verifies the node's receipts: its TLS certificate, or an Ed25519 public key
+    # (plaintext development node); see federation.receipts.
+    receipt_key_pem: bytes = b""
+    receipt_key_id: str = ""
 
     def dataset(self, name: str) -> DatasetSchema:
         """Return the schema of dataset ``name``."""
@@ -128,3 +153,6 @@ class NodeDescription:
         raise InvalidRequestError(
             f"node {self.node_name!r} has no dataset {name!r}; it has: {known}"
         )
+
+    def _repr_html_(self) -> str:
+        return node_description_html(self)

@@ -1,7 +1,9 @@
 """``python -m nodes``: the node operator's commands (``federation node ...`` runs these).
 
-``serve --config node.toml [--insecure]`` runs a node; ``init DATA [--name ...]`` prints a
-commented starter config for a CSV or Parquet file. A bad config exits with code 2 and one
+``serve --config node.toml [--insecure] [--allow-broken-audit]`` runs a node (it verifies
+the audit chain first); ``init DATA [--name ...]`` prints a commented starter config for a
+CSV or Parquet file; ``audit verify|report --state-dir DIR`` checks the audit chain and
+writes the compliance report (``nodes.audit_cli``). A bad config exits with code 2 and one
 message naming the key.
 """
 
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.errors import ConfigError
+from nodes.audit_cli import main as audit_main
 from nodes.config import starter_config
 from nodes.server import serve
 
@@ -30,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow plaintext (only on a loopback address; for development)",
     )
+    p_serve.add_argument(
+        "--allow-broken-audit",
+        action="store_true",
+        help="serve even if the audit chain fails verification (logged loudly and "
+        "recorded in the chain)",
+    )
     p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p_init = sub.add_parser("init", help="print a commented starter node.toml for a data file")
     p_init.add_argument("data", type=Path, help="CSV or Parquet file")
@@ -37,12 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     p_init.add_argument("--jurisdiction", default="XX", help="jurisdiction code, e.g. HK")
     p_init.add_argument("--dataset", default=None, help="dataset name (default: file stem)")
     p_init.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
+    p_audit = sub.add_parser(
+        "audit", help="verify the audit chain; compliance reports", add_help=False
+    )
+    p_audit.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node command; return the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        return audit_main(args.rest)
     try:
         if args.command == "serve":
             logging.basicConfig(
@@ -50,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            return serve(args.config, insecure=args.insecure)
+            return serve(
+                args.config, insecure=args.insecure, allow_broken_audit=args.allow_broken_audit
+            )
         text = starter_config(
             args.data, name=args.name, jurisdiction=args.jurisdiction, dataset=args.dataset
         )

@@ -46,6 +46,8 @@ _CODE_RULE = "must be a code of at most 64 characters without spaces"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+_MAX_CONCURRENT_REQUESTS = 1024
+_MAX_REQUEST_S = 86_400.0  # a day: beyond that a "deadline" no longer protects anything
 _DERIVED = math.nan  # default meaning "derive from the other fields" (see ConsumerPolicy)
 
 Format = Literal["csv", "parquet"]
@@ -105,10 +107,14 @@ class ConsumerPolicy:
         max_delta_per_release: cap on the δ of one release, <= ``delta``; left out, it is
             ``delta / 10``.
         operations: allowed RPCs, a subset of :data:`OPERATIONS`.
-        min_cohort: smallest group the node releases statistics about; 0 turns it off.
+        min_cohort: smallest noisy cohort the node releases statistics about, >= 0 (0: off).
+            Post-processing of a DP count, so no extra privacy cost and no extra guarantee:
+            see ``nodes.cohort`` for what it means.
         allowed_models: model names this consumer may train (from the node's allow-list).
         noise_multiplier_floor: smallest DP-SGD noise multiplier accepted, >= 0.
         max_rounds: most training rounds per training run, >= 1.
+        max_concurrent_requests: requests of this consumer the node runs at once, 1-1024;
+            more are refused at once with ``RESOURCE_EXHAUSTED`` (nothing charged).
 
     Raises:
         ConfigError: a field breaks its rule (the message names the field).
@@ -124,6 +130,7 @@ class ConsumerPolicy:
     allowed_models: tuple[str, ...] = ("logistic", "mlp")
     noise_multiplier_floor: float = 0.5
     max_rounds: int = 100
+    max_concurrent_requests: int = 4
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip() or not self.name.isprintable():
@@ -176,6 +183,12 @@ class ConsumerPolicy:
             raise _FieldError("noise_multiplier_floor", f"must be finite and >= 0; got {floor}")
         if self.max_rounds < 1:
             raise _FieldError("max_rounds", f"must be an integer >= 1; got {self.max_rounds}")
+        if not 1 <= self.max_concurrent_requests <= _MAX_CONCURRENT_REQUESTS:
+            raise _FieldError(
+                "max_concurrent_requests",
+                f"must be an integer 1-{_MAX_CONCURRENT_REQUESTS}; "
+                f"got {self.max_concurrent_requests}",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +222,8 @@ class NodeConfig:
         tls: mutual-TLS material, or None (plain text, for loopback testing only).
         max_workers: gRPC server threads.
         max_message_bytes: gRPC message size limit.
+        max_request_s: server-side deadline of one request in seconds, 0 < s <= 86400;
+            a request still running after it is cancelled, whatever its client asked for.
 
     Raises:
         ConfigError: a field breaks its rule (the message names the field).
@@ -223,6 +238,7 @@ class NodeConfig:
     tls: TlsConfig | None = None
     max_workers: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
+    max_request_s: float = 300.0
 
     def __post_init__(self) -> None:
         # A private copy behind a read-only view: no caller can change a policy at runtime.
@@ -242,6 +258,12 @@ class NodeConfig:
             raise _FieldError(
                 "max_message_bytes",
                 f"must be an integer 1024-{_MAX_GRPC_MESSAGE_BYTES}; got {self.max_message_bytes}",
+            )
+        if not (math.isfinite(self.max_request_s) and 0 < self.max_request_s <= _MAX_REQUEST_S):
+            raise _FieldError(
+                "max_request_s",
+                f"must be a number of seconds > 0 and <= {_num(_MAX_REQUEST_S)}; "
+                f"got {_num(self.max_request_s)}",
             )
 
     def _check_contents(self) -> None:
@@ -377,6 +399,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
     state_dir = _string(node, "node", "state_dir", default=f"state/{name}")
     max_workers = _integer(node, "node", "max_workers", default=8)
     max_message_bytes = _integer(node, "node", "max_message_bytes", default=4 * 1024 * 1024)
+    max_request_s = _number(node, "node", "max_request_s", default=300.0)
     datasets = _datasets(data, base_dir)
     consumers = _consumers(data)
     tls = _tls(data["tls"], base_dir) if "tls" in data else None
@@ -391,6 +414,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
             tls=tls,
             max_workers=max_workers,
             max_message_bytes=max_message_bytes,
+            max_request_s=max_request_s,
         )
     except _FieldError as err:
         where = err.field if err.field in ("datasets", "consumers") else f"node.{err.field}"
@@ -404,6 +428,7 @@ _NODE_KEYS = (
     "state_dir",
     "max_workers",
     "max_message_bytes",
+    "max_request_s",
 )
 _DATASET_KEYS = ("name", "source", "format", "description", "columns")
 _COLUMN_KEYS = ("name", "type", "lower", "upper", "domain", "description")
@@ -417,6 +442,7 @@ _CONSUMER_KEYS = (
     "allowed_models",
     "noise_multiplier_floor",
     "max_rounds",
+    "max_concurrent_requests",
 )
 _TLS_KEYS = ("ca", "cert", "key", "revocation")
 
@@ -553,6 +579,7 @@ def _policy(name: str, table: Mapping[str, object], where: str) -> ConsumerPolic
         allowed_models=models,
         noise_multiplier_floor=_number(table, where, "noise_multiplier_floor", default=0.5),
         max_rounds=_integer(table, where, "max_rounds", default=100),
+        max_concurrent_requests=_integer(table, where, "max_concurrent_requests", default=4),
     )
 
 
@@ -844,6 +871,7 @@ def _node_lines(name: str, jurisdiction: str) -> list[str]:
         'state_dir = "state"            # privacy ledger and audit log: back it up, never share it',
         "max_workers = 8",
         "max_message_bytes = 4194304",
+        "max_request_s = 300             # a request still running after this is cancelled",
         "",
     ]
 
@@ -902,7 +930,10 @@ _CONSUMER_LINES = [
     "max_epsilon_per_release = 0.1   # cap on one query or training run",
     "max_delta_per_release = 1e-7",
     'operations = ["describe", "analyze"]   # add "train" to allow federated training',
-    "min_cohort = 0                  # smallest group released (0: off)",
+    "max_concurrent_requests = 4     # more at once are refused (RESOURCE_EXHAUSTED)",
+    "# Groups whose DP count is below min_cohort come back suppressed (NaN). Post-processing:",
+    "# no extra privacy cost, and no extra formal guarantee either (0: off).",
+    "min_cohort = 0",
     "# For training:",
     '# allowed_models = ["logistic", "mlp"]',
     "# noise_multiplier_floor = 1.0",

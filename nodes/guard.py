@@ -5,25 +5,46 @@ TLS handshake verified against the federation CA; certificates listed in the ope
 revocation file are refused. Without TLS (allowed only on loopback with ``--insecure``, for
 development), the caller names itself in the ``x-federation-consumer`` metadata header.
 Every refusal is logged with the reason; nothing is charged for a refused request.
+
+The revocation file is re-read on SIGHUP and whenever its modification time changes. If it
+cannot be read or parsed, the node fails closed: it refuses every certificate until the
+operator fixes the file (and logs why), since keeping an old list could let through the
+very certificate the operator just tried to revoke.
+
+:meth:`Guard.admit` runs the whole admission of one request: identify, authorize, take one
+of the consumer's concurrency slots, and start the server-side deadline (``nodes.limits``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from federation import pki
-from federation.errors import PolicyError, UnauthenticatedError
+from federation.errors import ConfigError, PolicyError, UnauthenticatedError
 from nodes.config import ConsumerPolicy, NodeConfig
+from nodes.limits import ConcurrencyLimiter, Deadline, Watchdog
 
-__all__ = ["CONSUMER_HEADER", "Guard"]
+__all__ = ["CONSUMER_HEADER", "Admission", "Guard"]
 
 log = logging.getLogger(__name__)
 
 CONSUMER_HEADER = "x-federation-consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """An admitted request: who is calling, under which policy, and until when."""
+
+    consumer: str
+    policy: ConsumerPolicy
+    deadline: Deadline
 
 
 class Guard:
@@ -33,9 +54,12 @@ class Guard:
         """Build the guard; loads the revocation file if the config names one."""
         self.config = config
         self.use_tls = use_tls
+        self.limiter = ConcurrencyLimiter(node=config.name)
+        self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self._revoked: frozenset[str] = frozenset()
         self._revocation_mtime: float | None = None
+        self._revocation_error: str | None = None
         self.reload_revocations()
 
     @property
@@ -43,37 +67,54 @@ class Guard:
         return self.config.tls.revocation if self.config.tls else None
 
     def reload_revocations(self) -> None:
-        """Re-read the revocation file (on SIGHUP, or when its modification time changes)."""
+        """Re-read the revocation file (on SIGHUP, or when its modification time changes).
+
+        Never raises (it runs in a signal handler): a missing, unreadable or malformed file
+        is logged and makes :meth:`identify` refuse every certificate until it is fixed.
+        """
         path = self._revocation_path
         if path is None:
             return
         try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            mtime = None
-        revoked = pki.read_revocation_file(path) if mtime is not None else frozenset()
+            mtime: float | None = path.stat().st_mtime
+            revoked = pki.read_revocation_file(path)
+            error = None
+        except (OSError, ConfigError) as err:
+            mtime = self._stat_mtime(path)
+            revoked, error = frozenset(), str(err)
         with self._lock:
             self._revoked, self._revocation_mtime = revoked, mtime
-        log.info("revocation list loaded: %d entries", len(revoked))
+            self._revocation_error = error
+        if error is None:
+            log.info("revocation list loaded: %d entries", len(revoked))
+        else:
+            log.error("revocation file unusable, refusing every certificate: %s", error)
+
+    @staticmethod
+    def _stat_mtime(path: Path) -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
 
     def _revocations(self) -> frozenset[str]:
         path = self._revocation_path
-        if path is not None:
-            try:
-                mtime: float | None = path.stat().st_mtime
-            except FileNotFoundError:
-                mtime = None
-            if mtime != self._revocation_mtime:
-                self.reload_revocations()
+        if path is not None and self._stat_mtime(path) != self._revocation_mtime:
+            self.reload_revocations()
         with self._lock:
+            if self._revocation_error is not None:
+                raise UnauthenticatedError(
+                    f"node {self.config.name!r} cannot read its certificate revocation file, "
+                    "so it refuses every certificate until its operator fixes the file"
+                )
             return self._revoked
 
     def identify(self, context: grpc.ServicerContext) -> str:
         """Return the caller's consumer name.
 
         Raises:
-            UnauthenticatedError: no verified certificate, a revoked one, or (insecure
-                mode) no consumer header.
+            UnauthenticatedError: no verified certificate, a revoked one, an unusable
+                revocation file, or (insecure mode) no consumer header.
         """
         if not self.use_tls:
             for key, value in context.invocation_metadata():
@@ -88,7 +129,8 @@ class Guard:
             raise UnauthenticatedError("no verified client certificate on this connection")
         if pki.is_revoked(cert, self._revocations()):
             raise UnauthenticatedError(
-                f"client certificate for {name!r} (serial {pki.serial_hex(cert)}) is revoked"
+                f"client certificate for {name!r} (serial {pki.serial_hex(cert)}) is revoked "
+                f"on node {self.config.name!r}; ask its operator"
             )
         return name
 
@@ -111,3 +153,41 @@ class Guard:
                 f"allowed: {allowed}"
             )
         return policy
+
+    @contextmanager
+    def admit(
+        self, context: grpc.ServicerContext, operation: str, *, limit_s: float | None = None
+    ) -> Iterator[Admission]:
+        """Admit one request for the duration of the block.
+
+        Identifies and authorizes the caller, takes one of its concurrency slots (never
+        waiting) and cancels the call if it is still running after ``limit_s`` seconds
+        (default: the node's ``max_request_s``; a streaming handler passes its own).
+
+        Raises:
+            UnauthenticatedError, PolicyError: as :meth:`identify` and :meth:`authorize`.
+            BudgetExhaustedError: the consumer already runs its ``max_concurrent_requests``
+                (``RESOURCE_EXHAUSTED``; nothing charged).
+        """
+        consumer = self.identify(context)
+        policy = self.authorize(consumer, operation)
+        timeout_s = self.config.max_request_s if limit_s is None else limit_s
+
+        def expire() -> None:
+            log.warning(
+                "cancelled %s by %r: still running after %gs (max_request_s)",
+                operation,
+                consumer,
+                timeout_s,
+            )
+            context.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+        with (
+            self.limiter.slot(consumer, limit=policy.max_concurrent_requests),
+            self.watchdog.deadline(expire, timeout_s=timeout_s) as deadline,
+        ):
+            yield Admission(consumer=consumer, policy=policy, deadline=deadline)
+
+    def close(self) -> None:
+        """Stop the deadline watchdog (the node is shutting down)."""
+        self.watchdog.close()

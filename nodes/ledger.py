@@ -7,6 +7,11 @@ the new total against the budget, inserts the charge and updates the spend, then
 Only after the commit returns does the node compute and release anything, so a crash can
 waste budget but never release something unrecorded.
 
+The same transaction appends the charge's entry to the audit chain (``nodes.audit``), so
+the budget and the audit trail cannot disagree even if the process is killed;
+``record_release`` appends the release's entry, with the digest of the released bytes,
+before anything is sent, and returns the signed receipt.
+
 The spend composes every release with ``federation.privacy.Spend``: the smaller of basic
 composition and Rényi-DP composition at the consumer's delta (both valid bounds).
 """
@@ -25,7 +30,9 @@ from pathlib import Path
 
 from federation.errors import BudgetExhaustedError
 from federation.privacy import Charge, Spend
-from federation.releases import BudgetStatus
+from federation.releases import BudgetStatus, Receipt
+from nodes.audit import SCHEMA as AUDIT_SCHEMA
+from nodes.audit import AuditChain, Signer, ed25519_signer
 from nodes.config import ConsumerPolicy
 
 __all__ = ["ChargeRecord", "Ledger"]
@@ -39,7 +46,7 @@ CREATE TABLE IF NOT EXISTS spend (
 );
 CREATE TABLE IF NOT EXISTS charges (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,       -- receipt id
+    id TEXT NOT NULL UNIQUE,       -- also the id of the charge's audit entry
     consumer TEXT NOT NULL,
     operation TEXT NOT NULL,
     created_at REAL NOT NULL,
@@ -62,17 +69,35 @@ class ChargeRecord:
     consumer: str
     created_at: float
     budget: BudgetStatus
+    operation: str = ""
+    sequence: int = 0  # the charge entry's position in the audit chain
 
 
 class Ledger:
-    """Per-consumer privacy spend, persisted in ``<state_dir>/ledger.sqlite``."""
+    """Per-consumer privacy spend and the audit chain, in ``<state_dir>/ledger.sqlite``."""
 
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the ledger database at ``path``."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        node_name: str = "node",
+        jurisdiction: str = "",
+        signer: Signer | None = None,
+    ) -> None:
+        """Open (creating if needed) the ledger database at ``path``.
+
+        ``signer`` signs the audit entries and receipts (``nodes.audit.load_signer``); by
+        default an Ed25519 key kept next to the database.
+        """
         self.path = path
         self._local = threading.local()
+        self.audit = AuditChain(
+            node_name=node_name,
+            jurisdiction=jurisdiction,
+            signer=signer if signer is not None else ed25519_signer(path.parent),
+        )
         with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + AUDIT_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -129,6 +154,7 @@ class Ledger:
                 )
             record_id = uuid.uuid4().hex
             now = time.time()
+            charge_json = charge.to_json()
             conn.execute(
                 "INSERT INTO charges (id, consumer, operation, created_at, charge, details,"
                 " spent_epsilon) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -137,7 +163,7 @@ class Ledger:
                     policy.name,
                     operation,
                     now,
-                    charge.to_json(),
+                    charge_json,
                     json.dumps(details, sort_keys=True),
                     spent,
                 ),
@@ -147,13 +173,50 @@ class Ledger:
                 " ON CONFLICT(consumer) DO UPDATE SET state = excluded.state",
                 (policy.name, after.to_json()),
             )
+            status = _status(after, policy)
+            entry = self.audit.append(
+                conn,
+                "charge",
+                consumer=policy.name,
+                operation=operation,
+                entry_id=record_id,
+                now=now,
+                fields=AuditChain.charge_fields(
+                    charge, charge_json=charge_json, details=details, budget=status
+                ),
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return ChargeRecord(
-            id=record_id, consumer=policy.name, created_at=now, budget=_status(after, policy)
+            id=record_id,
+            consumer=policy.name,
+            created_at=now,
+            budget=status,
+            operation=operation,
+            sequence=entry.sequence,
         )
+
+    def record_release(self, record: ChargeRecord, *, payload_sha256: str) -> Receipt:
+        """Durably audit the release of a charge's result; return its signed receipt.
+
+        Call it after computing and *before* sending; if it raises, send nothing.
+        ``payload_sha256`` is ``federation.receipts.payload_sha256`` of the released values.
+        """
+        return self.audit.record_release(
+            self._connect(), charge_id=record.id, payload_sha256=payload_sha256
+        )
+
+    def record_refusal(self, *, consumer: str, operation: str, code: str, reason: str) -> None:
+        """Audit a refused request (rate-limited per consumer; never touches the budget)."""
+        self.audit.record_refusal(
+            self._connect(), consumer=consumer, operation=operation, code=code, reason=reason
+        )
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection to the database (for audit checks)."""
+        return self._connect()
 
     def total_charged(self, consumer: str) -> float:
         """Sum of the per-release epsilons recorded for ``consumer`` (for audits and tests)."""
@@ -177,7 +240,8 @@ class Ledger:
         return int(row[0])
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Write pending refusal counts to the audit chain and close this thread's connection."""
+        self.audit.flush_refusals(self._connect())
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

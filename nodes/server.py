@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,15 +21,18 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from federation import pki
-from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation import pki, privacy
+from federation.architectures import EXTENDED_REGISTRY
 from federation.errors import ConfigError
 from nodes.analytics import DatasetEngine
+from nodes.audit_verify import open_ledger
 from nodes.config import NodeConfig, load_config
 from nodes.data import load_table
 from nodes.guard import Guard
 from nodes.ledger import Ledger
-from nodes.service import NodeService
+from nodes.limits import server_options
+from nodes.service import NodeService, add_node_service
+from nodes.training import TrainingEngine
 
 __all__ = ["RunningNode", "serve", "start_node"]
 
@@ -51,15 +55,19 @@ class RunningNode:
         """Mark the node not serving and stop the server, letting calls finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        self.guard.close()
         self.ledger.close()
 
 
-def start_node(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
-    """Load data, open the ledger and start serving ``config``.
+def start_node(
+    config: NodeConfig, *, insecure: bool = False, allow_broken_audit: bool = False
+) -> RunningNode:
+    """Open the ledger (verifying its audit chain), load data and start serving ``config``.
 
     Raises:
         ConfigError: plaintext requested off loopback, TLS files unusable, data unreadable,
-            or the address cannot be bound.
+            the address cannot be bound, or the audit chain is broken (unless
+            ``allow_broken_audit``, which serves anyway and records the override).
     """
     use_tls = config.tls is not None
     if not use_tls and not (insecure and config.is_loopback):
@@ -69,21 +77,35 @@ def start_node(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
             f"on {config.listen}"
         )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Load the accountant while data loads, not inside the first charge's write lock.
+    threading.Thread(target=privacy.preload, name="preload-accountant", daemon=True).start()
+    ledger = open_ledger(config, allow_broken_audit=allow_broken_audit)
     engines = {
         ds.name: DatasetEngine(load_table(ds.source, schema=ds.schema, file_format=ds.format))
         for ds in config.datasets
     }
-    ledger = Ledger(config.state_dir / "ledger.sqlite")
+    # Training shares each dataset's in-memory columns; the engine builds features lazily.
+    trainers = {
+        name: TrainingEngine(engine.table, registry=EXTENDED_REGISTRY)
+        for name, engine in engines.items()
+    }
     guard = Guard(config, use_tls=use_tls)
-    service = NodeService(config, engines=engines, ledger=ledger, guard=guard)
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
+    service = NodeService(
+        config,
+        engines=engines,
+        ledger=ledger,
+        guard=guard,
+        trainers=trainers,
+        registry=EXTENDED_REGISTRY,
+    )
+    # Message size, keepalive, idle and connection-age limits: see nodes.limits.
+    options = server_options(
+        max_message_bytes=config.max_message_bytes, max_request_s=config.max_request_s
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
     )
-    pb_grpc.add_NodeServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    add_node_service(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = _bind(server, config)
@@ -109,10 +131,10 @@ def _bind(server: grpc.Server, config: NodeConfig) -> int:
     return port
 
 
-def serve(config_path: Path, *, insecure: bool = False) -> int:
+def serve(config_path: Path, *, insecure: bool = False, allow_broken_audit: bool = False) -> int:
     """Run a node until SIGTERM or SIGINT; SIGHUP re-reads the revocation file."""
     config = load_config(config_path)
-    node = start_node(config, insecure=insecure)
+    node = start_node(config, insecure=insecure, allow_broken_audit=allow_broken_audit)
     done = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -126,9 +148,38 @@ def serve(config_path: Path, *, insecure: bool = False) -> int:
     signal.signal(signal.SIGINT, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, reload)
+    _watch_parent(done)
     event = {"event": "serving", "node": config.name, "address": node.address}
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
     done.wait()
     node.stop()
     return 0
+
+
+PARENT_PID_ENV = "FEDERATION_PARENT_PID"
+_PARENT_POLL_S = 0.5
+
+
+def _watch_parent(done: threading.Event) -> None:
+    """Stop when the launcher named in ``FEDERATION_PARENT_PID`` is gone.
+
+    ``LocalFederation`` sets it, so a notebook kernel that dies (even by SIGKILL) leaves no
+    node running. Polling the parent pid works whichever thread started the node, unlike
+    ``PR_SET_PDEATHSIG``, which fires when the *thread* that forked exits.
+    """
+    raw = os.environ.get(PARENT_PID_ENV)
+    if not raw or not raw.isdigit():
+        return
+    parent = int(raw)
+
+    def watch() -> None:
+        while not done.wait(_PARENT_POLL_S):
+            if os.getppid() != parent:
+                log.warning("launcher process %d is gone: shutting down", parent)
+                done.set()
+
+    if os.getppid() != parent:
+        done.set()
+        return
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -2,31 +2,47 @@
 
 identify caller -> authorize -> validate (plan) -> charge (durable) -> compute -> respond.
 Each step is a plain function on plain values; only this module knows status codes.
+``Train`` is the same pipeline over a bidirectional stream (steps in ``nodes.rounds``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
+import sqlite3
+import threading
+import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 import federation
-from federation import wire
+from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
-from federation.errors import FederationError, InvalidRequestError, status_for
-from federation.releases import NodeDescription, Receipt, Release
+from federation.architectures import EXTENDED_REGISTRY
+from federation.errors import (
+    FederationError,
+    InvalidRequestError,
+    NodeUnavailableError,
+    status_for,
+)
+from federation.models import ModelBuilder
+from federation.releases import NodeDescription, Release
+from nodes import rounds
 from nodes.analytics import DatasetEngine, Plan, plan_query
+from nodes.cohort import suppress_small_cohorts
 from nodes.config import NodeConfig
 from nodes.guard import Guard
 from nodes.ledger import Ledger
+from nodes.training import TrainingEngine
 
-__all__ = ["NodeService", "RngFactory"]
+__all__ = ["NodeService", "RngFactory", "add_node_service"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +56,7 @@ def system_rng() -> np.random.Generator:
 
 
 class NodeService(pb_grpc.NodeServicer):
-    """Serves Describe and Analyze for one node."""
+    """Serves Describe, Analyze and Train for one node."""
 
     def __init__(
         self,
@@ -50,13 +66,24 @@ class NodeService(pb_grpc.NodeServicer):
         ledger: Ledger,
         guard: Guard,
         rng: RngFactory = system_rng,
+        trainers: Mapping[str, TrainingEngine] | None = None,
+        registry: Mapping[str, ModelBuilder] = EXTENDED_REGISTRY,
+        max_concurrent_trainings: int = 1,
     ) -> None:
-        """Wire the pipeline's parts together."""
+        """Wire the pipeline's parts together.
+
+        ``trainers`` (dataset -> DP-SGD engine) serve ``Train``; ``registry`` lists the
+        architectures the node builds (a consumer's policy still has to allow each);
+        ``max_concurrent_trainings`` bounds the models held in memory at once.
+        """
         self.config = config
         self.engines = engines
         self.ledger = ledger
         self.guard = guard
         self.rng = rng
+        self.trainers = dict(trainers or {})
+        self.registry = registry
+        self._train_slots = threading.BoundedSemaphore(max_concurrent_trainings)
 
     # ---------------------------------------------------------------- handlers
 
@@ -72,6 +99,16 @@ class NodeService(pb_grpc.NodeServicer):
         """Validate, charge, compute and release one DP statistic."""
         return self._run(context, "analyze", lambda: self._analyze(request, context))
 
+    def Train(  # noqa: N802 - gRPC method names
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Validate, charge and run one DP-SGD round; stream the DP update back.
+
+        Served on raw bytes (see ``add_node_service``): ``federation.wire`` parses and
+        writes the stream's messages, so chunks skip protobuf's copies.
+        """
+        return self._run_stream(context, "train", lambda: self._train(request_iterator, context))
+
     # ---------------------------------------------------------------- pipeline
 
     def _describe(self, context: grpc.ServicerContext) -> pb.DescribeResponse:
@@ -85,6 +122,8 @@ class NodeService(pb_grpc.NodeServicer):
             consumer=consumer,
             budget=self.ledger.status(policy),
             allowed_operations=tuple(sorted(policy.operations)),
+            receipt_key_pem=self.ledger.audit.signer.verification_pem,
+            receipt_key_id=self.ledger.audit.signer.key_id,
         )
         return wire.description_to_proto(description)
 
@@ -105,7 +144,18 @@ class NodeService(pb_grpc.NodeServicer):
         record = self.ledger.charge(
             plan.charge, policy=policy, operation="analyze", details=_details(plan)
         )
-        groups = engine.execute(plan, rng=self.rng())
+        groups = suppress_small_cohorts(
+            engine.execute(plan, rng=self.rng()),
+            query=analyze.query,
+            min_cohort=policy.min_cohort,
+        )
+        payload = receipts.analyze_payload(
+            groups, bin_labels=plan.bin_labels, bin_edges=plan.bin_edges
+        )
+        # Audit, then send: if the release entry cannot be written, nothing is released.
+        receipt = self.ledger.record_release(
+            record, payload_sha256=receipts.payload_sha256(payload)
+        )
         release = Release(
             groups=groups,
             bin_labels=plan.bin_labels,
@@ -113,22 +163,121 @@ class NodeService(pb_grpc.NodeServicer):
             cost_epsilon=plan.charge.epsilon,
             cost_delta=plan.charge.delta,
             budget=record.budget,
-            receipt=Receipt(
-                id=record.id,
-                node_name=self.config.name,
-                consumer=consumer,
-                issued_at=record.created_at,
-            ),
+            receipt=receipt,
         )
         return wire.release_to_proto(release)
+
+    def _train(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        consumer = self.guard.identify(context)
+        policy = self.guard.authorize(consumer, "train")
+        first = next(frames, None)
+        opening = wire.parse_train_request(first) if first is not None else None
+        if not isinstance(opening, tuple):
+            raise InvalidRequestError("a Train stream must start with a TrainConfig message")
+        config, headers = opening
+        trainer = self.trainers.get(config.spec.dataset)
+        if trainer is None:
+            known = ", ".join(sorted(self.trainers)) or "none"
+            raise InvalidRequestError(
+                f"node {self.config.name!r} trains on no dataset {config.spec.dataset!r}; "
+                f"it trains on: {known}"
+            )
+        plan = rounds.plan_round(
+            config, schema=trainer.table.schema, policy=policy, registry=self.registry
+        )
+        rounds.check_layout(plan, headers)  # before a byte of weights is read
+        rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
+        if not self._train_slots.acquire(timeout=_slot_wait_s(context)):
+            raise NodeUnavailableError(f"node {self.config.name!r} is busy training; retry")
+        try:
+            started = time.monotonic()
+            weights = self._receive_weights(frames, headers)
+            received = time.monotonic()
+            record = self.ledger.charge(
+                plan.charge, policy=policy, operation="train", details=rounds.round_details(plan)
+            )
+            update = trainer.train(plan, weights, rng=self.rng())
+            del weights
+            trained = time.monotonic()
+            result = rounds.round_result(plan, update, record, node_name=self.config.name)
+            payload = rounds.round_payload(plan, result, update)
+            # Audit, then send: if the release entry cannot be written, nothing is released.
+            receipt = self.ledger.record_release(
+                record, payload_sha256=receipts.payload_sha256(payload)
+            )
+            yield from wire.train_response_frames(
+                dataclasses.replace(result, receipt=receipt), update.weights
+            )
+            log.info(
+                "train job %s round %d for %r: received %.2fs, trained %.2fs, released %.2fs",
+                plan.job_id,
+                plan.round,
+                consumer,
+                received - started,
+                trained - received,
+                time.monotonic() - trained,
+            )
+        finally:
+            self._train_slots.release()
+
+    def _receive_weights(
+        self, frames: Iterator[bytes], headers: tuple[wire.TensorHeader, ...]
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Read the global weights into place; refuse NaN/Inf as the chunks arrive."""
+        assembler = wire.TensorAssembler(headers, require_finite=True)
+        while not assembler.is_complete:
+            frame = next(frames, None)
+            if frame is None:
+                break  # finish() names the short tensor
+            chunk = wire.parse_train_request(frame)
+            if not isinstance(chunk, wire.ChunkView):
+                raise InvalidRequestError(
+                    "after its TrainConfig, a Train stream carries only tensor chunks"
+                )
+            assembler.add(chunk)
+        return assembler.finish()
+
+    def _run_stream(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        step: Callable[[], Iterator[T]],
+    ) -> Iterator[T]:
+        """Run one streaming request; map errors to status codes like ``_run``."""
+        try:
+            # The admission's deadline (max_request_s) also cuts off a caller that stalls
+            # mid-stream, whatever deadline it chose itself.
+            with self.guard.admit(context, operation):
+                yield from step()
+        except FederationError as err:
+            code = status_for(err)
+            log.warning("refused %s: %s (%s)", operation, err, code.name)
+            self._audit_refusal(context, operation, code, err)
+            context.abort(code, str(err))
+        except grpc.RpcError:
+            # Reading the request stream failed: the caller cancelled or its deadline (or
+            # our idle cutoff) passed. There is nobody left to answer.
+            log.warning("%s stream cancelled by the caller or timed out", operation)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s (incident %s)", operation, incident)
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error on node {self.config.name!r}; the operator's log has "
+                f"incident {incident}",
+            )
 
     def _run(self, context: grpc.ServicerContext, operation: str, step: Callable[[], T]) -> T:
         """Run one request; map errors to status codes (the only catch-all in the node)."""
         try:
-            return step()
+            # Admission first (identity, policy, concurrency slot, deadline): a request
+            # refused here has touched nothing.
+            with self.guard.admit(context, operation):
+                return step()
         except FederationError as err:
             code = status_for(err)
             log.warning("refused %s: %s (%s)", operation, err, code.name)
+            self._audit_refusal(context, operation, code, err)
             context.abort(code, str(err))
         except Exception:
             incident = uuid.uuid4().hex[:12]
@@ -139,6 +288,32 @@ class NodeService(pb_grpc.NodeServicer):
                 f"incident {incident}",
             )
         raise AssertionError("unreachable: context.abort raises")
+
+    def _audit_refusal(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        code: grpc.StatusCode,
+        err: FederationError,
+    ) -> None:
+        """Record a refusal in the audit chain (no cost); a failure to record is only logged."""
+        try:
+            consumer = self.guard.identify(context)
+        except FederationError:
+            consumer = ""  # unauthenticated: nobody to name
+        try:
+            self.ledger.record_refusal(
+                consumer=consumer, operation=operation, code=code.name, reason=str(err)
+            )
+        except (sqlite3.Error, OSError):
+            # The request is refused either way; the operator's log keeps the refusal.
+            log.exception("could not record the refusal of %s in the audit chain", operation)
+
+
+def _slot_wait_s(context: grpc.ServicerContext) -> float:
+    """How long a Train call waits for a training slot: its deadline, at most a minute."""
+    remaining = context.time_remaining()
+    return 60.0 if remaining is None else max(0.0, min(remaining, 60.0))
 
 
 def _details(plan: Plan) -> dict[str, object]:
@@ -155,3 +330,37 @@ def _details(plan: Plan) -> dict[str, object]:
         "delta": plan.request.delta,
         "mechanism": plan.request.mechanism.value,
     }
+
+
+class _CapturedHandlers:
+    """Stands in for a server to capture the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Ignore: the registered handlers carry the same methods."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Keep the handlers."""
+        self.handlers = dict(handlers)
+
+
+def add_node_service(service: NodeService, server: grpc.Server) -> None:
+    """Register ``service`` on ``server``, with ``Train`` on raw bytes.
+
+    Every method keeps the generated (de)serializers except ``Train``, whose stream
+    ``federation.wire`` reads and writes itself so chunks skip protobuf's copies (the bytes
+    on the wire are the same). The generated registration is captured rather than copied,
+    so methods added to the proto later are served without an edit here.
+    """
+    captured = _CapturedHandlers()
+    pb_grpc.add_NodeServicer_to_server(service, captured)  # type: ignore[no-untyped-call]
+    handlers = dict(captured.handlers)
+    handlers["Train"] = grpc.stream_stream_rpc_method_handler(service.Train)
+    name = pb.DESCRIPTOR.services_by_name["Node"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    # grpc-stubs predates registered methods (grpcio >= 1.62), which skip generic lookup.
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]

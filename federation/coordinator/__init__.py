@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -22,9 +22,15 @@ from federation.errors import (
     SchemaMismatchError,
 )
 from federation.queries import Count, Mechanism, Query
-from federation.releases import BudgetStatus, NodeDescription, Release
+from federation.receipts import release_payload
+from federation.releases import Budgets, NodeDescription, Release
 from federation.schema import DatasetSchema, check_compatible
 from federation.wire import AnalyzeRequest
+
+if TYPE_CHECKING:
+    # Training loads torch; importing federation must not (seconds), so it loads on use.
+    from federation.coordinator.training import TrainingResult
+    from federation.models import ModelSpec
 
 __all__ = [
     "Coordinator",
@@ -57,6 +63,9 @@ class Coordinator:
         self.clients = {c.name: c for c in clients}
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
         self._descriptions: dict[str, NodeDescription] = {}
+        # Objects that must live as long as this coordinator: a LocalFederation puts itself
+        # here, so its node processes outlive a `LocalFederation.synthetic().start()` call.
+        self._keep_alive: list[object] = []
 
     # ---------------------------------------------------------------- construction
 
@@ -104,9 +113,9 @@ class Coordinator:
         self._descriptions.update(results)
         return {name: results[name] for name in self.clients}
 
-    def budgets(self) -> dict[str, BudgetStatus]:
-        """This consumer's budget at each node."""
-        return {name: d.budget for name, d in self.describe().items()}
+    def budgets(self) -> Budgets:
+        """This consumer's budget at each node (a dict; a table in Jupyter)."""
+        return Budgets((name, d.budget) for name, d in self.describe().items())
 
     def schema(self, dataset: str, nodes: Sequence[str] | None = None) -> DatasetSchema:
         """The dataset's schema, after checking that the nodes agree on it.
@@ -202,6 +211,9 @@ class Coordinator:
                 spent_epsilon=r.budget.spent_epsilon,
                 remaining_epsilon=r.budget.remaining_epsilon,
                 receipt_id=r.receipt.id,
+                receipt=r.receipt,
+                released=release_payload(r),
+                node_key_pem=self._receipt_key(name),
             )
             for name, r in ordered.items()
         )
@@ -217,9 +229,68 @@ class Coordinator:
             notes=notes,
         )
 
+    def _receipt_key(self, node: str) -> str:
+        """The node's receipt-verification PEM from its last Describe ("" if unknown)."""
+        description = self._descriptions.get(node)
+        return description.receipt_key_pem.decode("ascii", "replace") if description else ""
+
     def count(self, dataset: str, *, epsilon: float) -> QueryResult:
         """Shorthand for ``analyze(Count(dataset), epsilon=epsilon)``."""
         return self.analyze(Count(dataset), epsilon=epsilon)
+
+    # ---------------------------------------------------------------- training
+
+    def train(
+        self,
+        spec: ModelSpec,
+        *,
+        rounds: int,
+        target_epsilon: float,
+        delta: float = 1e-7,
+        sample_rate: float = 0.01,
+        local_steps: int = 10,
+        learning_rate: float = 0.5,
+        clip_norm: float = 1.0,
+        server_optimizer: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg",
+        server_lr: float | None = None,
+        min_nodes: int | None = None,
+        round_timeout_s: float = 600.0,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        metrics_epsilon: float = 0.0,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> TrainingResult:
+        """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
+
+        Example::
+
+            spec = ModelSpec("mlp", "credit", ("age", "income"), "defaulted", hidden=(64, 64))
+            result = fed.train(spec, rounds=10, target_epsilon=3.0)
+            result.history[-1].job_epsilon, result.model
+        """
+        from federation.coordinator.training import train
+
+        return train(
+            self,
+            spec,
+            rounds=rounds,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            local_steps=local_steps,
+            learning_rate=learning_rate,
+            clip_norm=clip_norm,
+            server_optimizer=server_optimizer,
+            server_lr=server_lr,
+            min_nodes=min_nodes,
+            round_timeout_s=round_timeout_s,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            metrics_epsilon=metrics_epsilon,
+            progress=progress,
+            seed=seed,
+        )
 
     # ---------------------------------------------------------------- plumbing
 
@@ -233,7 +304,7 @@ class Coordinator:
             try:
                 results[name] = future.result()
             except FederationError as err:
-                log.warning("node %s: %s", name, err)
+                log.info("node %s: %s", name, err)  # the raised error carries it
                 failures[name] = err
         return results, failures
 

@@ -16,19 +16,26 @@ Combining is post-processing of DP releases, so it costs no privacy. Rules:
 
 The intervals cover the DP noise: they contain the exact statistic *of the nodes' data*
 with the stated probability (not a population parameter: sampling error is not included).
+
+A value a node suppressed (NaN: its consumer policy's ``min_cohort`` guard withheld a group
+or bin whose noisy count was small) is suppressed in the result too, never combined from the
+other nodes alone: its ``Estimate`` is all NaN and ``Estimate.suppressed`` is true.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from federation._html import query_result_html
 from federation.privacy import sample_discrete_gaussian, sample_discrete_laplace
 from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
-from federation.releases import GroupRelease, Measurement, Release
+from federation.receipts import ReceiptRecord
+from federation.releases import GroupRelease, Measurement, Receipt, Release
 
 __all__ = ["Estimate", "GroupResult", "NodeSpend", "QueryResult", "combine"]
 
@@ -38,11 +45,19 @@ Floats = npt.NDArray[np.float64]
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    """A DP estimate and its confidence interval."""
+    """A DP estimate and its confidence interval (all NaN when suppressed)."""
 
     value: float
     low: float
     high: float
+
+    @property
+    def suppressed(self) -> bool:
+        """Whether a node withheld this value (its ``min_cohort`` guard; see nodes.cohort)."""
+        return math.isnan(self.value)
+
+
+SUPPRESSED = Estimate(value=math.nan, low=math.nan, high=math.nan)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +70,13 @@ class GroupResult:
 
 @dataclass(frozen=True, slots=True)
 class NodeSpend:
-    """What one node charged for a query, and the consumer's budget left there."""
+    """What one node charged for a query, the consumer's budget left there, and the receipt.
+
+    ``receipt`` is the node's signed receipt, ``released`` the node's released values as
+    ``federation.receipts.release_payload`` builds them (their digest is in the receipt),
+    and ``node_key_pem`` the node's receipt-verification certificate or key (from
+    Describe): together what ``federation receipts verify`` checks.
+    """
 
     node: str
     epsilon: float
@@ -63,6 +84,15 @@ class NodeSpend:
     spent_epsilon: float
     remaining_epsilon: float
     receipt_id: str
+    receipt: Receipt | None = None
+    released: Mapping[str, object] | None = None
+    node_key_pem: str = ""
+
+    def receipt_record(self) -> ReceiptRecord | None:
+        """The receipt with what it covers, as stored and verified (None if no receipt)."""
+        if self.receipt is None or self.released is None:
+            return None
+        return ReceiptRecord(self.node, self.receipt, self.released, self.node_key_pem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +124,18 @@ class QueryResult:
         """The single estimate of an ungrouped count, sum or mean."""
         return self.estimate(self.groups[0].group).value
 
+    def to_html(self, *, truth: Mapping[str, Sequence[float]] | None = None) -> str:
+        """An HTML table of the estimates and intervals, and each node's cost and receipt.
+
+        Args:
+            truth: exact values to show beside the estimates, ``{group: [one per label]}``;
+                only for synthetic data, where they are known (as in ``federation demo``).
+        """
+        return query_result_html(self, truth=truth)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dictionary (used by ``federation query --json``)."""
         return {
@@ -104,7 +146,7 @@ class QueryResult:
                 {
                     "group": g.group,
                     "estimates": [
-                        {"label": label, "value": e.value, "ci_low": e.low, "ci_high": e.high}
+                        _estimate_dict(label, e)
                         for label, e in zip(self.labels, g.estimates, strict=True)
                     ],
                 }
@@ -117,12 +159,22 @@ class QueryResult:
                     "delta_charged": n.delta,
                     "spent_epsilon": n.spent_epsilon,
                     "remaining_epsilon": n.remaining_epsilon,
-                    "receipt": n.receipt_id,
+                    "receipt_id": n.receipt_id,
+                    **_receipt_fields(n),
                 }
                 for n in self.nodes
             ],
             "missing_nodes": list(self.missing),
         }
+
+
+def _receipt_fields(spend: NodeSpend) -> dict[str, object]:
+    """``receipt``, ``released`` and ``node_key`` of a node's entry in ``to_dict``."""
+    record = spend.receipt_record()
+    if record is None:
+        return {}
+    stored = record.to_dict()
+    return {key: stored[key] for key in ("receipt", "released", "node_key")}
 
 
 def combine(
@@ -179,6 +231,23 @@ def combine(
     return (name,), results
 
 
+def _estimate_dict(label: str, e: Estimate) -> dict[str, object]:
+    """One estimate for JSON: a suppressed one has nulls (JSON has no NaN)."""
+    if e.suppressed:
+        return {"label": label, "value": None, "ci_low": None, "ci_high": None, "suppressed": True}
+    return {"label": label, "value": e.value, "ci_low": e.low, "ci_high": e.high}
+
+
+def _suppressed_anywhere(parts: Sequence[Measurement]) -> npt.NDArray[np.bool_]:
+    """Per value: whether any node suppressed it (released NaN, its min_cohort guard).
+
+    A value withheld by one node is withheld from the combination too: adding the other
+    nodes' numbers alone would silently answer for a smaller population.
+    """
+    values = np.array([m.values for m in parts], dtype=np.float64)
+    return np.asarray(np.isnan(values).any(axis=0), dtype=np.bool_)
+
+
 def _group(release: Release, name: str) -> GroupRelease:
     for g in release.groups:
         if g.group == name:
@@ -186,29 +255,39 @@ def _group(release: Release, name: str) -> GroupRelease:
     raise ValueError(f"a node's release lacks group {name!r}")
 
 
-def _noise(m: Measurement, rng: np.random.Generator) -> Floats:
-    """Simulate the noise of one measurement: (SIMULATIONS, len(values)) in released units."""
-    size = SIMULATIONS * len(m.values)
+def _noise(m: Measurement, rng: np.random.Generator, *, columns: int | None = None) -> Floats:
+    """Simulate the noise of one measurement: (SIMULATIONS, columns) in released units.
+
+    ``columns`` defaults to one per value. Every value of a measurement has the same noise
+    law, so marginal intervals can share one simulated column (``columns=1``, broadcast);
+    joint functions of several values (quantiles) need independent columns.
+    """
+    width = len(m.values) if columns is None else columns
+    size = SIMULATIONS * width
     g = m.noise.granularity or 1.0
     scale = m.noise.scale / g
     if scale == 0:
-        return np.zeros((SIMULATIONS, len(m.values)))
+        return np.zeros((SIMULATIONS, width))
     if m.noise.mechanism is Mechanism.LAPLACE:
         draws = sample_discrete_laplace(scale=scale, size=size, rng=rng)
     else:
         draws = sample_discrete_gaussian(sigma=scale, size=size, rng=rng)
-    return draws.reshape(SIMULATIONS, len(m.values)).astype(np.float64) * g
+    return draws.reshape(SIMULATIONS, width).astype(np.float64) * g
 
 
 def _additive(
     parts: Sequence[Measurement], alpha: float, rng: np.random.Generator
 ) -> tuple[Estimate, ...]:
     total = np.sum([np.asarray(m.values, dtype=np.float64) for m in parts], axis=0)
-    noise = np.sum([_noise(m, rng) for m in parts], axis=0)
+    # One shared column per node: each value's interval only needs its marginal law.
+    noise = np.sum([_noise(m, rng, columns=1) for m in parts], axis=0)
     lo_q, hi_q = np.quantile(noise, [alpha, 1 - alpha], axis=0)
+    lo_q = np.broadcast_to(lo_q, total.shape)
+    hi_q = np.broadcast_to(hi_q, total.shape)
+    suppressed = _suppressed_anywhere(parts)
     return tuple(
-        Estimate(value=float(v), low=float(v - hi), high=float(v - lo))
-        for v, lo, hi in zip(total, lo_q, hi_q, strict=True)
+        SUPPRESSED if gone else Estimate(value=float(v), low=float(v - hi), high=float(v - lo))
+        for v, lo, hi, gone in zip(total, lo_q, hi_q, suppressed, strict=True)
     )
 
 
@@ -219,6 +298,8 @@ def _ratio(sums: Floats, counts: Floats) -> Floats:
 def _mean(parts: Sequence[GroupRelease], alpha: float, rng: np.random.Generator) -> Estimate:
     sums = [p.measurement("sum") for p in parts]
     counts = [p.measurement("count") for p in parts]
+    if _suppressed_anywhere(sums + counts).any():
+        return SUPPRESSED
     s_obs = np.array([m.values[0] for m in sums])
     c_obs = np.array([m.values[0] for m in counts])
     centers = np.array([m.center for m in sums])
@@ -259,6 +340,8 @@ def _quantiles(
     rng: np.random.Generator,
 ) -> tuple[Estimate, ...]:
     bins = [p.measurement("bins") for p in parts]
+    if _suppressed_anywhere(bins).any():
+        return tuple(SUPPRESSED for _ in qs)
     hist = np.sum([np.asarray(m.values, dtype=np.float64) for m in bins], axis=0)
     value = _quantile_of(hist, edges, qs)
     sims = _quantile_of(hist[None, :] - np.sum([_noise(m, rng) for m in bins], axis=0), edges, qs)

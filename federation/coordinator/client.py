@@ -7,24 +7,30 @@ TLS and the node's certificate must be valid for the node's *name* (not just its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar, cast
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from federation import pki, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
-from federation.errors import error_from_status
+from federation.coordinator._diagnose import error_for_status
+from federation.errors import FederationError, InvalidRequestError, NodeInternalError
 from federation.releases import NodeDescription, Release
 
-__all__ = ["CONSUMER_HEADER", "NodeClient"]
+__all__ = ["CONSUMER_HEADER", "ChunkSink", "NodeClient"]
 
 CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+ChunkSink = Callable[[str, int, npt.NDArray[np.float32]], None]
+"""Takes one checked chunk of a model update: tensor name, element offset, float32 values."""
 
 
 class NodeClient:
@@ -50,6 +56,7 @@ class NodeClient:
         """
         self.name = name
         self.address = address
+        self._identity = identity
         self.timeout_s = timeout_s
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -64,6 +71,9 @@ class NodeClient:
             self._channel = grpc.insecure_channel(address, options=options)
             self._metadata = ((CONSUMER_HEADER, consumer),) if consumer else ()
         self._stub = pb_grpc.NodeStub(self._channel)  # type: ignore[no-untyped-call]
+        self._train: grpc.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(
+            wire.TRAIN_METHOD, request_serializer=None, response_deserializer=None
+        )
 
     def describe(self) -> NodeDescription:
         """Ask for the node's public metadata and this consumer's budget."""
@@ -75,12 +85,89 @@ class NodeClient:
         response = self._call(self._stub.Analyze, wire.analyze_request_to_proto(request))
         return wire.release_from_proto(response)
 
+    def train(
+        self,
+        config: wire.TrainConfig,
+        weights: Mapping[str, npt.NDArray[np.float32]],
+        *,
+        on_result: Callable[[wire.TrainResult], ChunkSink],
+        timeout_s: float | None = None,
+        chunk_bytes: int = wire.CHUNK_BYTES,
+    ) -> wire.TrainResult:
+        """Run one training round at the node: stream ``weights`` out, the update back.
+
+        The update is never held whole here: once the node's result arrives (after its
+        charge is durable), ``on_result(result)`` returns a sink, and each chunk of the
+        update goes to it as it arrives, checked (declared layout equal to ``weights``',
+        offsets contiguous, values finite). A sink may raise to abandon the round.
+
+        Args:
+            config: the round.
+            weights: the global weights (float32), streamed in ``chunk_bytes`` chunks.
+            on_result: called once with the result; returns the sink for the update.
+            timeout_s: deadline of the whole exchange (default: this client's timeout).
+            chunk_bytes: payload per chunk sent.
+
+        Raises:
+            BudgetExhaustedError, InvalidRequestError, PolicyError, NodeUnavailableError:
+                the node refused or could not be reached in time.
+            NodeInternalError: the node failed, or its update stream broke the rules.
+        """
+        headers = wire.tensor_headers(weights)
+        frames = wire.train_request_frames(config, weights, chunk_bytes=chunk_bytes)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        # Raw bytes both ways (no protobuf (de)serializer): federation.wire writes and reads
+        # the stream's messages itself, so the chunks of a big model skip protobuf's copies.
+        responses = self._train(frames, timeout=timeout, metadata=self._metadata)
+        try:
+            return self._read_update(cast(Iterator[bytes], responses), headers, on_result)
+        except grpc.RpcError as err:
+            raise self._status_error(cast(grpc.Call, err)) from None
+        finally:
+            responses.cancel()  # type: ignore[no-untyped-call]  # a no-op once finished
+
+    def _read_update(
+        self,
+        responses: Iterator[bytes],
+        headers: tuple[wire.TensorHeader, ...],
+        on_result: Callable[[wire.TrainResult], ChunkSink],
+    ) -> wire.TrainResult:
+        try:
+            first = next(responses, None)
+            opening = wire.parse_train_response(first) if first is not None else None
+            if not isinstance(opening, tuple):
+                raise InvalidRequestError("the stream did not start with a result")
+            result, update_headers = opening
+            if update_headers != headers:
+                raise InvalidRequestError("its layout differs from the global weights sent")
+            reader = wire.TensorReader(update_headers, require_finite=True)
+            sink = on_result(result)
+            for frame in responses:
+                chunk = wire.parse_train_response(frame)
+                if not isinstance(chunk, wire.ChunkView):
+                    raise InvalidRequestError("a second result came after the first")
+                sink(*reader.read(chunk))
+            reader.finish()
+        except InvalidRequestError as err:
+            raise NodeInternalError(f"node {self.name!r} sent a malformed update: {err}") from err
+        return result
+
     def _call(self, method: Callable[..., Resp], request: Req) -> Resp:
         try:
             return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             call = cast(grpc.Call, err)
-            raise error_from_status(call.code(), call.details() or "", node=self.name) from None
+            raise self._status_error(call) from None
+
+    def _status_error(self, call: grpc.Call) -> FederationError:
+        """The exception for a failed call; names the problem when a TLS handshake failed."""
+        return error_for_status(
+            call.code(),
+            call.details() or "",
+            node=self.name,
+            address=self.address,
+            identity=self._identity,
+        )
 
     def close(self) -> None:
         """Close the channel."""

@@ -31,7 +31,9 @@ __all__ = [
     "Charge",
     "ORDERS",
     "Spend",
+    "compose",
     "gaussian_rdp",
+    "preload",
     "pure_dp_rdp",
     "rdp_to_epsilon",
     "subsampled_gaussian_charge",
@@ -59,6 +61,14 @@ def _opacus_rdp() -> ModuleType:
     from opacus.accountants.analysis import rdp
 
     return cast(ModuleType, rdp)
+
+
+def preload() -> None:
+    """Import the vetted accountant now (a node calls this at start, off the request path).
+
+    Otherwise the first charge pays a multi-second import inside the ledger's write lock.
+    """
+    _opacus_rdp()
 
 
 def _check_delta(delta: float, *, allow_zero: bool) -> None:
@@ -282,6 +292,28 @@ class Spend:
 
 
 _SPEND_KEYS = frozenset(Spend.__dataclass_fields__)
+
+
+def compose(charges: Sequence[Charge]) -> Charge:
+    """Describe several releases made together as one charge (sequential composition).
+
+    Epsilons and deltas add (basic composition, Dwork & Roth 2014, Thm. 3.16) and RDP
+    curves add order by order (Mironov 2017, arXiv:1702.07476, Prop. 1). A single charge is
+    returned unchanged; a composed one is named by joining its parts' mechanisms with ``+``.
+
+    Raises:
+        InvalidRequestError: ``charges`` is empty.
+    """
+    if not charges:
+        raise InvalidRequestError("compose needs at least one charge; got none")
+    if len(charges) == 1:
+        return charges[0]
+    return Charge(
+        mechanism="+".join(c.mechanism for c in charges),
+        epsilon=sum(c.epsilon for c in charges),
+        delta=sum(c.delta for c in charges),
+        rdp=tuple(sum(values) for values in zip(*(c.rdp for c in charges), strict=True)),
+    )
 
 
 def rdp_to_epsilon(rdp: Sequence[float], *, delta: float) -> float:

@@ -57,7 +57,8 @@ def test_query_json_has_estimate_interval_and_per_node_costs(federation_toml: Pa
     for node in out["nodes"]:
         assert node["epsilon_charged"] == pytest.approx(0.5)
         assert node["remaining_epsilon"] < 1000
-        assert len(node["receipt"]) == 32
+        assert len(node["receipt_id"]) == 32
+        assert node["receipt"]["id"] == node["receipt_id"]
 
 
 def test_query_group_by_table_and_describe(federation_toml: Path) -> None:

@@ -118,7 +118,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("node_name", "jurisdiction", "software_version", "datasets", "consumer", "budget", "allowed_operations")
+    __slots__ = ("node_name", "jurisdiction", "software_version", "datasets", "consumer", "budget", "allowed_operations", "receipt_key_pem", "receipt_key_id")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     JURISDICTION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class DescribeResponse(_message.Message):
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     jurisdiction: str
     software_version: str
@@ -133,7 +135,9 @@ class DescribeResponse(_message.Message):
     consumer: str
     budget: BudgetStatus
     allowed_operations: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_name: _Optional[str] = ..., jurisdiction: _Optional[str] = ..., software_version: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetSchema, _Mapping]]] = ..., consumer: _Optional[str] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., allowed_operations: _Optional[_Iterable[str]] = ...) -> None: ...
+    receipt_key_pem: bytes
+    receipt_key_id: str
+    def __init__(self, node_name: _Optional[str] = ..., jurisdiction: _Optional[str] = ..., software_version: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[DatasetSchema, _Mapping]]] = ..., consumer: _Optional[str] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., allowed_operations: _Optional[_Iterable[str]] = ..., receipt_key_pem: _Optional[bytes] = ..., receipt_key_id: _Optional[str] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("number", "text", "flag")
@@ -250,7 +254,7 @@ class Cost(_message.Message):
     def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("id", "node_name", "consumer", "issued_at", "payload_sha256", "signature", "key_id", "sequence")
+    __slots__ = ("id", "node_name", "consumer", "issued_at", "payload_sha256", "signature", "key_id", "sequence", "cost", "operation", "charge_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +263,9 @@ class Receipt(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     node_name: str
     consumer: str
@@ -267,7 +274,10 @@ class Receipt(_message.Message):
     signature: bytes
     key_id: str
     sequence: int
-    def __init__(self, id: _Optional[str] = ..., node_name: _Optional[str] = ..., consumer: _Optional[str] = ..., issued_at: _Optional[float] = ..., payload_sha256: _Optional[str] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    cost: Cost
+    operation: str
+    charge_id: str
+    def __init__(self, id: _Optional[str] = ..., node_name: _Optional[str] = ..., consumer: _Optional[str] = ..., issued_at: _Optional[float] = ..., payload_sha256: _Optional[str] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., sequence: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., operation: _Optional[str] = ..., charge_id: _Optional[str] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
     __slots__ = ("groups", "bin_labels", "bin_edges", "cost", "budget", "receipt")

@@ -1,0 +1,310 @@
+"""Benchmark federated training rounds by model size: time and memory, coordinator and nodes.
+
+For each model size (1M, 10M, 100M and 550M parameters by default) a child process starts
+real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
+``Coordinator.train`` for a few rounds of one tiny DP-SGD step each (Poisson batches of about
+4 records), and reports:
+
+- **round s**: median wall time of the rounds after the first (the first also pays the
+  node's noise-multiplier search and lazy imports; shown as ``first s``);
+- **train s**: the slowest node's ledger charge and DP-SGD time inside the round (from its
+  log: building the model from the received weights, the step with Gaussian noise on every
+  parameter, copying the update out);
+- **transfer s**: round s minus train s: streaming the weights out and the update back
+  (TLS, 2 MiB chunks), hashing the update on both sides for the signed receipt,
+  accumulating, the server step;
+- **bound s**: an in-process lower bound measured in the same child on the same tensors:
+  per node, serialize the global weights (``tobytes``), copy them (what a receiver does),
+  serialize the update, and add it into a running weighted sum; then average. Tensor by
+  tensor, as the federation streams them.
+- peak RSS (VmHWM) of the coordinator process and of the largest node, in GB and in
+  model sizes.
+
+``--nodes-sweep`` then runs 8 nodes x 100M parameters (or fewer nodes, if the memory the
+2-node run measured says 8 would not fit) to show that coordinator memory does not grow
+with the number of nodes.
+
+Usage::
+
+    .venv/bin/python benchmarks/training.py                       # 1M..550M x 2 nodes, 8 x 100M
+    .venv/bin/python benchmarks/training.py --sizes 1M,10M --no-sweep
+    .venv/bin/python benchmarks/training.py --quick               # 1M x 2 nodes, smoke test
+
+The 550M model (2.2 GB of float32, past gRPC's 2 GB message cap) uses ``wide-mlp``, which
+``LocalFederation(allowed_models=[...])`` allows for this benchmark only. Sizes whose
+estimated memory exceeds what the machine has available are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+NODE_NAMES = (
+    "hong-kong",
+    "shenzhen",
+    "macau",
+    "guangzhou",
+    "zhuhai",
+    "foshan",
+    "dongguan",
+    "huizhou",
+)
+FEATURES = ("age", "income", "debt_ratio")
+ROWS = 2000  # per node; 90% train, so a Poisson rate of 4 / 1800 gives batches of ~4
+SAMPLE_RATE = 4 / 1800
+TARGET_EPSILON = 1.0
+# Architectures whose parameter counts hit the sizes (input width 3, one logit out).
+SIZES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "1M": ("mlp", (1000, 1000)),
+    "10M": ("mlp", (3162, 3162)),
+    "100M": ("mlp", (4096,) * 7),
+    "550M": ("wide-mlp", (8290,) * 9),
+}
+_TRAIN_LOG = re.compile(r"received ([\d.]+)s, trained ([\d.]+)s, released ([\d.]+)s")
+
+
+def _vm_hwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident set (VmHWM) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---------------------------------------------------------------- lower bound
+
+
+def lower_bound_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int) -> float:
+    """Serialize, copy, serialize back and average ``weights`` for ``nodes`` nodes, in process."""
+    started = time.perf_counter()
+    sums = {n: np.zeros(a.size, dtype=np.float32) for n, a in weights.items()}
+    for _ in range(nodes):
+        for name, array in weights.items():
+            sent = array.tobytes()  # coordinator serializes
+            received = np.frombuffer(sent, dtype=np.float32).copy()  # node receives
+            del sent
+            update = received.tobytes()  # node serializes its update
+            del received
+            sums[name] += np.float32(1.0) * np.frombuffer(update, dtype=np.float32)
+    for flat in sums.values():
+        flat /= np.float32(nodes)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- one configuration (child)
+
+
+def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
+    """Run one configuration in this process; return its measurements."""
+    from federation.architectures import parameter_count
+    from federation.local import LocalFederation
+    from federation.models import ModelSpec
+
+    architecture, hidden = SIZES[size]
+    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", hidden=hidden)
+    params = parameter_count(spec, input_dim=len(FEATURES))
+    local = LocalFederation.synthetic(
+        nodes=NODE_NAMES[:nodes],
+        rows=ROWS,
+        epsilon=1000.0,
+        max_epsilon_per_release=100.0,
+        allowed_models=["logistic", "mlp", "wide-mlp"],
+    )
+    fed = local.start()
+    try:
+        started = time.perf_counter()
+        result = fed.train(
+            spec,
+            rounds=rounds,
+            target_epsilon=TARGET_EPSILON,
+            sample_rate=SAMPLE_RATE,
+            local_steps=1,
+            learning_rate=0.1,
+            progress=False,
+            round_timeout_s=1800.0,
+        )
+        total_s = time.perf_counter() - started
+        coordinator_peak = _vm_hwm_bytes()
+        node_peaks = {n: _vm_hwm_bytes(p.process.pid) for n, p in local.processes.items()}
+        node_logs = {n: p.log_path.read_text(errors="replace") for n, p in local.processes.items()}
+    finally:
+        local.stop()
+    trained: list[list[float]] = [[] for _ in range(rounds)]
+    for text in node_logs.values():
+        for index, match in enumerate(_TRAIN_LOG.finditer(text)):
+            if index < rounds:
+                trained[index].append(float(match.group(2)))
+    durations = [r.duration_s for r in result.history]
+    later = durations[1:] or durations
+    train_later = [max(t) for t in trained[1:] if t] or [0.0]
+    weights = {n: v.detach().numpy() for n, v in result.model.state_dict().items()}
+    bound = statistics.median(lower_bound_s(weights, nodes) for _ in range(2))
+    return {
+        "size": size,
+        "params": params,
+        "nodes": nodes,
+        "answered": [len(r.nodes) for r in result.history],
+        "first_s": durations[0],
+        "round_s": statistics.median(later),
+        "node_train_s": statistics.median(train_later),
+        "bound_s": bound,
+        "total_s": total_s,
+        "coordinator_peak": coordinator_peak,
+        "node_peak": max(node_peaks.values()),
+        "model_bytes": params * 4,
+    }
+
+
+# ---------------------------------------------------------------- driver (parent)
+
+
+BASE_BYTES = 0.7e9  # a node or coordinator process before any model (torch, data, gRPC)
+
+
+def _estimate_bytes(
+    params: int, nodes: int, node_factor: float, coordinator_factor: float
+) -> float:
+    model = params * 4
+    return nodes * (node_factor * model + BASE_BYTES) + coordinator_factor * model + BASE_BYTES
+
+
+def _run(size: str, nodes: int, rounds: int) -> dict[str, Any] | None:
+    command = [sys.executable, __file__, "--child", size, "--nodes", str(nodes)]
+    command += ["--rounds", str(rounds)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    sys.stderr.write(f"{size} x {nodes} nodes failed (exit {proc.returncode}):\n")
+    sys.stderr.write(proc.stderr[-3000:] + "\n")
+    return None
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def _row(r: dict[str, Any]) -> str:
+    transfer = max(r["round_s"] - r["node_train_s"], 0.0)
+    model = r["model_bytes"]
+    return (
+        f"{r['params'] / 1e6:>8.1f}M {r['nodes']:>5} {r['round_s']:>8.2f} {r['first_s']:>8.2f} "
+        f"{r['node_train_s']:>8.2f} {transfer:>9.2f} {r['bound_s']:>8.2f} "
+        f"{transfer / r['bound_s']:>8.2f}x {r['round_s'] / r['bound_s']:>8.2f}x "
+        f"{_gb(r['coordinator_peak']):>7} ({r['coordinator_peak'] / model:>4.1f}x) "
+        f"{_gb(r['node_peak']):>7} ({r['node_peak'] / model:>4.1f}x)"
+    )
+
+
+HEADER = (
+    f"{'params':>9} {'nodes':>5} {'round s':>8} {'first s':>8} {'train s':>8} "
+    f"{'transfer s':>9} {'bound s':>8} {'xfer/bnd':>9} {'rnd/bnd':>9} "
+    f"{'coord GB':>7} {'(xmodel)':>7} {'node GB':>7} {'(xmodel)':>7}"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1M,10M,100M,550M")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-sweep", action="store_true", help="skip 8 nodes x 100M")
+    parser.add_argument("--quick", action="store_true", help="1M x 2 nodes only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.child, args.nodes, args.rounds)), flush=True)
+        return 0
+    sizes = ["1M"] if args.quick else args.sizes.split(",")
+    print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(
+        f"# {platform.node()}: {os.cpu_count()} CPUs, "
+        f"{_gb(_mem_available_bytes())} GB available, load {os.getloadavg()[0]:.1f}; "
+        f"{ROWS} rows per node, 1 DP-SGD step per round (Poisson batch ~4), TLS, chunks of 2 MiB"
+    )
+    print(HEADER, flush=True)
+    results: list[dict[str, Any]] = []
+    factors = (4.0, 3.0)  # node, coordinator bytes per model byte (past the base), until measured
+    for size in sizes:
+        architecture, hidden = SIZES[size]
+        params = sum(a * b + b for a, b in zip((3, *hidden), (*hidden, 1), strict=False))
+        # Fewer nodes if two would not fit: the point of the largest size is that it goes
+        # through at all (2.2 GB, past gRPC's message cap), measured with what fits.
+        nodes = next(
+            (
+                n
+                for n in range(args.nodes, 0, -1)
+                if _estimate_bytes(params, n, *factors) < 0.85 * _mem_available_bytes()
+            ),
+            0,
+        )
+        if nodes == 0:
+            need = _estimate_bytes(params, 1, *factors)
+            print(f"# {size}: skipped, one node alone needs about {_gb(need)} GB", flush=True)
+            continue
+        if nodes < args.nodes:
+            need = _estimate_bytes(params, args.nodes, *factors)
+            print(f"# {size}: {nodes} node(s); {args.nodes} would need {_gb(need)} GB", flush=True)
+        result = _run(size, nodes, 2 if size == "550M" else args.rounds)
+        if result is None:
+            continue
+        results.append(result)
+        if result["model_bytes"] >= 100e6:  # large enough for the base to be negligible
+            factors = (
+                max(2.0, (result["node_peak"] - BASE_BYTES) / result["model_bytes"]),
+                max(1.5, (result["coordinator_peak"] - BASE_BYTES) / result["model_bytes"]),
+            )
+        print(_row(result), flush=True)
+    if not (args.quick or args.no_sweep):
+        sweep(results)
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def sweep(results: list[dict[str, Any]]) -> None:
+    """8 nodes x 100M parameters, or as many nodes as the measured memory allows."""
+    base = next((r for r in results if r["size"] == "100M"), None)
+    if base is None:
+        return
+    model = base["model_bytes"]
+    node_bytes = base["node_peak"] + 0.2e9
+    available = 0.9 * _mem_available_bytes() - base["coordinator_peak"]
+    nodes = min(8, int(available // node_bytes))
+    if nodes < 3:
+        print("# sweep skipped: not enough memory for 3 nodes at 100M", flush=True)
+        return
+    note = "" if nodes == 8 else f" (8 would need {_gb(8 * node_bytes)} GB)"
+    print(f"# {nodes} nodes x 100M{note}", flush=True)
+    result = _run("100M", nodes, 3)
+    if result is not None:
+        print(_row(result), flush=True)
+        print(
+            f"# coordinator peak with {nodes} nodes: {result['coordinator_peak'] / model:.1f} "
+            f"model sizes; with 2 nodes: {base['coordinator_peak'] / model:.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""``federation train``: federated DP training against the nodes of a ``federation.toml``.
+
+Kept apart from ``federation.cli`` so that other commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from federation.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from federation.coordinator.training import TrainingResult
+
+__all__ = ["add_train_parser", "format_history", "run_train"]
+
+
+def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``train`` command to the CLI's subparsers."""
+    t = sub.add_parser(
+        "train",
+        help="train a model across the nodes with DP-SGD at each node",
+        description="Federated training: each node runs DP-SGD on its own records and "
+        "returns a DP model update; the coordinator averages them each round.",
+    )
+    t.add_argument("--config", type=Path, default=Path("federation.toml"))
+    t.add_argument("--dataset", required=True)
+    t.add_argument("--model", default="mlp", help="architecture: logistic, mlp (node allow-list)")
+    t.add_argument("--hidden", default="", help="hidden layer widths for mlp, e.g. 64,64")
+    t.add_argument("--features", required=True, help="comma-separated input columns")
+    t.add_argument("--target", required=True, help="the bool label column")
+    t.add_argument("--rounds", type=int, required=True)
+    t.add_argument(
+        "--target-epsilon", type=float, required=True, help="epsilon of the whole job per node"
+    )
+    t.add_argument("--delta", type=float, default=1e-7, help="delta of the job per node")
+    t.add_argument("--sample-rate", type=float, default=0.01, help="Poisson rate per step")
+    t.add_argument("--local-steps", type=int, default=10, help="DP-SGD steps per round")
+    t.add_argument("--learning-rate", type=float, default=0.5)
+    t.add_argument("--clip-norm", type=float, default=1.0)
+    t.add_argument("--server-optimizer", choices=["fedavg", "fedadam", "fedyogi"], default="fedavg")
+    t.add_argument("--server-lr", type=float, help="default 1 for fedavg, 0.01 otherwise")
+    t.add_argument("--metrics-epsilon", type=float, default=0.0, help="> 0: DP loss/accuracy")
+    t.add_argument("--min-nodes", type=int, help="nodes that must complete each round")
+    t.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round")
+    t.add_argument("--checkpoint-dir", type=Path, help="checkpoint after every round here")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    t.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError as err:
+        raise InvalidRequestError(f"--hidden: expected widths like 64,64; got {text!r}") from err
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``federation train``; return the exit code."""
+    from federation.coordinator import Coordinator
+    from federation.models import ModelSpec
+
+    spec = ModelSpec(
+        architecture=args.model,
+        dataset=args.dataset,
+        features=tuple(f.strip() for f in args.features.split(",") if f.strip()),
+        target=args.target,
+        hidden=_widths(args.hidden),
+    )
+    with Coordinator.from_config(args.config) as fed:
+        result = fed.train(
+            spec,
+            rounds=args.rounds,
+            target_epsilon=args.target_epsilon,
+            delta=args.delta,
+            sample_rate=args.sample_rate,
+            local_steps=args.local_steps,
+            learning_rate=args.learning_rate,
+            clip_norm=args.clip_norm,
+            server_optimizer=args.server_optimizer,
+            server_lr=args.server_lr,
+            min_nodes=args.min_nodes,
+            round_timeout_s=args.round_timeout,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            metrics_epsilon=args.metrics_epsilon,
+            progress=not args.no_progress and not args.json,
+            seed=args.seed,
+        )
+    sidecar = result.save(args.out)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": str(args.out),
+                    "sidecar": str(sidecar),
+                    "job_id": result.job_id,
+                    "history": [r.to_dict() for r in result.history],
+                }
+            )
+        )
+    else:
+        print(format_history(result))
+        print(f"model saved: {args.out} (spec in {sidecar.name})")
+    sys.stdout.flush()
+    return 0
+
+
+def format_history(result: TrainingResult) -> str:
+    """Render a training job's rounds as a table: nodes, epsilon so far, DP metrics, time."""
+    nodes = sorted({n.node for r in result.history for n in r.nodes})
+    header = f"{'round':>5} {'nodes':>6} " + " ".join(f"{'ε ' + n:>14}" for n in nodes)
+    header += f" {'loss':>8} {'accuracy':>9} {'time s':>7}  missing"
+    lines = [header]
+    for r in result.history:
+        eps = r.job_epsilon
+        cells = " ".join(f"{eps[n]:>14.4g}" if n in eps else f"{'-':>14}" for n in nodes)
+        loss, accuracy = r.metric("loss"), r.metric("accuracy")
+        lines.append(
+            f"{r.round + 1:>5} {len(r.nodes):>6} {cells} "
+            f"{'-' if loss is None else f'{loss:.4f}':>8} "
+            f"{'-' if accuracy is None else f'{accuracy:.4f}':>9} {r.duration_s:>7.2f}  "
+            + ", ".join(r.missing + tuple(f"{p} (partial)" for p in r.partial))
+        )
+    lines.append(f"job {result.job_id}: ε is each node's composed spend for this job so far")
+    return "\n".join(lines)

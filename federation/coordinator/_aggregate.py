@@ -1,0 +1,223 @@
+"""Combine streamed model updates in bounded memory, then take a server optimizer step.
+
+``RunningSum`` adds each node's update into one weighted sum *as its chunks arrive*, so the
+coordinator never holds a whole update: memory is the global weights, this sum, the
+adaptive optimizer's two moments (FedAdam / FedYogi only) and one chunk per node in flight.
+
+A node whose stream breaks mid-update has already added a prefix of each tensor (chunks of
+a tensor arrive in order). That prefix cannot be taken back without storing it, so it is
+kept and averaged *per coordinate*: each element is divided by the total weight of the
+nodes whose chunks covered it. Every coordinate is then a weighted mean of the updates that
+arrived for it, which is still post-processing of DP releases.
+
+Server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization", arXiv:2003.00295,
+Algorithm 2), with ``delta = average - global`` (the negated pseudo-gradient):
+
+- ``fedavg``:  ``x += lr * delta`` (``lr = 1``: the weighted average itself);
+- ``fedadam``: ``m = b1 m + (1 - b1) delta``; ``v = b2 v + (1 - b2) delta**2``;
+  ``x += lr * m / (sqrt(v) + tau)``;
+- ``fedyogi``: as ``fedadam`` but ``v = v - (1 - b2) delta**2 * sign(v - delta**2)``.
+
+Moments start at ``m = 0`` and ``v = tau**2`` as in the paper; no bias correction.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from federation.errors import InvalidRequestError
+
+__all__ = [
+    "BETA1",
+    "BETA2",
+    "TAU",
+    "Contribution",
+    "RunningSum",
+    "ServerOptimizer",
+    "ServerOptimizerName",
+]
+
+Arrays = dict[str, npt.NDArray[np.float32]]
+ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
+
+BETA1 = 0.9
+BETA2 = 0.99
+TAU = 1e-3
+_BLOCK = 1 << 20  # elements per in-place block: bounds the temporaries of an update step
+
+
+def _blocks(size: int) -> Iterator[slice]:
+    for start in range(0, size, _BLOCK):
+        yield slice(start, min(start + _BLOCK, size))
+
+
+class RunningSum:
+    """A weighted sum of model updates, filled chunk by chunk from concurrent streams."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Allocate one float32 accumulator per tensor (zeros)."""
+        self.shapes = dict(shapes)
+        self.sums = {n: np.zeros(math.prod(s), dtype=np.float32) for n, s in shapes.items()}
+        self._lock = threading.Lock()
+        self.complete_weight = 0.0
+        self._partial: list[tuple[dict[str, int], float]] = []
+
+    def reset(self) -> None:
+        """Zero the sums for the next round (the memory is reused)."""
+        for flat in self.sums.values():
+            flat.fill(0.0)
+        self.complete_weight = 0.0
+        self._partial = []
+
+    def contribution(self, weight: float) -> Contribution:
+        """Start adding one node's update with ``weight`` (> 0)."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise InvalidRequestError(f"an update's weight must be finite and > 0; got {weight}")
+        return Contribution(self, weight)
+
+    def add(self, name: str, offset: int, values: npt.NDArray[np.float32], weight: float) -> None:
+        """Add ``weight * values`` at element ``offset`` of tensor ``name``."""
+        scaled = values * np.float32(weight)  # one chunk-sized temporary, outside the lock
+        with self._lock:
+            self.sums[name][offset : offset + scaled.size] += scaled
+
+    def _finish(self, contribution: Contribution, *, complete: bool) -> None:
+        with self._lock:
+            if complete:
+                self.complete_weight += contribution.weight
+            elif any(contribution.received.values()):
+                self._partial.append((dict(contribution.received), contribution.weight))
+
+    @property
+    def has_partial(self) -> bool:
+        """Whether a broken stream left a prefix of some tensor in the sums."""
+        return bool(self._partial)
+
+    def average(self, fallback: Mapping[str, npt.NDArray[np.float32]]) -> Arrays:
+        """Turn the sums into per-coordinate weighted means, in place, and return them.
+
+        A coordinate no update reached takes its value from ``fallback`` (the global
+        weights), so it does not move.
+        """
+        for name, flat in self.sums.items():
+            size = flat.size
+            cuts = {0, size}
+            for received, _ in self._partial:
+                cuts.add(min(received.get(name, 0), size))
+            points = sorted(cuts)
+            for start, stop in zip(points, points[1:], strict=False):
+                covered = sum(w for received, w in self._partial if received.get(name, 0) >= stop)
+                total = self.complete_weight + covered
+                if total > 0:
+                    flat[start:stop] /= np.float32(total)
+                else:
+                    flat[start:stop] = fallback[name].reshape(-1)[start:stop]
+        return {name: flat.reshape(self.shapes[name]) for name, flat in self.sums.items()}
+
+
+@dataclass
+class Contribution:
+    """One node's update being added to a ``RunningSum``; a ``ChunkSink``."""
+
+    total: RunningSum
+    weight: float
+    received: dict[str, int] = field(default_factory=dict)  # elements received per tensor
+
+    def __call__(self, name: str, offset: int, values: npt.NDArray[np.float32]) -> None:
+        """Add one checked chunk (chunks of a tensor arrive in order)."""
+        self.total.add(name, offset, values, self.weight)
+        self.received[name] = offset + values.size
+
+    def complete(self) -> None:
+        """The whole update arrived: count its weight everywhere."""
+        self.total._finish(self, complete=True)
+
+    def abandon(self) -> None:
+        """The stream broke: count its weight only where its chunks arrived."""
+        self.total._finish(self, complete=False)
+
+
+class ServerOptimizer:
+    """Moves the global weights towards the round's average (FedAvg, FedAdam, FedYogi)."""
+
+    def __init__(
+        self,
+        name: ServerOptimizerName,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        lr: float,
+        beta1: float = BETA1,
+        beta2: float = BETA2,
+        tau: float = TAU,
+    ) -> None:
+        """Allocate the moments an adaptive optimizer needs (none for FedAvg).
+
+        Raises:
+            InvalidRequestError: unknown name, or a hyper-parameter out of range.
+        """
+        if name not in ("fedavg", "fedadam", "fedyogi"):
+            raise InvalidRequestError(
+                f"server_optimizer must be fedavg, fedadam or fedyogi; got {name!r}"
+            )
+        if not (math.isfinite(lr) and lr > 0):
+            raise InvalidRequestError(f"server_lr must be a finite number > 0; got {lr!r}")
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and math.isfinite(tau) and tau > 0):
+            raise InvalidRequestError("server betas must be in [0, 1) and tau > 0")
+        self.name = name
+        self.lr = lr
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+        self.state: Arrays = {}
+        if name != "fedavg":
+            for n, s in shapes.items():
+                self.state[f"m/{n}"] = np.zeros(s, dtype=np.float32)
+                self.state[f"v/{n}"] = np.full(s, tau * tau, dtype=np.float32)
+
+    def step(self, weights: Arrays, average: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        """Update ``weights`` in place from the round's ``average`` (blockwise)."""
+        for name, x in weights.items():
+            flat_x = x.reshape(-1)
+            flat_avg = average[name].reshape(-1)
+            if self.name == "fedavg":
+                for b in _blocks(flat_x.size):
+                    delta = flat_avg[b] - flat_x[b]
+                    flat_x[b] += np.float32(self.lr) * delta
+                continue
+            m = self.state[f"m/{name}"].reshape(-1)
+            v = self.state[f"v/{name}"].reshape(-1)
+            for b in _blocks(flat_x.size):
+                self._adaptive(flat_x[b], flat_avg[b], m[b], v[b])
+
+    def _adaptive(
+        self,
+        x: npt.NDArray[np.float32],
+        avg: npt.NDArray[np.float32],
+        m: npt.NDArray[np.float32],
+        v: npt.NDArray[np.float32],
+    ) -> None:
+        delta = avg - x
+        m *= np.float32(self.beta1)
+        m += np.float32(1 - self.beta1) * delta
+        square = delta * delta
+        if self.name == "fedadam":
+            v *= np.float32(self.beta2)
+            v += np.float32(1 - self.beta2) * square
+        else:
+            v -= np.float32(1 - self.beta2) * square * np.sign(v - square)
+        x += np.float32(self.lr) * m / (np.sqrt(v) + np.float32(self.tau))
+
+    def hyperparameters(self) -> dict[str, object]:
+        """The optimizer's settings (for checkpoints)."""
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+        }

@@ -1,0 +1,150 @@
+"""Write and read model weights as safetensors, streaming, and training checkpoints.
+
+``write_safetensors`` writes the format (an 8-byte little-endian header length, a JSON
+header of name -> dtype, shape and byte offsets, then the raw little-endian bytes) one
+tensor at a time from the arrays' own memory: ``safetensors.numpy.save_file`` would first
+copy the whole model into one ``bytes`` object, a second model-sized allocation. Files load
+with ``safetensors.torch.load_file`` (tests check it).
+
+A checkpoint directory holds ``round-NNNNN.safetensors`` (global weights under ``weights/``
+and the server optimizer's moments under ``m/`` and ``v/``) and ``checkpoint.json``, which
+names that file and carries everything else (spec, settings, history, receipts). Each is
+written to a temporary name and renamed, weights first: the JSON is the commit point, so a
+crash leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from safetensors import safe_open
+
+from federation.errors import ConfigError
+
+__all__ = ["CHECKPOINT_FILE", "load_checkpoint", "read_safetensors", "save_checkpoint"]
+
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_FORMAT = "federation-training-checkpoint"
+CHECKPOINT_VERSION = 1
+
+Arrays = Mapping[str, npt.NDArray[np.float32]]
+Loaded = dict[str, npt.NDArray[np.float32]]
+
+
+def write_safetensors(
+    path: Path, arrays: Arrays, *, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write float32 ``arrays`` to ``path`` as safetensors, atomically, without a full copy."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, array in arrays.items():
+        size = array.size * 4
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for array in arrays.values():
+            f.write(np.ascontiguousarray(array, dtype="<f4").reshape(-1).view(np.uint8).data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: Path, *, prefix: str = "") -> dict[str, npt.NDArray[np.float32]]:
+    """Read the float32 tensors of a safetensors file whose names start with ``prefix``.
+
+    Returns:
+        Name (without the prefix) -> array, in the file's order.
+
+    Raises:
+        ConfigError: the file is unreadable, or a tensor is not float32.
+    """
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if not name.startswith(prefix):
+                    continue
+                array = f.get_tensor(name)
+                if array.dtype != np.float32:
+                    raise ConfigError(f"{path}: tensor {name!r} is {array.dtype}, not float32")
+                out[name[len(prefix) :]] = np.ascontiguousarray(array)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read safetensors file {path}: {err}") from err
+    return out
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    round_index: int,
+    weights: Arrays,
+    optimizer_state: Arrays,
+    document: Mapping[str, object],
+) -> Path:
+    """Write the checkpoint after round ``round_index`` (0-based); return the JSON's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors_name = f"round-{round_index:05d}.safetensors"
+    tensors = {f"weights/{n}": a for n, a in weights.items()}
+    tensors.update(optimizer_state)
+    write_safetensors(directory / tensors_name, tensors)
+    body = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "round": round_index,
+        "tensors_file": tensors_name,
+        **document,
+    }
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    for old in directory.glob("round-*.safetensors"):
+        if old.name != tensors_name:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, object], Loaded, Loaded]:
+    """Read a checkpoint: its JSON document, the global weights and the optimizer state.
+
+    Raises:
+        ConfigError: no checkpoint there, or it is unreadable or of another format.
+    """
+    path = directory / CHECKPOINT_FILE
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist") from err
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a federation training checkpoint")
+    if body.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path}: checkpoint version {body.get('version')!r} is not supported")
+    tensors = directory / str(body["tensors_file"])
+    weights = read_safetensors(tensors, prefix="weights/")
+    state = {
+        name: array
+        for prefix in ("m/", "v/")
+        for name, array in (
+            (prefix + n, a) for n, a in read_safetensors(tensors, prefix=prefix).items()
+        )
+    }
+    return body, weights, state

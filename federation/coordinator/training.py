@@ -1,0 +1,593 @@
+"""Federated training: rounds of DP-SGD at the nodes, updates streamed back and combined.
+
+Each round the coordinator streams the global weights to every node at once; each node
+validates, charges its ledger, runs DP-SGD locally and streams back a DP update (its new
+local weights), a DP example count and optional DP validation metrics. The updates are
+added, chunk by chunk as they arrive, into one running sum weighted by the noisy counts
+(clipped at >= 1); a server optimizer (FedAvg, FedAdam or FedYogi) then moves the global
+weights (see ``_aggregate``).
+
+Memory stays bounded whatever the number of nodes: the global weights, one running sum, the
+adaptive optimizer's two moments, and one chunk in flight per node. A round has a deadline
+(``round_timeout_s``); a node that is unreachable, too slow, refuses (e.g. its budget is
+spent) or fails mid-stream is dropped from that round and recorded, and the run goes on as
+long as ``min_nodes`` nodes completed the round. A checkpoint is written after every round;
+``resume=True`` continues from it with the same job id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from federation import receipts
+from federation._html import training_result_html
+from federation._progress import ProgressBar, progress_bar
+from federation.architectures import EXTENDED_REGISTRY
+from federation.coordinator._aggregate import (
+    Contribution,
+    RunningSum,
+    ServerOptimizer,
+    ServerOptimizerName,
+)
+from federation.coordinator._checkpoint import (
+    load_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+    write_safetensors,
+)
+from federation.coordinator._history import NodeRound, RoundRecord
+from federation.errors import (
+    ConfigError,
+    FederationError,
+    InvalidRequestError,
+    NodeUnavailableError,
+)
+from federation.models import (
+    ModelBuilder,
+    ModelSpec,
+    build_model,
+    check_arrays,
+    input_dim,
+    state_shapes,
+)
+from federation.training import TrainConfig, TrainResult, train_payload
+
+if TYPE_CHECKING:
+    from federation.coordinator import Coordinator, NodeClient
+
+__all__ = ["NodeRound", "RoundRecord", "TrainingResult", "load_model", "train"]
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, npt.NDArray[np.float32]]
+
+DEFAULT_SERVER_LR: Mapping[str, float] = {"fedavg": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class TrainingResult:
+    """The trained global model and the job's history.
+
+    Attributes:
+        model: the global model (``torch.nn.Module``, float32, CPU).
+        history: one record per round, including rounds before a resume.
+        spec: the model spec.
+        input_dim: the model's input width (rebuild with ``build_model``).
+        job_id: the job's id at the nodes (their ledgers record it with every charge).
+    """
+
+    model: torch.nn.Module
+    history: list[RoundRecord]
+    spec: ModelSpec
+    input_dim: int
+    job_id: str
+
+    def _repr_html_(self) -> str:
+        """The history as a table in Jupyter: per round and node, cost and DP count."""
+        return training_result_html(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as safetensors, plus ``<path>.json`` with what rebuilds it.
+
+        Load it back with ``load_model(path)``, or in plain torch::
+
+            model = build_model(spec, input_dim=input_dim)
+            model.load_state_dict(safetensors.torch.load_file(path))
+
+        Returns:
+            The sidecar's path.
+        """
+        target = Path(path)
+        state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        write_safetensors(target, state, metadata={"format": "federation-model"})
+        sidecar = target.with_name(target.name + ".json")
+        sidecar.write_text(
+            json.dumps(
+                {
+                    "format": "federation-model",
+                    "spec": _spec_dict(self.spec),
+                    "input_dim": self.input_dim,
+                    "job_id": self.job_id,
+                    "rounds": len(self.history),
+                },
+                indent=1,
+            )
+        )
+        return sidecar
+
+
+def load_model(
+    path: str | Path, *, registry: Mapping[str, ModelBuilder] = EXTENDED_REGISTRY
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """Load a model that ``TrainingResult.save`` wrote (weights + ``.json`` sidecar).
+
+    Raises:
+        ConfigError: the sidecar or the weights are missing or malformed.
+    """
+    target = Path(path)
+    sidecar = target.with_name(target.name + ".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+        spec = _spec_from_dict(meta["spec"])
+        dim = int(meta["input_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read model sidecar {sidecar}: {err}") from err
+    module = _module_from_arrays(spec, dim, read_safetensors(target), registry)
+    return module, spec
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class _Job:
+    """The fixed settings of one training job and its mutable state."""
+
+    spec: ModelSpec
+    dim: int
+    names: list[str]
+    rounds: int
+    config: dict[str, Any]
+    job_id: str
+    min_nodes: int
+    round_timeout_s: float
+    optimizer: ServerOptimizer
+    weights: Arrays
+    history: list[RoundRecord] = field(default_factory=list)
+
+
+def train(
+    coordinator: Coordinator,
+    spec: ModelSpec,
+    *,
+    rounds: int,
+    target_epsilon: float,
+    delta: float = 1e-7,
+    sample_rate: float = 0.01,
+    local_steps: int = 10,
+    learning_rate: float = 0.5,
+    clip_norm: float = 1.0,
+    server_optimizer: ServerOptimizerName = "fedavg",
+    server_lr: float | None = None,
+    min_nodes: int | None = None,
+    round_timeout_s: float = 600.0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    metrics_epsilon: float = 0.0,
+    progress: bool = True,
+    seed: int = 0,
+) -> TrainingResult:
+    """Train ``spec`` across the coordinator's nodes with DP-SGD at each node.
+
+    Args:
+        coordinator: the connected nodes.
+        spec: the model (architecture, dataset, features, target).
+        rounds: number of rounds.
+        target_epsilon: epsilon the whole job may spend at *each* node (nodes hold
+            disjoint records); each node picks its noise multiplier for it.
+        delta: the job's delta at each node (within the node's per-release cap).
+        sample_rate: Poisson sampling rate of each DP-SGD step.
+        local_steps: DP-SGD steps per node per round.
+        learning_rate: the nodes' SGD step size.
+        clip_norm: per-sample gradient clip.
+        server_optimizer: ``"fedavg"``, ``"fedadam"`` or ``"fedyogi"``.
+        server_lr: server step size (default 1.0 for fedavg, 0.01 for the adaptive ones).
+        min_nodes: nodes that must complete each round (default: all of them).
+        round_timeout_s: deadline of each round.
+        checkpoint_dir: write a checkpoint there after every round.
+        resume: continue from the checkpoint in ``checkpoint_dir``.
+        metrics_epsilon: > 0: each node also releases DP validation loss and accuracy
+            each round, charged on top of ``target_epsilon``.
+        progress: show a progress bar (a widget in Jupyter).
+        seed: seed of the initial weights.
+
+    Returns:
+        The global model and the per-round history.
+
+    Raises:
+        InvalidRequestError: bad arguments, or ``resume`` without a matching checkpoint.
+        SchemaMismatchError: the nodes disagree on the dataset's schema.
+        NodeUnavailableError: fewer than ``min_nodes`` nodes completed a round.
+        BudgetExhaustedError, PolicyError: a refusal left fewer than ``min_nodes`` nodes.
+    """
+    _check_arguments(
+        rounds=rounds,
+        round_timeout_s=round_timeout_s,
+        resume=resume,
+        checkpoint_dir=checkpoint_dir,
+        nodes=len(coordinator.clients),
+        min_nodes=min_nodes,
+    )
+    lr = DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr
+    schema = coordinator.schema(spec.dataset)
+    dim = input_dim(spec, schema)
+    config = {
+        "target_epsilon": target_epsilon,
+        "delta": delta,
+        "sample_rate": sample_rate,
+        "local_steps": local_steps,
+        "learning_rate": learning_rate,
+        "clip_norm": clip_norm,
+        "metrics_epsilon": metrics_epsilon,
+    }
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and directory is not None:
+        job = _resumed_job(directory, coordinator, spec, dim, rounds, config, server_optimizer, lr)
+    else:
+        weights = _initial_weights(spec, dim, seed)
+        shapes = {n: a.shape for n, a in weights.items()}
+        job = _Job(
+            spec=spec,
+            dim=dim,
+            names=list(coordinator.clients),
+            rounds=rounds,
+            config=config,
+            job_id=uuid.uuid4().hex,
+            min_nodes=0,
+            round_timeout_s=round_timeout_s,
+            optimizer=ServerOptimizer(server_optimizer, shapes, lr=lr),
+            weights=weights,
+        )
+    job.min_nodes = len(job.names) if min_nodes is None else min_nodes
+    job.round_timeout_s = round_timeout_s
+    _run(coordinator, job, directory, progress=progress)
+    model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
+    return TrainingResult(
+        model=model, history=job.history, spec=spec, input_dim=dim, job_id=job.job_id
+    )
+
+
+def _check_arguments(
+    *,
+    rounds: int,
+    round_timeout_s: float,
+    resume: bool,
+    checkpoint_dir: str | Path | None,
+    nodes: int,
+    min_nodes: int | None,
+) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InvalidRequestError(f"rounds must be an integer >= 1; got {rounds!r}")
+    if not (math.isfinite(round_timeout_s) and round_timeout_s > 0):
+        raise InvalidRequestError(f"round_timeout_s must be > 0; got {round_timeout_s!r}")
+    if resume and checkpoint_dir is None:
+        raise InvalidRequestError("resume=True needs checkpoint_dir (where the checkpoint is)")
+    if min_nodes is not None and not 1 <= min_nodes <= nodes:
+        raise InvalidRequestError(f"min_nodes must be between 1 and {nodes}; got {min_nodes}")
+
+
+def _run(coordinator: Coordinator, job: _Job, directory: Path | None, *, progress: bool) -> None:
+    total = RunningSum({n: a.shape for n, a in job.weights.items()})
+    start = len(job.history)
+    with (
+        ThreadPoolExecutor(max_workers=len(job.names), thread_name_prefix="train") as pool,
+        progress_bar(job.rounds, "training", unit="round", enabled=progress) as bar,
+    ):
+        bar.update(start)
+        for round_index in range(start, job.rounds):
+            record = _round(coordinator, job, round_index, total, pool)
+            job.history.append(record)
+            if directory is not None:
+                save_checkpoint(
+                    directory,
+                    round_index=round_index,
+                    weights=job.weights,
+                    optimizer_state=job.optimizer.state,
+                    document=_document(job),
+                )
+            _show(bar, record, len(job.names))
+
+
+def _round(
+    coordinator: Coordinator,
+    job: _Job,
+    round_index: int,
+    total: RunningSum,
+    pool: ThreadPoolExecutor,
+) -> RoundRecord:
+    """Run one round at every node concurrently and step the global weights."""
+    started = time.monotonic()
+    total.reset()
+    config = TrainConfig(
+        spec=job.spec, round=round_index, total_rounds=job.rounds, job_id=job.job_id, **job.config
+    )
+    futures = {
+        name: pool.submit(
+            _train_node,
+            coordinator.clients[name],
+            config,
+            job.weights,
+            total,
+            job.round_timeout_s,
+            coordinator._receipt_key(name),
+        )
+        for name in job.names
+    }
+    done: list[NodeRound] = []
+    partial: list[str] = []
+    failures: dict[str, FederationError] = {}
+    for name, future in futures.items():
+        outcome = future.result()
+        if isinstance(outcome, NodeRound):
+            done.append(outcome)
+            continue
+        error, contributed = outcome
+        log.warning("round %d: node %s dropped: %s", round_index, name, error)
+        failures[name] = error
+        if contributed:
+            partial.append(name)
+    if len(done) < job.min_nodes:
+        raise _quorum_error(round_index, done, failures, job.min_nodes)
+    average = total.average(job.weights)
+    job.optimizer.step(job.weights, average)
+    return RoundRecord(
+        round=round_index,
+        nodes=tuple(done),
+        missing=tuple(n for n in failures if n not in partial),
+        partial=tuple(partial),
+        failures=tuple((n, str(e)) for n, e in failures.items()),
+        duration_s=time.monotonic() - started,
+    )
+
+
+def _train_node(
+    client: NodeClient,
+    config: TrainConfig,
+    weights: Arrays,
+    total: RunningSum,
+    timeout_s: float,
+    node_key_pem: str,
+) -> NodeRound | tuple[FederationError, bool]:
+    """Train one round at one node; return its record, or the error and whether it had
+    already added part of its update."""
+    sink: _HashingSink | None = None
+
+    def on_result(result: TrainResult) -> _HashingSink:
+        nonlocal sink
+        sink = _HashingSink(total.contribution(max(1.0, result.noisy_examples)), weights)
+        return sink
+
+    try:
+        result = client.train(config, weights, on_result=on_result, timeout_s=timeout_s)
+    except FederationError as err:
+        if sink is None:
+            return err, False
+        sink.contribution.abandon()
+        return err, any(sink.contribution.received.values())
+    assert sink is not None  # on_result ran: train() returned a result
+    sink.contribution.complete()
+    shapes = {name: tuple(a.shape) for name, a in weights.items()}
+    round_ = _node_round(client.name, config, result, shapes, sink.digests())
+    if node_key_pem:
+        round_ = dataclasses.replace(round_, receipt={**round_.receipt, "node_key": node_key_pem})
+    return round_
+
+
+class _HashingSink:
+    """Adds chunks to the running sum and hashes each tensor as it streams in, so the
+    node's receipt can be checked against the update that actually arrived."""
+
+    def __init__(self, contribution: Contribution, weights: Arrays) -> None:
+        self.contribution = contribution
+        self._hashes = {name: hashlib.sha256() for name in weights}
+
+    def __call__(self, name: str, offset: int, values: npt.NDArray[np.float32]) -> None:
+        self._hashes[name].update(values.data)
+        self.contribution(name, offset, values)
+
+    def digests(self) -> dict[str, str]:
+        return {name: h.hexdigest() for name, h in self._hashes.items()}
+
+
+def _node_round(
+    node: str,
+    config: TrainConfig,
+    result: TrainResult,
+    shapes: Mapping[str, tuple[int, ...]],
+    digests: Mapping[str, str],
+) -> NodeRound:
+    payload = train_payload(
+        result, job_id=config.job_id, round=config.round, shapes=shapes, digests=digests
+    )
+    record = receipts.ReceiptRecord(node=node, receipt=result.receipt, released=payload)
+    return NodeRound(
+        node=node,
+        epsilon=result.cost_epsilon,
+        delta=result.cost_delta,
+        job_epsilon=result.job_epsilon,
+        spent_epsilon=result.budget.spent_epsilon,
+        remaining_epsilon=result.budget.remaining_epsilon,
+        noisy_examples=result.noisy_examples,
+        noise_multiplier=result.noise_multiplier,
+        steps=result.steps,
+        metrics=tuple((m.name, m.value) for m in result.metrics),
+        receipt=record.to_dict(),
+    )
+
+
+def _quorum_error(
+    round_index: int,
+    done: Sequence[NodeRound],
+    failures: Mapping[str, FederationError],
+    needed: int,
+) -> FederationError:
+    refusals = [e for e in failures.values() if not isinstance(e, NodeUnavailableError)]
+    summary = "; ".join(f"{n}: {e}" for n, e in failures.items())
+    if refusals and len(refusals) == len(failures):
+        return refusals[0]
+    return NodeUnavailableError(
+        f"round {round_index}: only {len(done)} node(s) completed (need {needed}); {summary}"
+    )
+
+
+def _show(bar: ProgressBar, record: RoundRecord, nodes: int) -> None:
+    parts = [f"nodes {len(record.nodes)}/{nodes}"]
+    if record.nodes:
+        parts.append("ε " + " ".join(f"{n.node}={n.job_epsilon:.3g}" for n in record.nodes))
+    for metric in ("loss", "accuracy"):
+        value = record.metric(metric)
+        if value is not None:
+            parts.append(f"{metric} {value:.3g}")
+    bar.set_postfix_str(" | ".join(parts))
+    bar.update(1)
+
+
+# ---------------------------------------------------------------- models and checkpoints
+
+
+def _spec_dict(spec: ModelSpec) -> dict[str, object]:
+    return {
+        "architecture": spec.architecture,
+        "dataset": spec.dataset,
+        "features": list(spec.features),
+        "target": spec.target,
+        "hidden": list(spec.hidden),
+    }
+
+
+def _spec_from_dict(data: Mapping[str, Any]) -> ModelSpec:
+    return ModelSpec(
+        architecture=str(data["architecture"]),
+        dataset=str(data["dataset"]),
+        features=tuple(str(f) for f in data["features"]),
+        target=str(data["target"]),
+        hidden=tuple(int(h) for h in data["hidden"]),
+    )
+
+
+def _initial_weights(spec: ModelSpec, dim: int, seed: int) -> Arrays:
+    """Seeded initial weights (as ``models.initial_arrays``), as zero-copy views of the
+    freshly built module's tensors: one model in memory, not two."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_model(spec, input_dim=dim, registry=EXTENDED_REGISTRY)
+    return {name: t.detach().numpy() for name, t in module.state_dict().items()}
+
+
+def _module_from_arrays(
+    spec: ModelSpec,
+    dim: int,
+    arrays: Mapping[str, npt.NDArray[np.float32]],
+    registry: Mapping[str, ModelBuilder],
+) -> torch.nn.Module:
+    """Build the module on ``meta`` and adopt ``arrays`` as its parameters (no copy)."""
+    with torch.device("meta"):
+        module = build_model(spec, input_dim=dim, registry=registry)
+    shapes = state_shapes(module)
+    check_arrays(shapes, arrays)
+    state = {
+        name: torch.from_numpy(a if a.flags.writeable else a.copy())
+        for name, a in ((n, arrays[n]) for n in shapes)
+    }
+    module.load_state_dict(state, assign=True)
+    return module
+
+
+def _document(job: _Job) -> dict[str, object]:
+    """Everything a checkpoint holds besides tensors."""
+    return {
+        "job_id": job.job_id,
+        "spec": _spec_dict(job.spec),
+        "input_dim": job.dim,
+        "total_rounds": job.rounds,
+        "nodes": list(job.names),
+        "config": dict(job.config),
+        "optimizer": job.optimizer.hyperparameters(),
+        "history": [r.to_dict() for r in job.history],
+    }
+
+
+def _resumed_job(
+    directory: Path,
+    coordinator: Coordinator,
+    spec: ModelSpec,
+    dim: int,
+    rounds: int,
+    config: dict[str, Any],
+    optimizer_name: ServerOptimizerName,
+    lr: float,
+) -> _Job:
+    """Rebuild a job from its checkpoint, checking it is the same job.
+
+    Raises:
+        ConfigError: no readable checkpoint.
+        InvalidRequestError: the checkpoint is for another spec, round count, privacy
+            settings or server optimizer.
+    """
+    body, weights, state = load_checkpoint(directory)
+    where = directory / "checkpoint.json"
+    if _spec_from_dict(body["spec"]) != spec or body["input_dim"] != dim:  # type: ignore[arg-type]
+        raise InvalidRequestError(f"{where} is for another model spec: {body['spec']}")
+    if body["total_rounds"] != rounds or body["config"] != config:
+        raise InvalidRequestError(
+            f"{where} is for a job of {body['total_rounds']} rounds with {body['config']}; "
+            "resume with the same rounds and privacy settings (the nodes chose their noise "
+            "for them)"
+        )
+    settings = body["optimizer"]
+    if not isinstance(settings, dict) or settings.get("name") != optimizer_name:
+        raise InvalidRequestError(f"{where} used server optimizer {settings}")
+    with torch.device("meta"):
+        shapes = state_shapes(build_model(spec, input_dim=dim, registry=EXTENDED_REGISTRY))
+    check_arrays(shapes, weights)
+    optimizer = ServerOptimizer(optimizer_name, shapes, lr=lr)
+    if set(state) != set(optimizer.state):
+        raise ConfigError(f"{where}: optimizer state does not match {optimizer_name}")
+    for key, array in state.items():
+        optimizer.state[key][...] = array
+    history = [RoundRecord.from_dict(r) for r in body["history"]]  # type: ignore[attr-defined]
+    if len(history) != int(body["round"]) + 1:  # type: ignore[call-overload]
+        raise ConfigError(
+            f"{where}: history has {len(history)} rounds, expected {body['round']} + 1"
+        )
+    return _Job(
+        spec=spec,
+        dim=dim,
+        names=list(coordinator.clients),
+        rounds=rounds,
+        config=config,
+        job_id=str(body["job_id"]),
+        min_nodes=0,
+        round_timeout_s=0.0,
+        optimizer=optimizer,
+        weights={n: weights[n] for n in shapes},
+        history=history,
+    )

@@ -1,0 +1,336 @@
+"""Declarative model specs, shared by node and coordinator: math only, never data.
+
+A consumer names a model by architecture and hyper-parameters (``ModelSpec``); whoever needs
+the module builds it from an allow-list of builders (``MODEL_REGISTRY``), never from code or
+bytes the other side sent. Weights cross the wire as named float32 arrays
+(``state_to_arrays`` / ``arrays_to_state``); the receiving side checks every name, shape,
+dtype and value before loading them.
+
+Built-in architectures (both end in one logit for a bool target):
+
+- ``logistic``: ``Linear(d, 1)``; weight names ``weight`` (1, d) and ``bias`` (1,).
+- ``mlp``: ``Linear(d, h1), ReLU, ..., Linear(hk, 1)`` as an ``nn.Sequential``; weight
+  names ``0.weight``, ``0.bias``, ``2.weight``, ... (ReLUs take the odd indices).
+
+Inputs are ``input_dim(spec, schema)`` wide: one column per numeric or bool feature (scaled
+to [0, 1] by the public bounds at the node), and a one-hot block over the public domain per
+category feature, in feature order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from federation.errors import InvalidRequestError
+from federation.schema import ColumnType, DatasetSchema
+
+__all__ = [
+    "MAX_HIDDEN_LAYERS",
+    "MAX_HIDDEN_WIDTH",
+    "MODEL_REGISTRY",
+    "ModelBuilder",
+    "ModelSpec",
+    "arrays_to_state",
+    "build_model",
+    "check_arrays",
+    "encode_features",
+    "initial_arrays",
+    "input_dim",
+    "state_shapes",
+    "state_to_arrays",
+]
+
+MAX_HIDDEN_WIDTH = 4096
+MAX_HIDDEN_LAYERS = 8
+_MAX_FEATURES = 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+ModelBuilder = Callable[["ModelSpec", int], nn.Module]
+"""Builds a module for ``(spec, input_dim)``; raises ``InvalidRequestError`` on bad specs."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model described by name and hyper-parameters, plus the data it trains on.
+
+    Attributes:
+        architecture: ``"logistic"``, ``"mlp"`` or a name the node operator registered.
+        dataset: dataset name at the node.
+        features: input columns, in order (numeric, bool or category), distinct.
+        target: the bool label column, not among the features.
+        hidden: hidden layer widths (``mlp``); empty for ``logistic``.
+
+    Raises:
+        InvalidRequestError: a field is malformed (the message names it).
+    """
+
+    architecture: str
+    dataset: str
+    features: tuple[str, ...]
+    target: str
+    hidden: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        if not _NAME_RE.fullmatch(self.architecture):
+            raise InvalidRequestError(
+                f"model.architecture must be 1-64 letters, digits, '-' or '_'; "
+                f"got {self.architecture!r}"
+            )
+        if not self.dataset:
+            raise InvalidRequestError("model.dataset must name a dataset; got ''")
+        if not 1 <= len(self.features) <= _MAX_FEATURES:
+            raise InvalidRequestError(
+                f"model.features must list 1-{_MAX_FEATURES} columns; got {len(self.features)}"
+            )
+        if len(set(self.features)) != len(self.features):
+            raise InvalidRequestError(
+                f"model.features lists a column twice; got {list(self.features)}"
+            )
+        if not self.target:
+            raise InvalidRequestError("model.target must name a bool column; got ''")
+        if self.target in self.features:
+            raise InvalidRequestError(
+                f"model.target {self.target!r} is also a feature; a label cannot be an input"
+            )
+        for width in self.hidden:
+            if isinstance(width, bool) or not isinstance(width, int):
+                raise InvalidRequestError(
+                    f"model.hidden must be integers; got {list(self.hidden)!r}"
+                )
+
+
+def _check_hidden(hidden: tuple[int, ...]) -> None:
+    if not 1 <= len(hidden) <= MAX_HIDDEN_LAYERS:
+        raise InvalidRequestError(
+            f"model.hidden must list 1-{MAX_HIDDEN_LAYERS} layer widths for mlp; "
+            f"got {len(hidden)} ({list(hidden)})"
+        )
+    for width in hidden:
+        if not 1 <= width <= MAX_HIDDEN_WIDTH:
+            raise InvalidRequestError(
+                f"model.hidden widths must be 1-{MAX_HIDDEN_WIDTH}; got {width} in {list(hidden)}"
+            )
+
+
+def _logistic(spec: ModelSpec, dim: int) -> nn.Module:
+    if spec.hidden:
+        raise InvalidRequestError(
+            f"model.hidden must be empty for logistic; got {list(spec.hidden)} (use mlp)"
+        )
+    return nn.Linear(dim, 1)
+
+
+def _mlp(spec: ModelSpec, dim: int) -> nn.Module:
+    _check_hidden(spec.hidden)
+    layers: list[nn.Module] = []
+    width = dim
+    for hidden in spec.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+MODEL_REGISTRY: Mapping[str, ModelBuilder] = MappingProxyType({"logistic": _logistic, "mlp": _mlp})
+"""The built-in architectures. A node may pass its own mapping (built-ins plus
+operator-registered names from its config) wherever a ``registry`` is taken; a request
+never adds to it."""
+
+
+def build_model(
+    spec: ModelSpec, *, input_dim: int, registry: Mapping[str, ModelBuilder] = MODEL_REGISTRY
+) -> nn.Module:
+    """Build the module ``spec`` names from ``registry`` (float32, on the current device).
+
+    Parameters are initialised from torch's global generator; build under
+    ``torch.device("meta")`` to check a spec without allocating, or use ``initial_arrays``
+    for seeded initial weights.
+
+    Args:
+        spec: the declarative model.
+        input_dim: width of the input, ``input_dim(spec, schema)``, >= 1.
+        registry: architecture name -> builder; the built-ins by default.
+
+    Raises:
+        InvalidRequestError: unknown architecture, or hyper-parameters out of range
+            (``mlp``: 1-8 hidden layers of width 1-4096; ``logistic``: no hidden layers).
+    """
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise InvalidRequestError(f"input_dim must be an integer >= 1; got {input_dim!r}")
+    builder = registry.get(spec.architecture)
+    if builder is None:
+        known = ", ".join(sorted(registry))
+        raise InvalidRequestError(
+            f"model.architecture {spec.architecture!r} is not known here; known: {known}"
+        )
+    return builder(spec, input_dim)
+
+
+def input_dim(spec: ModelSpec, schema: DatasetSchema) -> int:
+    """Return the model's input width: 1 per numeric/bool feature, |domain| per category.
+
+    Raises:
+        InvalidRequestError: a feature is not a column of ``schema``.
+    """
+    width = 0
+    for name in spec.features:
+        column = schema.column(name)
+        width += len(column.domain) if column.type is ColumnType.CATEGORY else 1
+    return width
+
+
+def state_to_arrays(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
+    """Return the module's state as named float32, C-contiguous numpy copies."""
+    return {
+        name: np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy().copy())
+        for name, tensor in module.state_dict().items()
+    }
+
+
+def state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Return the shape of every named tensor of the module's state (works on ``meta``)."""
+    return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+
+
+def check_arrays(
+    shapes: Mapping[str, tuple[int, ...]], arrays: Mapping[str, npt.NDArray[np.generic]]
+) -> None:
+    """Check that ``arrays`` has exactly the expected names and shapes, float32, finite.
+
+    Raises:
+        InvalidRequestError: a missing or unexpected name, a wrong shape or dtype, or a
+            NaN / infinite value (the message names the tensor, never a value).
+    """
+    missing = sorted(set(shapes) - set(arrays))
+    unexpected = sorted(set(arrays) - set(shapes))
+    if missing or unexpected:
+        raise InvalidRequestError(
+            f"weights must be exactly {sorted(shapes)}; missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in shapes.items():
+        array = arrays[name]
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            raise InvalidRequestError(f"weight {name!r} must be float32; got {got}")
+        if tuple(array.shape) != tuple(shape):
+            raise InvalidRequestError(
+                f"weight {name!r} must have shape {list(shape)}; got {list(array.shape)}"
+            )
+        if not bool(np.isfinite(array).all()):
+            raise InvalidRequestError(f"weight {name!r} contains NaN or infinite values")
+
+
+def arrays_to_state(module: nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """Load checked named float32 arrays into ``module`` (copied in; device kept).
+
+    Everything is checked before anything is written, so a rejected call leaves the module
+    as it was. Tensors are copied one at a time, so memory peaks at one extra tensor (none
+    for writable arrays).
+
+    Raises:
+        InvalidRequestError: see ``check_arrays``.
+    """
+    state = module.state_dict()
+    check_arrays({name: tuple(t.shape) for name, t in state.items()}, arrays)
+    with torch.no_grad():
+        for name, target in state.items():
+            array = arrays[name]
+            # from_numpy shares memory, and warns on read-only arrays: copy those first.
+            source = torch.from_numpy(array if array.flags.writeable else array.copy())
+            target.copy_(source)
+
+
+def initial_arrays(
+    spec: ModelSpec,
+    *,
+    input_dim: int,
+    seed: int,
+    registry: Mapping[str, ModelBuilder] = MODEL_REGISTRY,
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Return seeded initial weights for ``spec`` (torch's default initialisation).
+
+    The global torch generator is forked and restored, so callers' streams are untouched.
+
+    Raises:
+        InvalidRequestError: see ``build_model``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_model(spec, input_dim=input_dim, registry=registry)
+    return state_to_arrays(module)
+
+
+def encode_features(
+    columns: Mapping[str, npt.NDArray[np.generic]],
+    *,
+    features: tuple[str, ...],
+    schema: DatasetSchema,
+) -> npt.NDArray[np.float32]:
+    """Encode records as model inputs, exactly as nodes do for training.
+
+    The encoding is public (it depends on the schema only): numeric columns scaled to
+    [0, 1] by their public bounds (clamped), bools as 0/1, categories one-hot over the
+    public domain. A consumer uses it to apply a trained model to its own records.
+
+    Args:
+        columns: column name -> values; categories as domain strings or int codes.
+        features: the model's input columns, in order.
+        schema: the dataset's public schema.
+
+    Raises:
+        InvalidRequestError: a feature without public bounds, or a category value outside
+            the public domain.
+    """
+    rows = len(next(iter(columns.values()))) if columns else 0
+    width = sum(
+        len(schema.column(f).domain) if schema.column(f).type is ColumnType.CATEGORY else 1
+        for f in features
+    )
+    out = np.zeros((rows, width), dtype=np.float32)
+    at = 0
+    for name in features:
+        column = schema.column(name)
+        values = np.asarray(columns[name])
+        if column.type is ColumnType.CATEGORY:
+            codes = _category_codes(values, column.domain, name)
+            out[np.arange(rows), at + codes] = 1.0
+            at += len(column.domain)
+            continue
+        if column.type.is_numeric:
+            if column.lower is None or column.upper is None:
+                raise InvalidRequestError(f"feature {name!r} has no public bounds")
+            lower, upper = column.lower, column.upper
+            clamped = np.clip(values.astype(np.float64), lower, upper)
+            out[:, at] = (clamped - lower) / (upper - lower)
+        else:
+            out[:, at] = values.astype(np.float32)
+        at += 1
+    return out
+
+
+def _category_codes(
+    values: npt.NDArray[np.generic], domain: tuple[str, ...], name: str
+) -> npt.NDArray[np.int64]:
+    if np.issubdtype(values.dtype, np.integer):
+        codes = values.astype(np.int64)
+    else:
+        lookup = {value: code for code, value in enumerate(domain)}
+        try:
+            codes = np.fromiter((lookup[str(v)] for v in values), np.int64, len(values))
+        except KeyError as err:
+            raise InvalidRequestError(
+                f"feature {name!r} has a value outside its public domain"
+            ) from err
+    if codes.size and (codes.min() < 0 or codes.max() >= len(domain)):
+        raise InvalidRequestError(f"feature {name!r} has a code outside its public domain")
+    return codes

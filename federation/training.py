@@ -1,0 +1,176 @@
+"""Training values both sides share: a round's config and result, and what a receipt signs.
+
+A node releases, for each round, a ``TrainResult`` and a DP model update. Its receipt
+carries ``payload_sha256`` = SHA-256 of ``receipts.canonical_json(train_payload(...))``:
+the result's DP numbers plus the SHA-256 of each update tensor's raw little-endian bytes,
+so a coordinator that hashed the update as it streamed in can check the receipt offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from federation.errors import InvalidRequestError
+from federation.receipts import RECEIPT_VERSION
+from federation.releases import BudgetStatus, NoiseInfo, Receipt
+
+if TYPE_CHECKING:
+    from federation.models import ModelSpec
+
+__all__ = [
+    "TrainConfig",
+    "TrainMetric",
+    "TrainResult",
+    "tensor_digests",
+    "train_payload",
+]
+
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """One round of a training job, as the coordinator asks a node for it.
+
+    The numbers are requests: the node's ``plan_training`` checks them against its policy.
+    """
+
+    spec: ModelSpec
+    round: int
+    total_rounds: int
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    local_steps: int
+    learning_rate: float
+    clip_norm: float
+    job_id: str
+    metrics_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.total_rounds <= 2**31:
+            raise InvalidRequestError(f"total_rounds must be >= 1; got {self.total_rounds}")
+        if not 0 <= self.round < self.total_rounds:
+            raise InvalidRequestError(
+                f"round must be in [0, total_rounds={self.total_rounds}); got {self.round}"
+            )
+        if not _JOB_ID_RE.fullmatch(self.job_id):
+            raise InvalidRequestError(
+                f"job_id must be 1-64 letters, digits, '-' or '_'; got {self.job_id[:64]!r}"
+            )
+        for name in (
+            "target_epsilon",
+            "delta",
+            "sample_rate",
+            "learning_rate",
+            "clip_norm",
+            "metrics_epsilon",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainMetric:
+    """One DP validation metric a node released for a round (e.g. ``loss``)."""
+
+    name: str
+    value: float
+    noise: NoiseInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a node releases for one round, besides the DP model update itself.
+
+    Attributes:
+        noisy_examples: DP estimate of the examples the node trained on (FedAvg weight).
+        examples_noise: how that estimate was noised.
+        noise_multiplier: DP-SGD noise multiplier the node chose for the job.
+        sample_rate: Poisson sampling rate it used.
+        steps: DP-SGD steps it took.
+        cost_epsilon: this round's charge (update, count and metrics together).
+        cost_delta: this round's delta.
+        budget: the consumer's budget at the node after the charge.
+        receipt: the node's ledger entry for the charge.
+        metrics: DP validation metrics (empty unless ``metrics_epsilon > 0``).
+        job_epsilon: the job's composed epsilon at the node so far.
+    """
+
+    noisy_examples: float
+    examples_noise: NoiseInfo
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    cost_epsilon: float
+    cost_delta: float
+    budget: BudgetStatus
+    receipt: Receipt
+    metrics: tuple[TrainMetric, ...]
+    job_epsilon: float
+
+
+def tensor_digests(arrays: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, str]:
+    """Return the hex SHA-256 of each tensor's raw little-endian C-order bytes.
+
+    Tensors hash in parallel threads (``hashlib`` releases the GIL on large buffers).
+    """
+
+    def digest(array: npt.NDArray[np.float32]) -> str:
+        return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").data).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(arrays, pool.map(digest, arrays.values()), strict=True))
+
+
+def _noise(noise: NoiseInfo) -> dict[str, object]:
+    return {
+        "mechanism": noise.mechanism.value,
+        "scale": float(noise.scale),
+        "sensitivity": float(noise.sensitivity),
+        "granularity": float(noise.granularity),
+    }
+
+
+def train_payload(
+    result: TrainResult,
+    *,
+    job_id: str,
+    round: int,  # noqa: A002 -- the protocol's field name
+    shapes: Mapping[str, tuple[int, ...]],
+    digests: Mapping[str, str],
+) -> dict[str, object]:
+    """Return the JSON object of a training round's release whose digest its receipt carries.
+
+    Everything in it is DP or public: the result's numbers and the update's digests.
+    """
+    return {
+        "version": RECEIPT_VERSION,
+        "operation": "train",
+        "job_id": job_id,
+        "round": int(round),
+        "noisy_examples": float(result.noisy_examples),
+        "examples_noise": _noise(result.examples_noise),
+        "noise_multiplier": float(result.noise_multiplier),
+        "sample_rate": float(result.sample_rate),
+        "steps": int(result.steps),
+        "job_epsilon": float(result.job_epsilon),
+        "metrics": [
+            {"name": m.name, "value": float(m.value), "noise": _noise(m.noise)}
+            for m in result.metrics
+        ],
+        "update": [
+            {"name": name, "dtype": "float32", "shape": list(shapes[name]), "sha256": digests[name]}
+            for name in shapes
+        ],
+    }

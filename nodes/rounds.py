@@ -1,0 +1,183 @@
+"""One training round at the node, as plain steps the servicer chains together.
+
+``plan_round`` validates a round's config (``nodes.training.plan_training``);
+``check_layout`` checks the declared layout of the global weights against the model the
+node itself builds, *before* a byte of weights is read; ``check_affordable`` refuses a round
+when the rest of its job would not fit the consumer's remaining budget; ``round_details``
+is what the ledger records with the charge, ``round_result`` what the node releases and
+``round_payload`` what its receipt signs. Nothing here touches the protocol or the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from federation.errors import BudgetExhaustedError, InvalidRequestError
+from federation.models import ModelBuilder
+from federation.privacy import Spend
+from federation.releases import Receipt
+from federation.schema import DatasetSchema
+from federation.training import (
+    TrainConfig,
+    TrainMetric,
+    TrainResult,
+    tensor_digests,
+    train_payload,
+)
+from federation.wire import TensorHeader
+from nodes.config import ConsumerPolicy
+from nodes.ledger import ChargeRecord
+from nodes.training import LocalUpdate, TrainPlan, job_epsilon, plan_training
+
+__all__ = [
+    "check_affordable",
+    "check_layout",
+    "plan_round",
+    "round_details",
+    "round_payload",
+    "round_result",
+]
+
+
+def plan_round(
+    config: TrainConfig,
+    *,
+    schema: DatasetSchema,
+    policy: ConsumerPolicy,
+    registry: Mapping[str, ModelBuilder],
+) -> TrainPlan:
+    """Validate a round against the schema and the consumer's policy (no data read).
+
+    Raises:
+        InvalidRequestError, PolicyError, BudgetExhaustedError: see ``plan_training``.
+    """
+    return plan_training(
+        spec=config.spec,
+        round=config.round,
+        total_rounds=config.total_rounds,
+        target_epsilon=config.target_epsilon,
+        delta=config.delta,
+        sample_rate=config.sample_rate,
+        local_steps=config.local_steps,
+        learning_rate=config.learning_rate,
+        clip_norm=config.clip_norm,
+        metrics_epsilon=config.metrics_epsilon,
+        job_id=config.job_id,
+        schema=schema,
+        policy=policy,
+        registry=registry,
+    )
+
+
+def check_layout(plan: TrainPlan, headers: Sequence[TensorHeader]) -> None:
+    """Check that the declared weights are exactly the planned model's tensors and shapes.
+
+    Raises:
+        InvalidRequestError: a missing, unexpected or differently shaped tensor.
+    """
+    expected = plan.shapes
+    declared = {h.name: h.shape for h in headers}
+    missing = sorted(set(expected) - set(declared))
+    unexpected = sorted(set(declared) - set(expected))
+    if missing or unexpected:
+        raise InvalidRequestError(
+            f"global weights must be exactly the tensors {sorted(expected)} of the "
+            f"{plan.spec.architecture} model; missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    for name, shape in expected.items():
+        if tuple(declared[name]) != tuple(shape):
+            raise InvalidRequestError(
+                f"global weight {name!r} must have shape {list(shape)} for this model; "
+                f"got {list(declared[name])}"
+            )
+
+
+def check_affordable(plan: TrainPlan, *, spend: Spend, policy: ConsumerPolicy) -> None:
+    """Refuse a round unless the rest of its job fits the consumer's budget.
+
+    The rest of the job is this round and every later one, each charged ``plan.charge``,
+    composed with everything the consumer spent before (as the ledger composes them). The
+    ledger's atomic charge stays the real guard; this only refuses a job early, before it
+    spends budget on rounds it could not finish.
+
+    Raises:
+        BudgetExhaustedError: the projected spend exceeds the budget; the message carries
+            ``remaining_epsilon=...``.
+    """
+    projected = spend
+    for _ in range(plan.total_rounds - plan.round):
+        projected = projected.plus(plan.charge)
+    needed = projected.epsilon_at(policy.delta)
+    if needed > policy.epsilon * (1 + 1e-9):
+        spent = spend.epsilon_at(policy.delta) if spend.releases else 0.0
+        remaining = max(0.0, policy.epsilon - spent)
+        raise BudgetExhaustedError(
+            f"consumer {policy.name!r} cannot afford the rest of training job "
+            f"{plan.job_id!r} ({plan.total_rounds - plan.round} rounds from round {plan.round}): "
+            f"it would bring the composed spend to {needed:.6g} of {policy.epsilon:g}; ask for "
+            f"a smaller target_epsilon; remaining_epsilon={remaining:.6g}",
+            remaining_epsilon=remaining,
+        )
+
+
+def round_details(plan: TrainPlan) -> dict[str, object]:
+    """The public parameters of a round, recorded with its charge."""
+    spec = plan.spec
+    return {
+        "job_id": plan.job_id,
+        "round": plan.round,
+        "total_rounds": plan.total_rounds,
+        "architecture": spec.architecture,
+        "hidden": list(spec.hidden),
+        "dataset": spec.dataset,
+        "features": list(spec.features),
+        "target": spec.target,
+        "target_epsilon": plan.target_epsilon,
+        "delta": plan.delta,
+        "sample_rate": plan.sample_rate,
+        "local_steps": plan.local_steps,
+        "learning_rate": plan.learning_rate,
+        "clip_norm": plan.clip_norm,
+        "noise_multiplier": plan.noise_multiplier,
+        "metrics_epsilon": plan.metrics_epsilon,
+    }
+
+
+def round_result(
+    plan: TrainPlan, update: LocalUpdate, record: ChargeRecord, *, node_name: str
+) -> TrainResult:
+    """What the node releases for a round besides the update: all DP or public.
+
+    The receipt is a draft (unsigned); the servicer swaps in the signed one that
+    ``Ledger.record_release`` returns for ``round_payload``'s digest.
+    """
+    return TrainResult(
+        noisy_examples=update.noisy_examples,
+        examples_noise=update.examples_noise,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=update.steps,
+        cost_epsilon=plan.charge.epsilon,
+        cost_delta=plan.charge.delta,
+        budget=record.budget,
+        receipt=Receipt(
+            id=record.id,
+            node_name=node_name,
+            consumer=record.consumer,
+            issued_at=record.created_at,
+        ),
+        metrics=tuple(TrainMetric(name, value, noise) for name, value, noise in update.metrics),
+        job_epsilon=job_epsilon(plan, rounds=plan.round + 1),
+    )
+
+
+def round_payload(plan: TrainPlan, result: TrainResult, update: LocalUpdate) -> dict[str, object]:
+    """The released values a round's receipt signs: the result's DP numbers and the
+    SHA-256 of each update tensor (``federation.training.train_payload``)."""
+    return train_payload(
+        result,
+        job_id=plan.job_id,
+        round=plan.round,
+        shapes=plan.shapes,
+        digests=tensor_digests(update.weights),
+    )

@@ -1,0 +1,807 @@
+"""DP-SGD at the node: plan a training round (validate + describe its charge), then train.
+
+``plan_training`` checks a Train request against the public schema and the consumer's
+policy, picks the noise multiplier from the node's own accountant and builds the round's
+``Charge`` before any data is touched. ``TrainingEngine.train`` then runs ``local_steps``
+DP-SGD steps on in-memory tensors and releases the new local weights, a DP example count
+and (optionally) DP validation metrics.
+
+DP-SGD (Abadi et al. 2016, arXiv:1607.00133, Alg. 1), as Opacus implements it:
+
+- Poisson sampling: each training record joins a step's batch independently with
+  probability ``sample_rate`` (drawn exactly, as a Bernoulli process with geometric gaps).
+- Per-sample clipping: every record's gradient is scaled to L2 norm <= ``clip_norm``.
+- Gaussian noise N(0, (noise_multiplier * clip_norm)**2) is added to the sum of clipped
+  gradients, which is divided by the *expected* batch size ``sample_rate * n`` (``n`` is
+  the true number of training records, used only inside the node as this normalising
+  constant: Opacus' ``DPOptimizer`` does the same with ``expected_batch_size``), then one
+  plain SGD step is taken.
+
+Neighbouring relation: add or remove one record. Accounting: the Sampled Gaussian
+Mechanism's RDP (Mironov, Talwar, Zhang 2019, arXiv:1908.10530), via
+``subsampled_gaussian_charge``. The noise multiplier is Opacus' ``get_noise_multiplier``
+(RDP) for the *whole job* (``total_rounds * local_steps`` steps) at
+``(1 - EXAMPLES_EPSILON_SHARE) * target_epsilon``; the per-round DP example counts take the
+remaining share, so the job's composed spend at this node ends at or just below
+``target_epsilon``. Each round is charged its part (update + count + metrics); validation
+metrics, if asked for, cost ``metrics_epsilon`` per round on top. As in Opacus, the
+gradient noise is floating-point Gaussian (``torch.randn`` from a generator seeded by the
+injected ``rng``); counts and metric sums use the integer mechanisms of
+``federation.privacy``.
+
+Per-sample gradient norms for the built-in Linear/ReLU stacks use the outer-product
+identity (Goodfellow 2015, arXiv:1510.01799; "ghost clipping", Li et al. 2021,
+arXiv:2110.05679): a Linear layer's per-sample weight gradient is ``g_i a_i^T``, so its norm
+is ``|g_i| |a_i|`` and the clipped sum is ``(c * G)^T A``, exact and as cheap as a plain
+backward pass. Other (operator-registered) architectures use ``torch.func`` (``vmap`` of
+``grad``), also exact.
+
+Records are split once, by a public rule, into training (90%) and held-out (10%) parts:
+a record is held out iff a 64-bit hash of *its own values* is 0 mod 10, so adding or
+removing one record changes one part by that record and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from federation.errors import BudgetExhaustedError, ConfigError, InvalidRequestError, PolicyError
+from federation.models import (
+    MODEL_REGISTRY,
+    ModelBuilder,
+    ModelSpec,
+    arrays_to_state,
+    build_model,
+    check_arrays,
+    encode_features,
+    input_dim,
+    state_shapes,
+    state_to_arrays,
+)
+from federation.privacy import (
+    Charge,
+    Spend,
+    add_noise,
+    compose,
+    laplace_charge,
+    subsampled_gaussian_charge,
+)
+from federation.queries import Mechanism
+from federation.releases import NoiseInfo
+from federation.schema import ColumnType, DatasetSchema
+from nodes.analytics import _grid
+from nodes.config import ConsumerPolicy
+from nodes.data import Table
+
+__all__ = [
+    "EXAMPLES_EPSILON_SHARE",
+    "HOLDOUT_BUCKETS",
+    "LOSS_UPPER",
+    "MAX_LOCAL_STEPS",
+    "LocalUpdate",
+    "TrainPlan",
+    "TrainingEngine",
+    "check_weights",
+    "clip_per_sample",
+    "clipped_gradient_sum",
+    "holdout_mask",
+    "job_epsilon",
+    "per_sample_gradients",
+    "plan_training",
+    "poisson_sample",
+]
+
+EXAMPLES_EPSILON_SHARE = 0.01
+"""Share of ``target_epsilon`` spent, over the job, on the DP example counts (one per round,
+``target_epsilon * share / total_rounds`` each, discrete Laplace). DP-SGD gets the rest, so
+the job's composed spend (updates + counts) stays at or below ``target_epsilon``."""
+
+HOLDOUT_BUCKETS = 10  # one record in HOLDOUT_BUCKETS (by hash of its values) is held out
+LOSS_UPPER = 10.0  # per-record validation loss is clamped to [0, LOSS_UPPER]
+MAX_LOCAL_STEPS = 10_000
+_MAX_JOB_ID = 128
+_CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped norm < clip_norm
+_EVAL_BATCH = 65_536
+_DATA_CACHE_ENTRIES = 4
+
+
+# ------------------------------------------------------------------ planning (no data)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainPlan:
+    """A validated training round and what it will cost, built before touching data.
+
+    Attributes:
+        spec: the model.
+        round: 0-based round index, ``< total_rounds``.
+        total_rounds: rounds the job runs (the noise multiplier budgets all of them).
+        target_epsilon: epsilon the whole job may spend at this node.
+        delta: the job's delta.
+        sample_rate: Poisson sampling probability per step.
+        local_steps: DP-SGD steps this round.
+        learning_rate: SGD step size.
+        clip_norm: per-sample gradient L2 clip.
+        noise_multiplier: chosen by the node's accountant for the job.
+        charge: this round's composed charge (update + example count + metrics).
+        metrics_epsilon: epsilon of this round's validation metrics (0: none).
+        job_id: groups the rounds of one job.
+        update_charge: the DP-SGD part of ``charge``.
+        examples_charge: the example-count part of ``charge``.
+        metrics_charges: count, loss-sum and accuracy-sum parts (empty without metrics).
+        input_dim: the model's input width.
+        weight_shapes: ``(name, shape)`` of every tensor the global weights must contain.
+    """
+
+    spec: ModelSpec
+    round: int
+    total_rounds: int
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    local_steps: int
+    learning_rate: float
+    clip_norm: float
+    noise_multiplier: float
+    charge: Charge
+    metrics_epsilon: float
+    job_id: str
+    update_charge: Charge
+    examples_charge: Charge
+    metrics_charges: tuple[Charge, ...]
+    input_dim: int
+    weight_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of the weights this plan's model takes and releases."""
+        return dict(self.weight_shapes)
+
+
+def plan_training(
+    *,
+    spec: ModelSpec,
+    round: int,  # the protocol's field name (shadows the builtin here only)
+    total_rounds: int,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    local_steps: int,
+    learning_rate: float,
+    clip_norm: float,
+    metrics_epsilon: float,
+    job_id: str,
+    schema: DatasetSchema,
+    policy: ConsumerPolicy,
+    registry: Mapping[str, ModelBuilder] = MODEL_REGISTRY,
+) -> TrainPlan:
+    """Validate a training round against schema and policy and describe its charge.
+
+    Nothing here reads data, and a refused request changes no state. The "train"
+    permission itself is checked by the guard, not here.
+
+    Returns:
+        The plan; ``plan.charge`` is what the ledger must record before ``train`` runs.
+
+    Raises:
+        InvalidRequestError: a malformed or out-of-range field, an unknown architecture,
+            bad features or target, or a hyper-parameter outside the operator's policy
+            (more rounds than ``max_rounds``, a noise multiplier below
+            ``noise_multiplier_floor``).
+        PolicyError: the architecture is not in the consumer's ``allowed_models``, or
+            ``delta`` exceeds the per-release cap.
+        BudgetExhaustedError: ``target_epsilon`` or ``metrics_epsilon`` exceeds the
+            consumer's per-release cap (a training job is one release).
+    """
+    _check_schedule(round, total_rounds, local_steps, job_id)
+    _check_numbers(sample_rate, learning_rate, clip_norm)
+    _check_privacy(target_epsilon, delta, metrics_epsilon, policy)
+    dim = _check_data(spec, schema)
+    shapes = _check_model(spec, dim, policy, registry)
+    if total_rounds > policy.max_rounds:
+        raise InvalidRequestError(
+            f"total_rounds {total_rounds} exceeds this node's max_rounds of "
+            f"{policy.max_rounds} for consumer {policy.name!r}; run fewer rounds"
+        )
+    steps = total_rounds * local_steps
+    sgd_epsilon = target_epsilon * (1.0 - EXAMPLES_EPSILON_SHARE)
+    sigma = _noise_multiplier(sgd_epsilon, delta, sample_rate, steps)
+    if sigma < policy.noise_multiplier_floor:
+        raise InvalidRequestError(
+            f"target_epsilon {target_epsilon:g} over {total_rounds} rounds x {local_steps} "
+            f"steps at sample_rate {sample_rate:g} needs noise_multiplier {sigma:.4g}, below "
+            f"this node's noise_multiplier_floor of {policy.noise_multiplier_floor:g}; ask "
+            "for a smaller epsilon, fewer rounds or steps, or a lower sample rate"
+        )
+    update = subsampled_gaussian_charge(
+        sample_rate=sample_rate, noise_multiplier=sigma, steps=local_steps, delta=delta
+    )
+    examples = laplace_charge(
+        epsilon=target_epsilon * EXAMPLES_EPSILON_SHARE / total_rounds, sensitivity=1
+    )
+    metrics = _metrics_charges(metrics_epsilon)
+    return TrainPlan(
+        spec=spec,
+        round=round,
+        total_rounds=total_rounds,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        local_steps=local_steps,
+        learning_rate=learning_rate,
+        clip_norm=clip_norm,
+        noise_multiplier=sigma,
+        charge=compose((update, examples, *metrics)),
+        metrics_epsilon=metrics_epsilon,
+        job_id=job_id,
+        update_charge=update,
+        examples_charge=examples,
+        metrics_charges=metrics,
+        input_dim=dim,
+        weight_shapes=tuple(shapes.items()),
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_schedule(round_: int, total_rounds: int, local_steps: int, job_id: str) -> None:
+    if not _is_int(total_rounds) or total_rounds < 1:
+        raise InvalidRequestError(f"total_rounds must be an integer >= 1; got {total_rounds!r}")
+    if not _is_int(round_) or not 0 <= round_ < total_rounds:
+        raise InvalidRequestError(
+            f"round must be an integer in [0, total_rounds={total_rounds}); got {round_!r}"
+        )
+    if not _is_int(local_steps) or not 1 <= local_steps <= MAX_LOCAL_STEPS:
+        raise InvalidRequestError(
+            f"local_steps must be an integer 1-{MAX_LOCAL_STEPS}; got {local_steps!r}"
+        )
+    if not (0 < len(job_id) <= _MAX_JOB_ID and job_id.isprintable()):
+        raise InvalidRequestError(
+            f"job_id must be 1-{_MAX_JOB_ID} printable characters; got {job_id[:_MAX_JOB_ID]!r}"
+        )
+
+
+def _check_numbers(sample_rate: float, learning_rate: float, clip_norm: float) -> None:
+    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise InvalidRequestError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+    for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidRequestError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def _check_privacy(
+    target_epsilon: float, delta: float, metrics_epsilon: float, policy: ConsumerPolicy
+) -> None:
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise InvalidRequestError(
+            f"target_epsilon must be a finite number > 0; got {target_epsilon!r}"
+        )
+    if not (math.isfinite(metrics_epsilon) and metrics_epsilon >= 0):
+        raise InvalidRequestError(
+            f"metrics_epsilon must be a finite number >= 0 (0: no metrics); got {metrics_epsilon!r}"
+        )
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise InvalidRequestError(f"delta must satisfy 0 < delta < 1; got {delta!r}")
+    cap = policy.max_epsilon_per_release
+    for name, value in (("target_epsilon", target_epsilon), ("metrics_epsilon", metrics_epsilon)):
+        if value > cap:
+            raise BudgetExhaustedError(
+                f"{name} {value:g} exceeds this node's per-release cap of {cap:g} for "
+                f"consumer {policy.name!r} (a training job is one release); ask for less"
+            )
+    if delta > policy.max_delta_per_release:
+        raise PolicyError(
+            f"delta {delta:g} exceeds this node's per-release cap of "
+            f"{policy.max_delta_per_release:g} for consumer {policy.name!r}"
+        )
+
+
+def _check_data(spec: ModelSpec, schema: DatasetSchema) -> int:
+    if spec.dataset != schema.name:
+        raise InvalidRequestError(
+            f"model.dataset {spec.dataset!r} does not match the dataset {schema.name!r}"
+        )
+    for name in spec.features:
+        column = schema.column(name)
+        if column.type.is_numeric and not column.has_bounds:
+            raise InvalidRequestError(
+                f"feature {name!r} has no public bounds in this node's schema; a numeric "
+                "feature is scaled by its bounds, so the operator must declare them"
+            )
+    target = schema.column(spec.target)
+    if target.type is not ColumnType.BOOL:
+        raise InvalidRequestError(
+            f"model.target {spec.target!r} is {target.type.value}; the target must be a bool column"
+        )
+    return input_dim(spec, schema)
+
+
+def _check_model(
+    spec: ModelSpec, dim: int, policy: ConsumerPolicy, registry: Mapping[str, ModelBuilder]
+) -> dict[str, tuple[int, ...]]:
+    if spec.architecture not in registry:
+        known = ", ".join(sorted(registry))
+        raise InvalidRequestError(
+            f"model.architecture {spec.architecture!r} is not known to this node; known: {known}"
+        )
+    if spec.architecture not in policy.allowed_models:
+        allowed = ", ".join(policy.allowed_models) or "none"
+        raise PolicyError(
+            f"model.architecture {spec.architecture!r} is not allowed for consumer "
+            f"{policy.name!r}; allowed_models: {allowed}"
+        )
+    with torch.device("meta"):  # checks the hyper-parameters without allocating weights
+        model = build_model(spec, input_dim=dim, registry=registry)
+    if not any(True for _ in model.parameters()):
+        raise InvalidRequestError(f"model {spec.architecture!r} has no trainable parameters")
+    return state_shapes(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus' RDP ``get_noise_multiplier`` for the whole job (cached: about a second)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            # "Optimal order is the largest/smallest alpha": the bound is valid, perhaps loose.
+            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+            sigma = get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="rdp",
+                epsilon_tolerance=min(0.01, 0.005 * epsilon),
+            )
+    except ValueError as err:  # "The privacy budget is too low."
+        raise InvalidRequestError(
+            f"target_epsilon {epsilon:g} is too small for {steps} steps at sample_rate "
+            f"{sample_rate:g} (the noise multiplier would exceed 1e6)"
+        ) from err
+    return float(sigma)
+
+
+def _loss_grid() -> tuple[float, float, int]:
+    """Granularity, centre and integer sensitivity of the centred loss sum."""
+    half = LOSS_UPPER / 2
+    granularity = _grid(half, integer=False)
+    return granularity, half, round(half / granularity)
+
+
+def _metrics_charges(metrics_epsilon: float) -> tuple[Charge, ...]:
+    if metrics_epsilon == 0:
+        return ()
+    share = metrics_epsilon / 3  # held-out count, loss sum, correct-prediction count
+    _, _, loss_sensitivity = _loss_grid()
+    return (
+        laplace_charge(epsilon=share, sensitivity=1),
+        laplace_charge(epsilon=share, sensitivity=loss_sensitivity),
+        laplace_charge(epsilon=share, sensitivity=1),
+    )
+
+
+def job_epsilon(plan: TrainPlan, *, rounds: int) -> float:
+    """Return the epsilon at ``plan.delta`` of ``rounds`` rounds charged like ``plan``.
+
+    The RDP curves of the rounds add up (``Spend``), so this is what the ledger reports
+    for the job when each round is charged ``plan.charge``.
+    """
+    spend = Spend()
+    for _ in range(rounds):
+        spend = spend.plus(plan.charge)
+    return spend.epsilon_at(plan.delta)
+
+
+def check_weights(plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """Check received global weights before charging: names, shapes, float32, finite.
+
+    Raises:
+        InvalidRequestError: see ``federation.models.check_arrays``.
+    """
+    check_arrays(plan.shapes, weights)
+
+
+# ------------------------------------------------------------------ DP-SGD primitives
+
+
+def poisson_sample(n: int, sample_rate: float, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """Return the sorted indices of a Poisson sample of ``range(n)``: each kept w.p. q.
+
+    Exact and O(q n): the gaps between kept indices of a Bernoulli(q) process are i.i.d.
+    geometric(q) on {1, 2, ...}, so cumulative sums of geometric draws are the sample.
+    """
+    if sample_rate >= 1.0:
+        return np.arange(n, dtype=np.int64)
+    chunks: list[npt.NDArray[np.int64]] = []
+    last = -1
+    expected = n * sample_rate
+    while True:
+        size = int(expected + 4.0 * math.sqrt(expected) + 16.0)
+        kept = last + np.cumsum(rng.geometric(sample_rate, size=size), dtype=np.int64)
+        if kept[-1] >= n:
+            chunks.append(kept[kept < n])
+            return np.concatenate(chunks)
+        chunks.append(kept)
+        last = int(kept[-1])
+
+
+def _losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.reshape(y.shape), y, reduction="none")
+
+
+def per_sample_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Return every record's loss gradient per parameter, shaped ``(batch, *param.shape)``.
+
+    ``torch.func``: ``vmap`` over records of ``grad`` of the logistic loss of one record.
+    Works for any module that maps one row to one logit.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return F.binary_cross_entropy_with_logits(out.reshape(()), yi)
+
+    grads: dict[str, torch.Tensor] = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return grads
+
+
+def _clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    return (clip_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+
+
+def clip_per_sample(
+    grads: Mapping[str, torch.Tensor], clip_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scale each record's gradient (over all parameters) to L2 norm <= ``clip_norm``.
+
+    Returns:
+        The clipped per-sample gradients and the per-sample norms before clipping.
+    """
+    squares = [g.flatten(1).square().sum(1) for g in grads.values()]
+    norms = torch.stack(squares).sum(0).sqrt()
+    factors = _clip_factors(norms, clip_norm)
+    clipped = {name: g * factors.reshape((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
+    return clipped, norms
+
+
+def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
+    """The layers of a plain Linear/ReLU stack ending in one logit (the built-ins), else None."""
+    layers = list(model) if type(model) is nn.Sequential else [model]
+    if not all(type(layer) in (nn.Linear, nn.ReLU) for layer in layers):
+        return None
+    last = layers[-1]
+    return layers if isinstance(last, nn.Linear) and last.out_features == 1 else None
+
+
+def _ghost_clipped_sum(
+    layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, clip_norm: float
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Clipped gradient sum of a Linear/ReLU stack, keyed by ``id(parameter)``.
+
+    Forward and backward are written out (no autograd graph): the logistic loss's
+    gradient w.r.t. the logit is sigmoid(z) - y, a ReLU passes it where its input is > 0,
+    and a Linear layer passes ``g @ W`` down. Row i of every ``g`` is record i's own.
+    """
+    with torch.no_grad():
+        inputs: list[torch.Tensor] = []
+        h = x
+        for layer in layers:
+            inputs.append(h)
+            h = layer(h)
+        g = torch.sigmoid(h).sub_(y.reshape(-1, 1))
+        squares = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        pairs: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+        for position in range(len(layers) - 1, -1, -1):
+            layer, a = layers[position], inputs[position]
+            if isinstance(layer, nn.Linear):
+                # |g a^T|^2 + |g|^2 = |g|^2 (|a|^2 + 1): weight and bias parts of the norm.
+                input_squares = torch.linalg.vecdot(a, a)
+                if layer.bias is not None:
+                    input_squares += 1.0
+                squares.addcmul_(torch.linalg.vecdot(g, g), input_squares)
+                pairs.append((layer, a, g))
+                if position > 0:
+                    g = g @ layer.weight
+            else:  # ReLU: autograd's own backward kernel (passes g where a > 0)
+                g = torch.ops.aten.threshold_backward(g, a, 0)
+        norms = squares.sqrt_()
+        factors = _clip_factors(norms, clip_norm).unsqueeze(1)
+        sums: dict[int, torch.Tensor] = {}
+        for layer, a, g in pairs:
+            scaled = g * factors
+            sums[id(layer.weight)] = scaled.T @ a
+            if layer.bias is not None:
+                sums[id(layer.bias)] = scaled.sum(0)
+    return sums, norms
+
+
+def clipped_gradient_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Return the sum over records of per-sample gradients clipped to ``clip_norm``.
+
+    Linear/ReLU stacks take the outer-product path (no per-sample gradient is ever
+    materialised); any other module takes ``per_sample_gradients`` + ``clip_per_sample``.
+    Both are exact.
+
+    Returns:
+        Parameter name -> clipped gradient sum, and the per-sample norms before clipping.
+    """
+    layers = _linear_stack(model)
+    if layers is None:
+        clipped, norms = clip_per_sample(per_sample_gradients(model, x, y), clip_norm)
+        return {name: g.sum(0) for name, g in clipped.items()}, norms
+    by_id, norms = _ghost_clipped_sum(layers, x, y, clip_norm)
+    return {name: by_id[id(p)] for name, p in model.named_parameters()}, norms
+
+
+# ------------------------------------------------------------------ execution (data)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalUpdate:
+    """What one node releases after a round: all of it DP.
+
+    Attributes:
+        weights: the new local weights after DP-SGD (float32, C-contiguous), same names
+            and shapes as the global weights received.
+        noisy_examples: DP count of the training records (for weighting; may be < 0).
+        examples_noise: how ``noisy_examples`` was noised.
+        metrics: ``(name, value, noise)`` DP validation metrics ("loss", "accuracy") of
+            the new local weights on the held-out records; empty without metrics.
+        steps: DP-SGD steps taken.
+    """
+
+    weights: dict[str, npt.NDArray[np.float32]]
+    noisy_examples: float
+    examples_noise: NoiseInfo
+    metrics: tuple[tuple[str, float, NoiseInfo], ...]
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Tensors:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    holdout_x: torch.Tensor
+    holdout_y: torch.Tensor
+
+
+def _mix64(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The splitmix64 finaliser (array arithmetic wraps modulo 2**64 silently)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def holdout_mask(table: Table) -> npt.NDArray[np.bool_]:
+    """Return which records are held out: hash of the record's own values mod 10 == 0.
+
+    The rule is public and depends on nothing but the record, so neighbouring datasets
+    split every shared record the same way.
+    """
+    h = np.zeros(table.rows, dtype=np.uint64)
+    for index, column in enumerate(table.schema.columns):
+        values = np.ascontiguousarray(table.column(column.name))
+        if values.dtype.itemsize == 8:
+            bits = values.view(np.uint64)
+        else:
+            bits = values.astype(np.int64).view(np.uint64)
+        salt = np.uint64(((index + 1) * 0x9E3779B97F4A7C15) % 2**64)
+        h = _mix64(h ^ _mix64(bits + salt))
+    return np.asarray(h % np.uint64(HOLDOUT_BUCKETS) == 0)
+
+
+def _feature_matrix(table: Table, features: tuple[str, ...]) -> npt.NDArray[np.float32]:
+    """Inputs in [0, 1]: numeric by public bounds (clamped), bools 0/1, categories one-hot."""
+    return encode_features(table.columns, features=features, schema=table.schema)
+
+
+class _Stepper:
+    """DP-SGD steps on one model: buffers and parameter lists are set up once per round."""
+
+    def __init__(
+        self, model: nn.Module, data: _Tensors, plan: TrainPlan, generator: torch.Generator
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.plan = plan
+        self.generator = generator
+        self.layers = _linear_stack(model)
+        named = list(model.named_parameters())
+        self.names = [name for name, _ in named]
+        self.params: list[torch.Tensor] = [param for _, param in named]
+        first = self.params[0]
+        self.noise = torch.empty(
+            sum(p.numel() for p in self.params), device=first.device, dtype=first.dtype
+        )
+        self.noise_views: list[torch.Tensor] = []
+        offset = 0
+        for param in self.params:
+            self.noise_views.append(self.noise[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.n = data.train_x.shape[0]
+        # Opacus' normalisation: divide by the expected batch size q * n (n stays here).
+        self.step_size = plan.learning_rate / max(plan.sample_rate * self.n, 1.0)
+        self.sigma = plan.noise_multiplier * plan.clip_norm
+
+    def step(self, rng: np.random.Generator) -> None:
+        """Sample a Poisson batch, add noise to its clipped gradient sum, take an SGD step."""
+        plan = self.plan
+        index = torch.from_numpy(poisson_sample(self.n, plan.sample_rate, rng))
+        index = index.to(self.data.train_x.device)
+        torch.randn(self.noise.shape, generator=self.generator, out=self.noise)
+        self.noise.mul_(self.sigma)
+        if index.numel():
+            x, y = self.data.train_x[index], self.data.train_y[index]
+            if self.layers is not None:
+                by_id, _ = _ghost_clipped_sum(self.layers, x, y, plan.clip_norm)
+                sums = [by_id[id(p)] for p in self.params]
+            else:
+                by_name, _ = clipped_gradient_sum(self.model, x, y, clip_norm=plan.clip_norm)
+                sums = [by_name[name] for name in self.names]
+            torch._foreach_add_(self.noise_views, sums)
+        with torch.no_grad():
+            torch._foreach_add_(self.params, self.noise_views, alpha=-self.step_size)
+
+
+class TrainingEngine:
+    """DP-SGD over one in-memory table; feature tensors are cached per (features, target)."""
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        device: str = "cpu",
+        registry: Mapping[str, ModelBuilder] = MODEL_REGISTRY,
+    ) -> None:
+        """Wrap ``table``; ``device`` is a torch device name ("cpu", "cuda", "cuda:1").
+
+        Raises:
+            ConfigError: ``device`` is not a usable torch device.
+        """
+        try:
+            self.device = torch.device(device)
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as err:
+            raise ConfigError(f"training device {device!r} is not available: {err}") from err
+        self.table = table
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._holdout: npt.NDArray[np.bool_] | None = None
+        self._cache: OrderedDict[tuple[tuple[str, ...], str], _Tensors] = OrderedDict()
+
+    def train(
+        self,
+        plan: TrainPlan,
+        global_weights: Mapping[str, npt.NDArray[np.generic]],
+        *,
+        rng: np.random.Generator,
+    ) -> LocalUpdate:
+        """Run one round of DP-SGD from ``global_weights`` and return the DP release.
+
+        Call only once ``plan.charge`` is durable in the ledger. Every random draw
+        (sampling, gradient noise, count and metric noise) comes from ``rng``.
+
+        Raises:
+            InvalidRequestError: the plan is for another dataset, or the weights do not
+                fit the model (names, shapes, float32, finite).
+        """
+        if plan.spec.dataset != self.table.schema.name:
+            raise InvalidRequestError(
+                f"plan is for dataset {plan.spec.dataset!r}, not {self.table.schema.name!r}"
+            )
+        check_weights(plan, global_weights)
+        data = self._tensors(plan.spec.features, plan.spec.target)
+        model = self._model(plan, global_weights)
+        seed = int(rng.integers(0, 2**63 - 1))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stepper = _Stepper(model, data, plan, generator)
+        for _ in range(plan.local_steps):
+            stepper.step(rng)
+        examples = add_noise(
+            np.array([data.train_x.shape[0]], dtype=np.int64), plan.examples_charge, rng=rng
+        )
+        metrics = self._metrics(model, data, plan, rng) if plan.metrics_charges else ()
+        return LocalUpdate(
+            weights=state_to_arrays(model),
+            noisy_examples=float(examples[0]),
+            examples_noise=_noise_info(plan.examples_charge, granularity=1.0),
+            metrics=metrics,
+            steps=plan.local_steps,
+        )
+
+    def _model(self, plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> nn.Module:
+        # Built on "meta" then filled from the global weights: no use of global RNG state.
+        with torch.device("meta"):
+            model = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
+        model = model.to_empty(device=self.device)
+        arrays_to_state(model, weights)
+        return model
+
+    def _metrics(
+        self, model: nn.Module, data: _Tensors, plan: TrainPlan, rng: np.random.Generator
+    ) -> tuple[tuple[str, float, NoiseInfo], ...]:
+        """Loss and accuracy on the held-out records as DP means (noisy sum / noisy count)."""
+        count_charge, loss_charge, correct_charge = plan.metrics_charges
+        granularity, center, _ = _loss_grid()
+        loss_grid, correct, n = self._evaluate(model, data, granularity, center)
+        noisy = add_noise(np.array([n], dtype=np.int64), count_charge, rng=rng)
+        noisy_loss = add_noise(np.array([loss_grid], dtype=np.int64), loss_charge, rng=rng)
+        noisy_correct = add_noise(np.array([correct], dtype=np.int64), correct_charge, rng=rng)
+        denominator = max(float(noisy[0]), 1.0)
+        loss = min(max(center + float(noisy_loss[0]) * granularity / denominator, 0.0), LOSS_UPPER)
+        accuracy = min(max(float(noisy_correct[0]) / denominator, 0.0), 1.0)
+        # Noise of the numerator in the mean's units (the count's noise is not included).
+        loss_noise = _noise_info(loss_charge, granularity=granularity, divisor=denominator)
+        correct_noise = _noise_info(correct_charge, granularity=1.0, divisor=denominator)
+        return (("loss", loss, loss_noise), ("accuracy", accuracy, correct_noise))
+
+    def _evaluate(
+        self, model: nn.Module, data: _Tensors, granularity: float, center: float
+    ) -> tuple[int, int, int]:
+        """Exact centred loss sum on the grid, correct predictions and held-out count."""
+        loss_grid = 0
+        correct = 0
+        n = data.holdout_x.shape[0]
+        with torch.no_grad():
+            for start in range(0, n, _EVAL_BATCH):
+                x = data.holdout_x[start : start + _EVAL_BATCH]
+                y = data.holdout_y[start : start + _EVAL_BATCH]
+                logits = model(x).reshape(y.shape)
+                losses = _losses(logits, y).double().clamp(0.0, LOSS_UPPER)
+                loss_grid += int(torch.round((losses - center) / granularity).sum().item())
+                correct += int(((logits > 0) == (y > 0.5)).sum().item())
+        return loss_grid, correct, n
+
+    def _tensors(self, features: tuple[str, ...], target: str) -> _Tensors:
+        key = (features, target)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            if self._holdout is None:
+                self._holdout = holdout_mask(self.table)
+            held = self._holdout
+        matrix = torch.from_numpy(_feature_matrix(self.table, features))
+        labels = torch.from_numpy(self.table.column(target).astype(np.float32))
+        keep = torch.from_numpy(~held)
+        tensors = _Tensors(
+            train_x=matrix[keep].contiguous().to(self.device),
+            train_y=labels[keep].contiguous().to(self.device),
+            holdout_x=matrix[~keep].contiguous().to(self.device),
+            holdout_y=labels[~keep].contiguous().to(self.device),
+        )
+        with self._lock:
+            self._cache[key] = tensors
+            while len(self._cache) > _DATA_CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return tensors
+
+
+def _noise_info(charge: Charge, *, granularity: float, divisor: float = 1.0) -> NoiseInfo:
+    return NoiseInfo(
+        mechanism=Mechanism.LAPLACE,
+        scale=charge.noise_scale * granularity / divisor,
+        sensitivity=charge.sensitivity * granularity / divisor,
+        granularity=granularity if divisor == 1.0 else 0.0,
+    )

@@ -1,0 +1,386 @@
+"""Federated training over real node processes (mutual TLS on loopback).
+
+The production path end to end: Train streams with chunked tensors both ways, DP-SGD at each
+node, charges in each node's ledger, FedAvg at the coordinator, checkpoints and resume, and
+the refusals that must charge nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+import safetensors.torch
+import torch
+
+from federation import BudgetExhaustedError, Count, NodeUnavailableError, pki, receipts, wire
+from federation._proto.v1 import node_pb2 as pb
+from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation.coordinator import Coordinator
+from federation.coordinator.training import TrainingResult, load_model
+from federation.datasets import CREDIT_SCHEMA, synthetic_credit
+from federation.local import LocalFederation
+from federation.models import ModelSpec, build_model, initial_arrays, input_dim
+from federation.training import TrainConfig
+
+FEATURES = ("age", "income", "debt_ratio", "credit_lines", "years_employed", "loan_amount")
+SPEC = ModelSpec("mlp", "credit", FEATURES, "defaulted", hidden=(16,))
+TRAINING = {
+    "sample_rate": 0.05,
+    "local_steps": 10,
+    "learning_rate": 2.0,
+    "clip_norm": 1.0,
+    "progress": False,
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_fed() -> Iterator[LocalFederation]:
+    """Two TLS nodes, 5000 records each, a budget that several jobs fit in."""
+    local = LocalFederation.synthetic(rows=5000, epsilon=200.0, max_epsilon_per_release=50.0)
+    local.start()
+    yield local
+    local.stop()
+
+
+def _fed(local: LocalFederation) -> Coordinator:
+    assert local.coordinator is not None
+    return local.coordinator
+
+
+def releases(fed: Coordinator) -> dict[str, int]:
+    return {name: d.budget.releases for name, d in fed.describe().items()}
+
+
+def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float:
+    """ROC-AUC as the Mann-Whitney U statistic (average ranks for ties)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average the ranks of tied scores
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def held_out_auc(model: torch.nn.Module) -> float:
+    """AUC on fresh synthetic records of both jurisdictions, inputs scaled as nodes do."""
+    rows = [synthetic_credit(jurisdiction=j, rows=3000, seed=99) for j in ("hong-kong", "shenzhen")]
+    columns = []
+    for name in FEATURES:
+        column = CREDIT_SCHEMA.column(name)
+        assert column.lower is not None
+        assert column.upper is not None
+        values = np.concatenate([np.asarray(r[name], dtype=np.float64) for r in rows])
+        columns.append(
+            (np.clip(values, column.lower, column.upper) - column.lower)
+            / (column.upper - column.lower)
+        )
+    x = torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
+    labels = np.concatenate([np.asarray(r["defaulted"], dtype=bool) for r in rows])
+    with torch.no_grad():
+        scores = model(x).reshape(-1).double().numpy()
+    return roc_auc(scores, labels)
+
+
+# ---------------------------------------------------------------- the happy path
+
+
+def test_training_reaches_a_useful_model_and_saves_it(
+    trained_fed: LocalFederation, tmp_path: Path
+) -> None:
+    fed = _fed(trained_fed)
+    before = fed.budgets()
+    result = fed.train(SPEC, rounds=4, target_epsilon=4.0, metrics_epsilon=0.5, **TRAINING)
+
+    assert [r.round for r in result.history] == [0, 1, 2, 3]
+    for record in result.history:
+        assert record.answered == ("hong-kong", "shenzhen")
+        assert record.missing == ()
+        assert record.partial == ()
+        assert record.metric("loss") is not None
+    last = result.history[-1]
+    for node in last.nodes:
+        # Each round charged, and the job's composed spend never passes its target (plus
+        # the metrics, which are charged on top).
+        assert 0 < node.epsilon <= node.job_epsilon <= 4.0 + 4 * 0.5
+        assert node.spent_epsilon > before[node.node].spent_epsilon
+    assert held_out_auc(result.model) > 0.65
+
+    # Every receipt is signed by its node over the update the coordinator actually received.
+    records = [receipts.ReceiptRecord.from_dict(n.receipt) for r in result.history for n in r.nodes]
+    assert trained_fed.identity is not None
+    verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
+    assert [failure for _, failure in verdicts] == [None] * 8
+
+    # The saved model loads back in plain torch, and through load_model.
+    path = tmp_path / "model.safetensors"
+    result.save(path)
+    plain = build_model(SPEC, input_dim=len(FEATURES))
+    plain.load_state_dict(safetensors.torch.load_file(path))
+    loaded, spec = load_model(path)
+    assert spec == SPEC
+    for module in (plain, loaded):
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, result.model.state_dict()[name])
+
+
+def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> None:
+    # ~4.2M parameters (17 MB, 8 chunks per tensor): the node signs the SHA-256 of every
+    # tensor it sends; the coordinator hashes what it receives; the receipt must verify.
+    spec = ModelSpec("mlp", "credit", FEATURES, "defaulted", hidden=(2048, 2048))
+    fed = _fed(trained_fed)
+    result = fed.train(spec, rounds=1, target_epsilon=2.0, **{**TRAINING, "local_steps": 1})
+    (record,) = result.history
+    assert record.answered == ("hong-kong", "shenzhen")
+    state = result.model.state_dict()
+    assert sum(t.numel() for t in state.values()) > 4_000_000
+    assert all(t.dtype == torch.float32 for t in state.values())
+    for node in record.nodes:
+        released = node.receipt["released"]
+        assert isinstance(released, dict)
+        assert [u["shape"] for u in released["update"]] == [list(t.shape) for t in state.values()]
+    records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in record.nodes]
+    assert trained_fed.identity is not None
+    verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
+    assert [failure for _, failure in verdicts] == [None, None]
+
+
+# ---------------------------------------------------------------- refusals over the raw stub
+
+
+def _raw_train(
+    local: LocalFederation, node: str, weights: dict[str, npt.NDArray[np.float32]]
+) -> grpc.RpcError:
+    """Send one Train stream through the generated stub; return the error it ends with."""
+    assert local.identity is not None
+    config = TrainConfig(
+        spec=SPEC,
+        round=0,
+        total_rounds=2,
+        target_epsilon=2.0,
+        delta=1e-7,
+        sample_rate=0.05,
+        local_steps=1,
+        learning_rate=1.0,
+        clip_norm=1.0,
+        job_id="raw-job",
+    )
+    headers = wire.tensor_headers(weights)
+    messages = [pb.TrainRequest(config=wire.train_config_to_proto(config, tensors=headers))]
+    messages += [pb.TrainRequest(chunk=c) for c in wire.iter_tensor_chunks(weights)]
+    channel = grpc.secure_channel(
+        local.processes[node].address,
+        pki.channel_credentials(local.identity),
+        options=[("grpc.ssl_target_name_override", node)],
+    )
+    with channel, pytest.raises(grpc.RpcError) as info:
+        for _ in pb_grpc.NodeStub(channel).Train(iter(messages), timeout=60):
+            pass
+    return info.value
+
+
+def _good_weights() -> dict[str, npt.NDArray[np.float32]]:
+    return initial_arrays(SPEC, input_dim=input_dim(SPEC, CREDIT_SCHEMA), seed=1)
+
+
+def test_shape_mismatch_is_invalid_argument_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    weights = _good_weights()
+    weights["0.weight"] = np.zeros((16, len(FEATURES) + 1), dtype=np.float32)
+    error = _raw_train(trained_fed, "hong-kong", weights)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "'0.weight' must have shape [16, 6]" in (error.details() or "")
+    assert releases(fed) == before
+
+
+def test_nan_weights_are_invalid_argument_and_charge_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    weights = _good_weights()
+    weights["2.weight"][0, 3] = np.nan
+    error = _raw_train(trained_fed, "shenzhen", weights)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in (error.details() or "")
+    assert releases(fed) == before
+
+
+# ---------------------------------------------------------------- budget, failures, resume
+
+
+@pytest.fixture
+def budget_fed(tmp_path: Path) -> Iterator[LocalFederation]:
+    """Two TLS nodes with a budget of epsilon 12 per node, at most 8 per release."""
+    local = LocalFederation.synthetic(
+        rows=500, epsilon=12.0, max_epsilon_per_release=8.0, workdir=tmp_path / "fed"
+    )
+    local.start()
+    yield local
+    local.stop()
+
+
+def test_budget_refuses_a_job_it_cannot_afford_and_charges_nothing(
+    budget_fed: LocalFederation,
+) -> None:
+    fed = _fed(budget_fed)
+    fed.analyze(Count("credit"), epsilon=8.0)
+    before = releases(fed)
+    # 6 fits the per-release cap (8), but the job composed with the 8 spent passes 12:
+    # refused before round 0 spends anything.
+    with pytest.raises(BudgetExhaustedError, match="remaining_epsilon=4") as info:
+        fed.train(SPEC, rounds=3, target_epsilon=6.0, **TRAINING)
+    assert info.value.remaining_epsilon == pytest.approx(4.0)
+    assert releases(fed) == before
+    with pytest.raises(BudgetExhaustedError, match="per-release cap of 8"):
+        fed.train(SPEC, rounds=3, target_epsilon=9.0, **TRAINING)
+    assert releases(fed) == before
+
+
+@pytest.fixture(scope="module")
+def fragile_module_fed() -> Iterator[LocalFederation]:
+    local = LocalFederation.synthetic(rows=2000, epsilon=100.0, max_epsilon_per_release=10.0)
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture
+def fragile_fed(fragile_module_fed: LocalFederation) -> Iterator[LocalFederation]:
+    """Two TLS nodes that tests kill; any node killed is restarted after the test."""
+    yield fragile_module_fed
+    for name, proc in list(fragile_module_fed.processes.items()):
+        if proc.process.poll() is not None:
+            fragile_module_fed.restart(name)
+
+
+def _when_checkpointed(directory: Path, round_index: int, action: threading.Event) -> None:
+    """Set ``action`` once the checkpoint of ``round_index`` is written."""
+    path = directory / "checkpoint.json"
+    while not action.wait(0.05):
+        try:
+            if json.loads(path.read_text())["round"] >= round_index:
+                action.set()
+        except (OSError, ValueError, KeyError):
+            continue
+
+
+def _kill_after_round(
+    local: LocalFederation, node: str, directory: Path, round_index: int
+) -> threading.Thread:
+    def watch() -> None:
+        reached = threading.Event()
+        _when_checkpointed(directory, round_index, reached)
+        local.processes[node].kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_node_killed_mid_run_is_recorded_and_the_run_goes_on(
+    fragile_fed: LocalFederation, tmp_path: Path
+) -> None:
+    fed = _fed(fragile_fed)
+    watcher = _kill_after_round(fragile_fed, "shenzhen", tmp_path / "ckpt", 0)
+    result = fed.train(
+        SPEC,
+        rounds=4,
+        target_epsilon=2.0,
+        min_nodes=1,
+        checkpoint_dir=tmp_path / "ckpt",
+        **TRAINING,
+    )
+    watcher.join(timeout=30)
+    assert result.history[0].answered == ("hong-kong", "shenzhen")
+    last = result.history[-1]
+    assert last.answered == ("hong-kong",)
+    assert last.missing == ("shenzhen",)
+    assert "shenzhen" in dict(last.failures)
+    assert all("hong-kong" in r.answered for r in result.history)
+
+
+def test_checkpoint_then_resume_continues_the_same_job(
+    fragile_fed: LocalFederation, tmp_path: Path
+) -> None:
+    directory = tmp_path / "ckpt"
+    fed = _fed(fragile_fed)
+    watcher = _kill_after_round(fragile_fed, "shenzhen", directory, 1)
+    with pytest.raises(NodeUnavailableError, match="shenzhen"):
+        fed.train(SPEC, rounds=4, target_epsilon=2.0, checkpoint_dir=directory, **TRAINING)
+    watcher.join(timeout=30)
+    saved = json.loads((directory / "checkpoint.json").read_text())
+    done = saved["round"] + 1
+    assert 2 <= done < 4
+
+    fragile_fed.restart("shenzhen")
+    fed = _fed(fragile_fed)
+    result = fed.train(
+        SPEC, rounds=4, target_epsilon=2.0, checkpoint_dir=directory, resume=True, **TRAINING
+    )
+    assert isinstance(result, TrainingResult)
+    assert result.job_id == saved["job_id"]
+    assert [r.round for r in result.history] == [0, 1, 2, 3]
+    assert [r.to_dict() for r in result.history[:done]] == saved["history"]
+    assert result.history[-1].answered == ("hong-kong", "shenzhen")
+    # The job's spend continues where it stopped: the nodes composed every round once.
+    last = {n.node: n.job_epsilon for n in result.history[-1].nodes}
+    assert last["hong-kong"] <= 2.0 + 1e-9
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_train_command_prints_rounds_and_saves_a_loadable_model(
+    trained_fed: LocalFederation, tmp_path: Path
+) -> None:
+    pki_dir = trained_fed.workdir / "pki"
+    lines = [
+        "[tls]",
+        f'ca = "{pki_dir / "ca.pem"}"',
+        f'cert = "{pki_dir / "local-researcher.pem"}"',
+        f'key = "{pki_dir / "local-researcher.key"}"',
+    ]
+    for name, proc in trained_fed.processes.items():
+        lines += ["", "[[nodes]]", f'name = "{name}"', f'address = "{proc.address}"']
+    config = tmp_path / "federation.toml"
+    config.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "federation", "train", "--config", str(config),
+            "--model", "mlp", "--hidden", "8", "--dataset", "credit",
+            "--features", "age,income,debt_ratio", "--target", "defaulted",
+            "--rounds", "2", "--target-epsilon", "1", "--sample-rate", "0.05",
+            "--local-steps", "2", "--metrics-epsilon", "0.2", "--server-optimizer", "fedadam",
+            "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:4] == ["round", "nodes", "ε", "hong-kong"]
+    assert [row.split()[:2] for row in table[1:3]] == [["1", "2"], ["2", "2"]]
+    assert "training" in proc.stderr  # the progress bar
+    sidecar = json.loads((tmp_path / "model.safetensors.json").read_text())
+    spec = ModelSpec(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in sidecar["spec"].items()}
+    )
+    model = build_model(spec, input_dim=sidecar["input_dim"])
+    model.load_state_dict(safetensors.torch.load_file(out))

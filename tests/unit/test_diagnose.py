@@ -1,0 +1,113 @@
+"""How the coordinator names a failed connection, on the status details gRPC 1.85 gives.
+
+The details strings below were captured from real failed handshakes over loopback; the
+integration tests in tests/integration/test_mtls.py exercise the same paths end to end.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+
+from federation import pki
+from federation.coordinator._diagnose import error_for_status
+from federation.errors import NodeInternalError, NodeUnavailableError, PolicyError
+
+NODE = "shenzhen"
+ADDRESS = "127.0.0.1:5001"
+PREFIX = "failed to connect to all addresses; last error: "
+UNTRUSTED = (
+    PREFIX + "UNKNOWN: ipv4:127.0.0.1:5001: Tls handshake failed (TSI_PROTOCOL_FAILURE): "
+    "SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: "
+    "unable to get local issuer certificate: OK"
+)
+WRONG_NAME = (
+    PREFIX + "UNKNOWN: ipv4:127.0.0.1:5001: Custom verification check failed with error: "
+    "UNAUTHENTICATED: Hostname Verification Check failed."
+)
+CLOSED = PREFIX + "UNAVAILABLE: ipv4:127.0.0.1:5001: Socket closed"
+REFUSED = PREFIX + "UNAVAILABLE: ipv4:127.0.0.1:5001: Connection refused"
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.Identity]:
+    ca_dir = tmp_path_factory.mktemp("ca")
+    ca = pki.init_ca(ca_dir)
+    past = datetime.now(UTC) - timedelta(days=30)
+    out: dict[str, pki.Identity] = {}
+    for name, start in (("acme-ai", None), ("expired", past)):
+        cert, key = pki.issue(ca_dir, name=name, role="consumer", not_before=start, validity_days=1)
+        out[name] = pki.Identity.load(ca=ca, cert=cert, key=key)
+    return out
+
+
+def _explain(details: str, identity: pki.Identity | None) -> str:
+    err = error_for_status(
+        grpc.StatusCode.UNAVAILABLE, details, node=NODE, address=ADDRESS, identity=identity
+    )
+    assert type(err) is NodeUnavailableError
+    assert details in str(err)  # gRPC's own words are kept for the record
+    return str(err)
+
+
+def test_untrusted_node_certificate_names_the_ca(identities: dict[str, pki.Identity]) -> None:
+    message = _explain(UNTRUSTED, identities["acme-ai"])
+    assert message.startswith(f"TLS handshake with node {NODE!r} at {ADDRESS} failed")
+    assert "not signed by the CA this coordinator trusts" in message
+
+
+def test_wrong_node_name_names_the_expected_name(identities: dict[str, pki.Identity]) -> None:
+    message = _explain(WRONG_NAME, identities["acme-ai"])
+    assert f"not valid for the name {NODE!r}" in message
+    assert "address may belong to another node" in message
+
+
+def test_node_hanging_up_on_a_valid_client_suggests_a_refused_certificate(
+    identities: dict[str, pki.Identity],
+) -> None:
+    message = _explain(CLOSED, identities["acme-ai"])
+    assert "TLS handshake" in message
+    assert "refuses a client certificate" in message
+
+
+def test_expired_own_certificate_is_named(identities: dict[str, pki.Identity]) -> None:
+    message = _explain(CLOSED, identities["expired"])
+    assert "this client's certificate 'expired'" in message
+    assert "expired at" in message
+
+
+def test_plaintext_client_is_told_to_use_tls() -> None:
+    message = _explain(CLOSED, None)
+    assert "plaintext client" in message
+    assert "[tls]" in message
+
+
+def test_unreachable_node_is_not_called_a_tls_problem(identities: dict[str, pki.Identity]) -> None:
+    err = error_for_status(
+        grpc.StatusCode.UNAVAILABLE,
+        REFUSED,
+        node=NODE,
+        address=ADDRESS,
+        identity=identities["acme-ai"],
+    )
+    assert type(err) is NodeUnavailableError
+    assert "TLS" not in str(err)
+    assert REFUSED in str(err)
+
+
+def test_other_statuses_map_as_before() -> None:
+    err = error_for_status(
+        grpc.StatusCode.PERMISSION_DENIED, "no", node=NODE, address=ADDRESS, identity=None
+    )
+    assert type(err) is PolicyError
+    cancelled = error_for_status(
+        grpc.StatusCode.CANCELLED, "Cancelled", node=NODE, address=ADDRESS, identity=None
+    )
+    assert type(cancelled) is NodeUnavailableError
+    assert "max_request_s" in str(cancelled)
+    odd = error_for_status(
+        grpc.StatusCode.DATA_LOSS, "odd", node=NODE, address=ADDRESS, identity=None
+    )
+    assert type(odd) is NodeInternalError

@@ -1,0 +1,411 @@
+"""Tests for nodes.training: planning refusals, the DP-SGD step, and the released update."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+from torch import nn
+
+from federation.datasets import CREDIT_SCHEMA, synthetic_credit
+from federation.errors import BudgetExhaustedError, InvalidRequestError, PolicyError
+from federation.models import (
+    MODEL_REGISTRY,
+    ModelBuilder,
+    ModelSpec,
+    build_model,
+    initial_arrays,
+    state_to_arrays,
+)
+from federation.privacy import compose
+from federation.schema import Column, ColumnType, DatasetSchema
+from nodes.config import ConsumerPolicy
+from nodes.data import Table, table_from_arrays
+from nodes.training import (
+    HOLDOUT_BUCKETS,
+    TrainingEngine,
+    TrainPlan,
+    _feature_matrix,
+    clip_per_sample,
+    clipped_gradient_sum,
+    holdout_mask,
+    per_sample_gradients,
+    plan_training,
+    poisson_sample,
+)
+
+FEATURES = tuple(c.name for c in CREDIT_SCHEMA.columns if c.name != "defaulted")
+POLICY = ConsumerPolicy(
+    name="lab",
+    epsilon=100.0,
+    delta=1e-5,
+    max_epsilon_per_release=10.0,
+    max_delta_per_release=1e-6,
+    operations=frozenset({"train"}),
+    noise_multiplier_floor=0.3,
+    max_rounds=20,
+)
+
+
+def _request(**overrides: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "spec": ModelSpec("mlp", "credit", FEATURES, "defaulted", (16, 8)),
+        "round": 0,
+        "total_rounds": 4,
+        "target_epsilon": 3.0,
+        "delta": 1e-6,
+        "sample_rate": 0.05,
+        "local_steps": 25,
+        "learning_rate": 1.0,
+        "clip_norm": 1.0,
+        "metrics_epsilon": 0.0,
+        "job_id": "job-1",
+        "schema": CREDIT_SCHEMA,
+        "policy": POLICY,
+    }
+    request.update(overrides)
+    return request
+
+
+def _plan(**overrides: Any) -> TrainPlan:
+    return plan_training(**_request(**overrides))
+
+
+def _short(steps: int, **overrides: Any) -> TrainPlan:
+    """A planned round cut to ``steps`` steps (the engine trusts its plan; keeps tests fast)."""
+    return dataclasses.replace(_plan(**overrides), local_steps=steps)
+
+
+@pytest.fixture(scope="module")
+def table() -> Table:
+    data = synthetic_credit(jurisdiction="hong-kong", rows=20_000, seed=11)
+    return table_from_arrays(data, schema=CREDIT_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def engine(table: Table) -> TrainingEngine:
+    return TrainingEngine(table)
+
+
+# ------------------------------------------------------------------ planning
+
+
+def test_plan_describes_the_round_before_touching_data() -> None:
+    plan = _plan(metrics_epsilon=0.3)
+    assert plan.charge == compose((plan.update_charge, plan.examples_charge, *plan.metrics_charges))
+    assert plan.update_charge.mechanism == "dp_sgd"
+    assert plan.update_charge.noise_scale == plan.noise_multiplier
+    assert plan.examples_charge.epsilon == pytest.approx(3.0 * 0.01 / 4)
+    assert sum(c.epsilon for c in plan.metrics_charges) == pytest.approx(0.3)
+    assert plan.input_dim == 6 + 1 + 5 + 5  # 6 numeric, 1 bool, 2 one-hot blocks of 5
+    assert plan.shapes == {
+        "0.weight": (16, 17),
+        "0.bias": (16,),
+        "2.weight": (8, 16),
+        "2.bias": (8,),
+        "4.weight": (1, 8),
+        "4.bias": (1,),
+    }
+
+
+def _bounds_free_schema() -> DatasetSchema:
+    return DatasetSchema(
+        name="credit",
+        columns=(
+            Column("age", ColumnType.INT),
+            Column("defaulted", ColumnType.BOOL),
+            Column("income", ColumnType.FLOAT, 0, 10),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"spec": ModelSpec("resnet", "credit", FEATURES, "defaulted")}, InvalidRequestError,
+         "architecture 'resnet' is not known"),
+        ({"policy": dataclasses.replace(POLICY, allowed_models=("logistic",))}, PolicyError,
+         "'mlp' is not allowed for consumer 'lab'"),
+        ({"total_rounds": 21}, InvalidRequestError, "total_rounds 21 exceeds .* max_rounds of 20"),
+        ({"policy": dataclasses.replace(POLICY, noise_multiplier_floor=5.0)}, InvalidRequestError,
+         "needs noise_multiplier .* below this node's noise_multiplier_floor of 5"),
+        ({"spec": ModelSpec("mlp", "credit", ("age", "salary"), "defaulted", (4,))},
+         InvalidRequestError, "no column 'salary'"),
+        ({"spec": ModelSpec("logistic", "credit", ("age",), "income")}, InvalidRequestError,
+         "target 'income' is float; the target must be a bool"),
+        ({"spec": ModelSpec("logistic", "credit", ("age",), "defaulted"),
+          "schema": _bounds_free_schema()}, InvalidRequestError, "'age' has no public bounds"),
+        ({"spec": ModelSpec("logistic", "loans", ("age",), "defaulted")}, InvalidRequestError,
+         "model.dataset 'loans' does not match"),
+        ({"spec": ModelSpec("mlp", "credit", FEATURES, "defaulted", (5000,))},
+         InvalidRequestError, "widths must be 1-4096"),
+        ({"learning_rate": float("nan")}, InvalidRequestError, "learning_rate must be a finite"),
+        ({"clip_norm": float("inf")}, InvalidRequestError, "clip_norm must be a finite"),
+        ({"clip_norm": 0.0}, InvalidRequestError, "clip_norm must be a finite"),
+        ({"sample_rate": 0.0}, InvalidRequestError, r"sample_rate must be in \(0, 1\]"),
+        ({"sample_rate": 1.5}, InvalidRequestError, r"sample_rate must be in \(0, 1\]"),
+        ({"local_steps": 0}, InvalidRequestError, "local_steps must be an integer 1-10000"),
+        ({"local_steps": 10_001}, InvalidRequestError, "local_steps must be an integer 1-10000"),
+        ({"round": 4}, InvalidRequestError, r"round must be an integer in \[0, total_rounds=4\)"),
+        ({"total_rounds": 0}, InvalidRequestError, "total_rounds must be an integer >= 1"),
+        ({"job_id": ""}, InvalidRequestError, "job_id"),
+        ({"target_epsilon": float("nan")}, InvalidRequestError, "target_epsilon must be a finite"),
+        ({"target_epsilon": -1.0}, InvalidRequestError, "target_epsilon must be a finite"),
+        ({"metrics_epsilon": -0.1}, InvalidRequestError, "metrics_epsilon must be a finite"),
+        ({"delta": 0.0}, InvalidRequestError, "delta must satisfy 0 < delta < 1"),
+        ({"delta": 1e-5}, PolicyError, "delta 1e-05 exceeds .* cap of 1e-06"),
+        ({"target_epsilon": 10.5}, BudgetExhaustedError,
+         "target_epsilon 10.5 exceeds this node's per-release cap of 10"),
+        ({"metrics_epsilon": 11.0}, BudgetExhaustedError, "metrics_epsilon 11 exceeds"),
+    ],
+)  # fmt: skip
+def test_plan_training_refuses(
+    overrides: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        _plan(**overrides)
+
+
+def test_a_smaller_epsilon_gets_more_noise() -> None:
+    assert _plan(target_epsilon=1.0).noise_multiplier > _plan(target_epsilon=8.0).noise_multiplier
+
+
+# ------------------------------------------------------------------ per-sample clipping
+
+
+def _batch(rows: int = 64, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(rows, dim, generator=generator) * 4
+    y = (torch.rand(rows, generator=generator) < 0.4).float()
+    return x, y
+
+
+def _model(architecture: str = "mlp", hidden: tuple[int, ...] = (12, 7)) -> nn.Module:
+    spec = ModelSpec(architecture, "credit", tuple(f"f{i}" for i in range(6)), "t", hidden)
+    model = build_model(spec, input_dim=6)
+    arrays = initial_arrays(spec, input_dim=6, seed=4)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return model
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, 0.1])
+def test_clipped_per_sample_gradients_are_within_the_clip_norm(clip_norm: float) -> None:
+    x, y = _batch()
+    raw = per_sample_gradients(_model(), x, y)
+    clipped, norms = clip_per_sample(raw, clip_norm)
+    after = torch.stack([g.flatten(1).square().sum(1) for g in clipped.values()]).sum(0).sqrt()
+    assert bool(torch.all(norms > clip_norm))  # every record was actually clipped
+    assert bool(torch.all(after <= clip_norm))
+    np.testing.assert_allclose(after.numpy(), clip_norm, rtol=1e-4)
+
+
+def test_per_sample_gradients_match_one_backward_per_record() -> None:
+    model = _model()
+    x, y = _batch(rows=5)
+    grads = per_sample_gradients(model, x, y)
+    for i in range(5):
+        model.zero_grad()
+        logit = model(x[i : i + 1]).reshape(())
+        nn.functional.binary_cross_entropy_with_logits(logit, y[i]).backward()
+        for name, param in model.named_parameters():
+            assert param.grad is not None
+            torch.testing.assert_close(grads[name][i], param.grad)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "logistic"])
+@pytest.mark.parametrize("clip_norm", [1e-3, 0.5, 1e6])
+def test_fast_clipped_sum_equals_the_materialised_one(architecture: str, clip_norm: float) -> None:
+    model = _model(architecture, (12, 7) if architecture == "mlp" else ())
+    x, y = _batch()
+    sums, norms = clipped_gradient_sum(model, x, y, clip_norm=clip_norm)
+    clipped, expected_norms = clip_per_sample(per_sample_gradients(model, x, y), clip_norm)
+    torch.testing.assert_close(norms, expected_norms)
+    assert sums.keys() == clipped.keys()
+    for name, value in clipped.items():
+        torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def _plain_step(
+    plan: TrainPlan, table: Table, weights: dict[str, npt.NDArray[np.float32]], seed: int
+) -> dict[str, npt.NDArray[np.float32]]:
+    """One non-private SGD step on the batch the engine samples from ``seed``."""
+    train = ~holdout_mask(table)
+    x = torch.from_numpy(_feature_matrix(table, plan.spec.features)[train])
+    y = torch.from_numpy(table.column(plan.spec.target).astype(np.float32)[train])
+    rng = np.random.default_rng(seed)
+    rng.integers(0, 2**63 - 1)  # the engine first seeds its noise generator
+    index = torch.from_numpy(poisson_sample(len(y), plan.sample_rate, rng))
+    model = build_model(plan.spec, input_dim=plan.input_dim)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    logits = model(x[index]).reshape(-1)
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, y[index], reduction="none")
+    # Opacus normalises by the expected batch size q * n; with q = 1 this is the mean.
+    (losses.sum() / (plan.sample_rate * len(y))).backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            assert param.grad is not None
+            param -= plan.learning_rate * param.grad
+    return state_to_arrays(model)
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.2])
+def test_dp_step_without_noise_or_clipping_is_the_plain_step(
+    engine: TrainingEngine, table: Table, sample_rate: float
+) -> None:
+    plan = dataclasses.replace(
+        _plan(), local_steps=1, sample_rate=sample_rate, noise_multiplier=1e-12, clip_norm=1e9
+    )
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=2)
+    update = engine.train(plan, weights, rng=np.random.default_rng(21))
+    expected = _plain_step(plan, table, weights, seed=21)
+    for name, value in expected.items():
+        assert not np.allclose(value, weights[name])  # the step moved every tensor
+        np.testing.assert_allclose(update.weights[name], value, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the engine
+
+
+def _auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float:
+    """ROC-AUC by ranks (Mann-Whitney U), ties given their average rank."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+def test_auc_helper_known_answers() -> None:
+    labels = np.array([False, False, True, True])
+    assert _auc(np.array([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    assert _auc(np.array([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
+    assert _auc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+
+
+def test_dp_training_improves_held_out_auc(engine: TrainingEngine) -> None:
+    spec = ModelSpec("logistic", "credit", FEATURES, "defaulted")
+    rounds = 4
+    test = table_from_arrays(
+        synthetic_credit(jurisdiction="hong-kong", rows=10_000, seed=99), schema=CREDIT_SCHEMA
+    )
+    x_test = torch.from_numpy(_feature_matrix(test, FEATURES))
+    labels = np.asarray(test.column("defaulted"), dtype=np.bool_)
+    model = build_model(spec, input_dim=x_test.shape[1])
+
+    def auc(weights: dict[str, npt.NDArray[np.float32]]) -> float:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        with torch.no_grad():
+            return _auc(model(x_test).reshape(-1).double().numpy(), labels)
+
+    weights = initial_arrays(spec, input_dim=x_test.shape[1], seed=0)
+    before = auc(weights)
+    rng = np.random.default_rng(5)
+    for r in range(rounds):
+        plan = _plan(spec=spec, round=r, total_rounds=rounds, target_epsilon=3.0,
+                     sample_rate=0.05, local_steps=50, learning_rate=4.0)  # fmt: skip
+        weights = engine.train(plan, weights, rng=rng).weights
+    after = auc(weights)
+    assert after > max(before, 0.5) + 0.1
+    assert after > 0.7
+
+
+def test_training_is_reproducible_from_the_injected_rng(engine: TrainingEngine) -> None:
+    plan = _short(3)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
+    torch.manual_seed(0)
+    expected_global = torch.rand(3)
+    torch.manual_seed(0)
+    first = engine.train(plan, weights, rng=np.random.default_rng(8))
+    torch.testing.assert_close(torch.rand(3), expected_global)  # global RNG untouched
+    again = engine.train(plan, weights, rng=np.random.default_rng(8))
+    other = engine.train(plan, weights, rng=np.random.default_rng(9))
+    for name in weights:
+        np.testing.assert_array_equal(first.weights[name], again.weights[name])
+        assert not np.array_equal(first.weights[name], other.weights[name])
+    assert first.noisy_examples == again.noisy_examples
+
+
+def test_update_releases_weights_count_and_metrics(engine: TrainingEngine, table: Table) -> None:
+    plan = _short(2, metrics_epsilon=3.0)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
+    update = engine.train(plan, weights, rng=np.random.default_rng(1))
+    assert update.steps == 2
+    assert {k: v.shape for k, v in update.weights.items()} == plan.shapes
+    assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in update.weights.values())
+    train_rows = int((~holdout_mask(table)).sum())
+    noise = update.examples_noise
+    assert noise.scale == pytest.approx(1 / plan.examples_charge.epsilon)
+    assert abs(update.noisy_examples - train_rows) < 30 * noise.scale
+    metrics = {name: value for name, value, _ in update.metrics}
+    assert set(metrics) == {"loss", "accuracy"}
+    assert 0.0 <= metrics["loss"] <= 10.0
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert engine.train(_short(1), weights, rng=np.random.default_rng(1)).metrics == ()
+
+
+def test_train_rejects_weights_that_do_not_fit(engine: TrainingEngine) -> None:
+    plan = _short(1)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
+    weights["0.weight"] = weights["0.weight"][:, :-1].copy()
+    with pytest.raises(InvalidRequestError, match="'0.weight' must have shape"):
+        engine.train(plan, weights, rng=np.random.default_rng(0))
+
+
+def test_operator_architectures_train_through_the_generic_path(table: Table) -> None:
+    def tanh_net(spec: ModelSpec, dim: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": tanh_net}
+    policy = dataclasses.replace(POLICY, allowed_models=("tanh_net",))
+    spec = ModelSpec("tanh_net", "credit", FEATURES, "defaulted")
+    plan = plan_training(**_request(spec=spec, policy=policy, local_steps=2), registry=registry)
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    update = TrainingEngine(table, registry=registry).train(
+        plan, weights, rng=np.random.default_rng(0)
+    )
+    assert update.weights.keys() == weights.keys()
+    assert not np.array_equal(update.weights["0.weight"], weights["0.weight"])
+
+
+# ------------------------------------------------------------------ data preparation
+
+
+def test_features_are_scaled_by_public_bounds_and_one_hot(table: Table) -> None:
+    matrix = _feature_matrix(table, ("age", "employment", "has_mortgage"))
+    assert matrix.dtype == np.float32
+    assert matrix.shape == (table.rows, 1 + 5 + 1)
+    age = np.asarray(table.column("age"), dtype=np.float64)
+    np.testing.assert_allclose(matrix[:, 0], (age - 18) / (90 - 18), rtol=1e-6)
+    np.testing.assert_array_equal(matrix[:, 1:6].sum(1), 1.0)
+    np.testing.assert_array_equal(matrix[:, 1:6].argmax(1), table.column("employment"))
+    np.testing.assert_array_equal(matrix[:, 6], table.column("has_mortgage"))
+
+
+def test_holdout_depends_only_on_each_record(table: Table) -> None:
+    mask = holdout_mask(table)
+    assert abs(mask.mean() - 1 / HOLDOUT_BUCKETS) < 0.01
+    keep = np.ones(table.rows, dtype=np.bool_)
+    keep[[0, 5, 777]] = False  # a neighbouring table: three records removed, rest reordered
+    order = np.random.default_rng(0).permutation(int(keep.sum()))
+    columns = {name: values[keep][order] for name, values in table.columns.items()}
+    neighbour = Table(schema=table.schema, columns=columns, rows=int(keep.sum()))
+    np.testing.assert_array_equal(holdout_mask(neighbour), mask[keep][order])
+
+
+def test_poisson_sample_is_sorted_unique_and_in_range() -> None:
+    rng = np.random.default_rng(0)
+    for n, rate in ((1000, 0.01), (50, 0.9), (10, 1.0), (0, 0.5), (1, 1e-6)):
+        index = poisson_sample(n, rate, rng)
+        assert index.dtype == np.int64
+        assert np.all(np.diff(index) > 0)
+        assert index.size == 0 or (index[0] >= 0 and index[-1] < n)
+    np.testing.assert_array_equal(poisson_sample(10, 1.0, rng), np.arange(10))
