@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from federation.datasets import CREDIT_SCHEMA, JURISDICTIONS, synthetic_credit
+from federation.metrics import roc_auc
 from federation.models import ModelSpec, build_model, initial_arrays
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
@@ -267,18 +268,6 @@ def _print_throughput(results: list[Throughput], rows: int, n: int, steps: int) 
 # ------------------------------------------------------------------ (c) utility
 
 
-def _auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float:
-    """ROC-AUC by average ranks (Mann-Whitney U)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def _scorer(
     spec: ModelSpec, x_test: torch.Tensor, labels: npt.NDArray[np.bool_]
 ) -> Callable[[dict[str, npt.NDArray[np.float32]]], float]:
@@ -287,7 +276,7 @@ def _scorer(
     def score(weights: dict[str, npt.NDArray[np.float32]]) -> float:
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
         with torch.no_grad():
-            return _auc(model(x_test).reshape(-1).double().numpy(), labels)
+            return roc_auc(model(x_test).reshape(-1).double().numpy(), labels)
 
     return score
 

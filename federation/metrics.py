@@ -27,15 +27,15 @@ def roc_auc(scores: npt.NDArray[np.floating], labels: npt.NDArray[np.bool_]) -> 
     positives, negatives = int(y.sum()), int((~y).sum())
     if positives == 0 or negatives == 0:
         raise InvalidRequestError("ROC-AUC needs both positive and negative labels")
-    order = np.argsort(scores, kind="mergesort")
-    ranked = np.asarray(scores)[order]
-    ranks = np.empty(len(ranked), dtype=np.float64)
-    # Average ranks over ties (1-based), so tied scores count half.
-    _, first, counts = np.unique(ranked, return_index=True, return_counts=True)
-    for start, count in zip(first, counts, strict=True):
-        ranks[order[start : start + count]] = start + (count + 1) / 2.0
-    rank_sum = float(ranks[y].sum())
-    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+    values = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    # Tied scores share their average rank, so a tie counts half (Mann-Whitney U).
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]
+    u = float(ranks[y].sum()) - positives * (positives + 1) / 2.0
+    return u / (positives * negatives)
 
 
 def predict(model: nn.Module, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

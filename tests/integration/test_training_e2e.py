@@ -28,6 +28,7 @@ from federation.coordinator import Coordinator
 from federation.coordinator.training import TrainingResult, load_model
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
+from federation.metrics import roc_auc
 from federation.models import ModelSpec, build_model, initial_arrays, input_dim
 from federation.training import TrainConfig
 
@@ -60,19 +61,6 @@ def _fed(local: LocalFederation) -> Coordinator:
 
 def releases(fed: Coordinator) -> dict[str, int]:
     return {name: d.budget.releases for name, d in fed.describe().items()}
-
-
-def roc_auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float:
-    """ROC-AUC as the Mann-Whitney U statistic (average ranks for ties)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average the ranks of tied scores
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def held_out_auc(model: torch.nn.Module) -> float:

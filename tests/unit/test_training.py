@@ -13,6 +13,7 @@ from torch import nn
 
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.errors import BudgetExhaustedError, InvalidRequestError, PolicyError
+from federation.metrics import roc_auc
 from federation.models import (
     MODEL_REGISTRY,
     ModelBuilder,
@@ -270,25 +271,11 @@ def test_dp_step_without_noise_or_clipping_is_the_plain_step(
 # ------------------------------------------------------------------ the engine
 
 
-def _auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_]) -> float:
-    """ROC-AUC by ranks (Mann-Whitney U), ties given their average rank."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    u = ranks[labels].sum() - positives * (positives + 1) / 2
-    return float(u / (positives * negatives))
-
-
 def test_auc_helper_known_answers() -> None:
     labels = np.array([False, False, True, True])
-    assert _auc(np.array([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
-    assert _auc(np.array([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
-    assert _auc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+    assert roc_auc(np.array([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    assert roc_auc(np.array([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
+    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
 
 
 def test_dp_training_improves_held_out_auc(engine: TrainingEngine) -> None:
@@ -304,7 +291,7 @@ def test_dp_training_improves_held_out_auc(engine: TrainingEngine) -> None:
     def auc(weights: dict[str, npt.NDArray[np.float32]]) -> float:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
         with torch.no_grad():
-            return _auc(model(x_test).reshape(-1).double().numpy(), labels)
+            return roc_auc(model(x_test).reshape(-1).double().numpy(), labels)
 
     weights = initial_arrays(spec, input_dim=x_test.shape[1], seed=0)
     before = auc(weights)
