@@ -118,6 +118,11 @@ def _convert(data: pa.ChunkedArray, col: Column, dataset: str) -> npt.NDArray[np
         return np.asarray(codes.to_numpy(), dtype=np.int32)
     try:
         target = _arrow_type(col)
-        return np.asarray(data.cast(target).to_numpy(), dtype=target.to_pandas_dtype())
+        values = np.asarray(data.cast(target).to_numpy(), dtype=target.to_pandas_dtype())
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise ConfigError(f"{where}: cannot be read as {col.type.value}") from err
+    # Arrow counts NaN as a value, not a null: NaN survives clamping and turns into -2**63
+    # on the integer grid, which would make one record's effect on a sum unbounded.
+    if col.type is ColumnType.FLOAT and not np.isfinite(values).all():
+        raise ConfigError(f"{where}: has NaN or infinite values; clean them before serving")
+    return values

@@ -12,9 +12,10 @@ DP-SGD (Abadi et al. 2016, arXiv:1607.00133, Alg. 1), as Opacus implements it:
   probability ``sample_rate`` (drawn exactly, as a Bernoulli process with geometric gaps).
 - Per-sample clipping: every record's gradient is scaled to L2 norm <= ``clip_norm``.
 - Gaussian noise N(0, (noise_multiplier * clip_norm)**2) is added to the sum of clipped
-  gradients, which is divided by the *expected* batch size ``sample_rate * n`` (``n`` is
-  the true number of training records, used only inside the node as this normalising
-  constant: Opacus' ``DPOptimizer`` does the same with ``expected_batch_size``), then one
+  gradients, which is divided by the expected batch size ``sample_rate * n_dp``, where
+  ``n_dp`` is the round's released DP count of training records (post-processing). Opacus'
+  ``DPOptimizer`` divides by ``sample_rate * n`` with the true ``n``; since the update's
+  noise spread is ``lr * sigma / divisor``, that would publish ``n`` exactly. Then one
   plain SGD step is taken.
 
 Neighbouring relation: add or remove one record. Accounting: the Sampled Gaussian
@@ -112,6 +113,8 @@ the job's composed spend (updates + counts) stays at or below ``target_epsilon``
 HOLDOUT_BUCKETS = 10  # one record in HOLDOUT_BUCKETS (by hash of its values) is held out
 LOSS_UPPER = 10.0  # per-record validation loss is clamped to [0, LOSS_UPPER]
 MAX_LOCAL_STEPS = 10_000
+MAX_LEARNING_RATE = 1e3
+MAX_CLIP_NORM = 1e6
 _MAX_JOB_ID = 128
 _CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped norm < clip_norm
 _EVAL_BATCH = 65_536
@@ -233,6 +236,14 @@ def plan_training(
         epsilon=target_epsilon * EXAMPLES_EPSILON_SHARE / total_rounds, sensitivity=1
     )
     metrics = _metrics_charges(metrics_epsilon)
+    charge = compose((update, examples, *metrics))
+    if charge.epsilon > policy.max_epsilon_per_release:
+        raise BudgetExhaustedError(
+            f"this round would cost epsilon {charge.epsilon:.4g} (update, example count and "
+            f"metrics together), above this node's per-release cap of "
+            f"{policy.max_epsilon_per_release:g} for consumer {policy.name!r}; ask for less "
+            "target or metrics epsilon, or more rounds"
+        )
     return TrainPlan(
         spec=spec,
         round=round,
@@ -244,7 +255,7 @@ def plan_training(
         learning_rate=learning_rate,
         clip_norm=clip_norm,
         noise_multiplier=sigma,
-        charge=compose((update, examples, *metrics)),
+        charge=charge,
         metrics_epsilon=metrics_epsilon,
         job_id=job_id,
         update_charge=update,
@@ -282,6 +293,14 @@ def _check_numbers(sample_rate: float, learning_rate: float, clip_norm: float) -
     for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
         if not (math.isfinite(value) and value > 0):
             raise InvalidRequestError(f"{name} must be a finite number > 0; got {value!r}")
+    # Past these, float32 training overflows after the round is charged (INTERNAL, budget
+    # spent); refuse up front instead.
+    if learning_rate > MAX_LEARNING_RATE:
+        raise InvalidRequestError(
+            f"learning_rate must be <= {MAX_LEARNING_RATE:g}; got {learning_rate!r}"
+        )
+    if clip_norm > MAX_CLIP_NORM:
+        raise InvalidRequestError(f"clip_norm must be <= {MAX_CLIP_NORM:g}; got {clip_norm!r}")
 
 
 def _check_privacy(
@@ -620,7 +639,13 @@ class _Stepper:
     """DP-SGD steps on one model: buffers and parameter lists are set up once per round."""
 
     def __init__(
-        self, model: nn.Module, data: _Tensors, plan: TrainPlan, generator: torch.Generator
+        self,
+        model: nn.Module,
+        data: _Tensors,
+        plan: TrainPlan,
+        generator: torch.Generator,
+        *,
+        examples: float,
     ) -> None:
         self.model = model
         self.data = data
@@ -640,8 +665,10 @@ class _Stepper:
             self.noise_views.append(self.noise[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         self.n = data.train_x.shape[0]
-        # Opacus' normalisation: divide by the expected batch size q * n (n stays here).
-        self.step_size = plan.learning_rate / max(plan.sample_rate * self.n, 1.0)
+        # Divide by the expected batch size q * n_dp, where n_dp is this round's released DP
+        # count, never the true n: the update's noise spread is lr * sigma / (q * divisor),
+        # so a true-n divisor would publish n exactly (Opacus uses the true n here).
+        self.step_size = plan.learning_rate / max(plan.sample_rate * examples, 1.0)
         self.sigma = plan.noise_multiplier * plan.clip_norm
 
     def step(self, rng: np.random.Generator) -> None:
@@ -715,12 +742,13 @@ class TrainingEngine:
         model = self._model(plan, global_weights)
         seed = int(rng.integers(0, 2**63 - 1))
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        stepper = _Stepper(model, data, plan, generator)
-        for _ in range(plan.local_steps):
-            stepper.step(rng)
+        # The DP count comes first: the steps normalise by it (post-processing), not by n.
         examples = add_noise(
             np.array([data.train_x.shape[0]], dtype=np.int64), plan.examples_charge, rng=rng
         )
+        stepper = _Stepper(model, data, plan, generator, examples=float(examples[0]))
+        for _ in range(plan.local_steps):
+            stepper.step(rng)
         metrics = self._metrics(model, data, plan, rng) if plan.metrics_charges else ()
         return LocalUpdate(
             weights=state_to_arrays(model),

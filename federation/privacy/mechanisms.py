@@ -79,6 +79,20 @@ def _check_scale(value: float, *, name: str) -> None:
         raise InvalidRequestError(f"{name} must be finite and > 0; got {value!r}")
 
 
+# numpy's geometric sampler saturates at 2**63 - 1 for scales past about 1e17, and the
+# difference of two saturated draws is 0: noise would vanish exactly when epsilon is tiny.
+# Fail closed far below that (draws beyond 2**62 then have probability < exp(-2**22)).
+MAX_NOISE_SCALE = 2.0**40
+
+
+def _check_noise_scale(scale: float, *, what: str) -> None:
+    if not scale <= MAX_NOISE_SCALE:
+        raise InvalidRequestError(
+            f"{what}: the noise scale would be {scale:.3g}, above the sampler's limit of "
+            f"{MAX_NOISE_SCALE:.3g}; ask for a larger epsilon"
+        )
+
+
 def _check_size(size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidRequestError(f"size must be an integer >= 0; got {size!r}")
@@ -110,6 +124,7 @@ def laplace_charge(*, epsilon: float, sensitivity: int) -> Charge:
     """
     _check_epsilon(epsilon)
     _check_sensitivity(sensitivity)
+    _check_noise_scale(sensitivity / epsilon, what=f"epsilon {epsilon:g}")
     return Charge(
         mechanism=DISCRETE_LAPLACE,
         epsilon=epsilon,
@@ -133,6 +148,7 @@ def sample_discrete_laplace(
         InvalidRequestError: ``scale`` is not finite and > 0 or ``size`` < 0.
     """
     _check_scale(scale, name="scale")
+    _check_noise_scale(scale, what="discrete Laplace")
     _check_size(size)
     # p = 1 - exp(-1/scale), via expm1 so that p stays accurate for scale up to 2**24 and more.
     p = -math.expm1(-1.0 / scale)
@@ -352,7 +368,13 @@ def gaussian_charge(*, epsilon: float, delta: float, sensitivity: int) -> Charge
     _check_epsilon(epsilon)
     _check_delta(delta)
     _check_sensitivity(sensitivity)
-    sigma = _gaussian_sigma(float(epsilon), float(delta), sensitivity)
+    try:
+        sigma = _gaussian_sigma(float(epsilon), float(delta), sensitivity)
+    except (OverflowError, ZeroDivisionError, ValueError) as err:
+        raise InvalidRequestError(
+            f"epsilon {epsilon:g} with delta {delta:g} is too small to calibrate; ask for more"
+        ) from err
+    _check_noise_scale(sigma, what=f"epsilon {epsilon:g}, delta {delta:g}")
     return Charge(
         mechanism=DISCRETE_GAUSSIAN,
         epsilon=epsilon,
@@ -381,6 +403,7 @@ def sample_discrete_gaussian(
         InvalidRequestError: ``sigma`` is not finite and > 0 or ``size`` < 0.
     """
     _check_scale(sigma, name="sigma")
+    _check_noise_scale(sigma, what="discrete Gaussian")
     _check_size(size)
     t = math.floor(sigma) + 1
     shift = sigma**2 / t

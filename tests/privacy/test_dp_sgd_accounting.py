@@ -33,7 +33,6 @@ from nodes.training import (
     EXAMPLES_EPSILON_SHARE,
     TrainingEngine,
     TrainPlan,
-    holdout_mask,
     job_epsilon,
     plan_training,
     poisson_sample,
@@ -171,7 +170,7 @@ def test_poisson_sampling_includes_each_record_with_probability_q() -> None:
 
 
 def test_gradient_noise_has_the_planned_scale() -> None:
-    """With huge noise the update is noise: its spread must be sigma * C * lr / (q n)."""
+    """With huge noise the update is noise: its spread must be sigma * C * lr / (q n_dp)."""
     data = synthetic_credit(jurisdiction="shenzhen", rows=4_000, seed=3)
     table = table_from_arrays(data, schema=CREDIT_SCHEMA)
     engine = TrainingEngine(table)
@@ -179,12 +178,12 @@ def test_gradient_noise_has_the_planned_scale() -> None:
     plan = dataclasses.replace(
         _plan(JOBS[1], spec=spec), local_steps=1, noise_multiplier=1e4, learning_rate=1.0
     )
-    n = int((~holdout_mask(table)).sum())
-    step = plan.learning_rate / (plan.sample_rate * n)
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0)
     deltas = []
     for seed in range(4):
         update = engine.train(plan, weights, rng=np.random.default_rng(seed))
+        # The divisor is the round's released DP count, never the true n.
+        step = plan.learning_rate / max(plan.sample_rate * update.noisy_examples, 1.0)
         for name, value in update.weights.items():
             deltas.append(((value - weights[name]) / step).astype(np.float64).ravel())
     noise = np.concatenate(deltas)

@@ -233,3 +233,30 @@ _RNG = np.random.default_rng(0)
 def test_invalid_mechanism_inputs_raise(call: Callable[[], object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         call()
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+@pytest.mark.parametrize("epsilon", [1e-20, 1e-200])
+def test_an_epsilon_so_small_the_sampler_would_saturate_is_refused(epsilon: float) -> None:
+    # numpy's geometric draw saturates at 2**63 - 1 past a scale of about 1e17, so two
+    # saturated draws cancel and the "noisy" value came back exact.
+    with pytest.raises(InvalidRequestError, match="noise scale would be"):
+        laplace_charge(epsilon=epsilon, sensitivity=2**20)
+    with pytest.raises(InvalidRequestError):
+        sample_discrete_laplace(scale=1e19, size=4, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(1e-300, 1e-20), (1e-30, 1e-30)])
+def test_gaussian_too_small_to_calibrate_is_invalid_not_internal(
+    epsilon: float, delta: float
+) -> None:
+    with pytest.raises(InvalidRequestError, match="too small"):
+        gaussian_charge(epsilon=epsilon, delta=delta, sensitivity=1)
+
+
+def test_smallest_accepted_laplace_still_adds_noise() -> None:
+    charge = laplace_charge(epsilon=1e-6, sensitivity=2**20)
+    noisy = add_noise(np.full(64, 5, dtype=np.int64), charge, rng=np.random.default_rng(1))
+    assert np.count_nonzero(noisy != 5) == 64

@@ -22,7 +22,7 @@ from federation.models import (
     initial_arrays,
     state_to_arrays,
 )
-from federation.privacy import compose
+from federation.privacy import add_noise, compose
 from federation.schema import Column, ColumnType, DatasetSchema
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
@@ -31,6 +31,7 @@ from nodes.training import (
     TrainingEngine,
     TrainPlan,
     _feature_matrix,
+    _Stepper,
     clip_per_sample,
     clipped_gradient_sum,
     holdout_mask,
@@ -239,13 +240,15 @@ def _plain_step(
     y = torch.from_numpy(table.column(plan.spec.target).astype(np.float32)[train])
     rng = np.random.default_rng(seed)
     rng.integers(0, 2**63 - 1)  # the engine first seeds its noise generator
+    # then draws the round's DP count, which the step normalises by (never the true n)
+    n_dp = float(add_noise(np.array([len(y)], dtype=np.int64), plan.examples_charge, rng=rng)[0])
     index = torch.from_numpy(poisson_sample(len(y), plan.sample_rate, rng))
     model = build_model(plan.spec, input_dim=plan.input_dim)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     logits = model(x[index]).reshape(-1)
     losses = nn.functional.binary_cross_entropy_with_logits(logits, y[index], reduction="none")
-    # Opacus normalises by the expected batch size q * n; with q = 1 this is the mean.
-    (losses.sum() / (plan.sample_rate * len(y))).backward()
+    # Normalised by the expected batch size q * n_dp (Opacus uses q * n).
+    (losses.sum() / max(plan.sample_rate * n_dp, 1.0)).backward()
     with torch.no_grad():
         for param in model.parameters():
             assert param.grad is not None
@@ -396,3 +399,39 @@ def test_poisson_sample_is_sorted_unique_and_in_range() -> None:
         assert np.all(np.diff(index) > 0)
         assert index.size == 0 or (index[0] >= 0 and index[-1] < n)
     np.testing.assert_array_equal(poisson_sample(10, 1.0, rng), np.arange(10))
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+def test_update_is_normalised_by_the_dp_count_not_the_true_count(
+    engine: TrainingEngine,
+) -> None:
+    # The update's noise spread is lr * sigma / divisor: a true-n divisor would publish n.
+    plan = _short(1)
+    data = engine._tensors(plan.spec.features, plan.spec.target)
+    model = build_model(plan.spec, input_dim=plan.input_dim)
+    generator = torch.Generator().manual_seed(0)
+    stepper = _Stepper(model, data, plan, generator, examples=1234.0)
+    assert stepper.step_size == pytest.approx(plan.learning_rate / (plan.sample_rate * 1234.0))
+    assert data.train_x.shape[0] != 1234
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 1e300}, "learning_rate must be <="),
+        ({"clip_norm": 1e30}, "clip_norm must be <="),
+    ],
+)
+def test_values_that_would_overflow_after_the_charge_are_refused_first(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        _plan(**overrides)
+
+
+def test_a_round_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
+    # target 9 in one round plus metrics 9: each alone is under the cap of 10.
+    with pytest.raises(BudgetExhaustedError, match="this round would cost epsilon"):
+        _plan(target_epsilon=9.0, metrics_epsilon=9.0, total_rounds=1)
