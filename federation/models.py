@@ -46,6 +46,7 @@ __all__ = [
     "input_dim",
     "state_shapes",
     "state_to_arrays",
+    "state_views",
 ]
 
 MAX_HIDDEN_WIDTH = 4096
@@ -195,6 +196,23 @@ def state_to_arrays(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
         name: np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy().copy())
         for name, tensor in module.state_dict().items()
     }
+
+
+def state_views(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
+    """Return the module's state as named float32 arrays, sharing memory where possible.
+
+    CPU float32 contiguous tensors come back as numpy views of the module's own storage
+    (no copy: later writes to the module show through); anything else is copied as in
+    ``state_to_arrays``.
+    """
+    arrays: dict[str, npt.NDArray[np.float32]] = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach()
+        if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
+            arrays[name] = tensor.numpy()
+        else:
+            arrays[name] = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy().copy())
+    return arrays
 
 
 def state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -196,7 +196,8 @@ class NodeService(pb_grpc.NodeServicer):
             record = self.ledger.charge(
                 plan.charge, policy=policy, operation="train", details=rounds.round_details(plan)
             )
-            update = trainer.train(plan, weights, rng=self.rng())
+            # The received buffers are ours: train in them, release them (no model copy).
+            update = trainer.train(plan, weights, rng=self.rng(), in_place=True)
             del weights
             trained = time.monotonic()
             result = rounds.round_result(plan, update, record, node_name=self.config.name)

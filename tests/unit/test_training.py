@@ -73,6 +73,15 @@ def _request(**overrides: Any) -> dict[str, Any]:
     return request
 
 
+def _tanh_net(spec: ModelSpec, dim: int) -> nn.Module:
+    """An operator architecture (not a Linear/ReLU stack): the generic per-sample path."""
+    widths = (dim, *spec.hidden)
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(width_in, width_out), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], 1))
+
+
 def _plan(**overrides: Any) -> TrainPlan:
     return plan_training(**_request(**overrides))
 
@@ -322,6 +331,57 @@ def test_training_is_reproducible_from_the_injected_rng(engine: TrainingEngine) 
         np.testing.assert_array_equal(first.weights[name], again.weights[name])
         assert not np.array_equal(first.weights[name], other.weights[name])
     assert first.noisy_examples == again.noisy_examples
+
+
+def test_training_in_place_matches_the_copying_path_and_shares_buffers(
+    engine: TrainingEngine,
+) -> None:
+    plan = _short(3)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
+    kept = {name: array.copy() for name, array in weights.items()}
+    copied = engine.train(plan, weights, rng=np.random.default_rng(8))
+    for name in weights:  # the copying path leaves its input alone
+        np.testing.assert_array_equal(weights[name], kept[name])
+    adopted = engine.train(plan, weights, rng=np.random.default_rng(8), in_place=True)
+    for name in weights:
+        np.testing.assert_array_equal(adopted.weights[name], copied.weights[name])
+        assert np.shares_memory(adopted.weights[name], weights[name])  # no copy made
+    read_only = {name: array.copy() for name, array in kept.items()}
+    for array in read_only.values():
+        array.flags.writeable = False
+    again = engine.train(plan, read_only, rng=np.random.default_rng(8), in_place=True)
+    for name in weights:  # buffers torch cannot share are copied, never written
+        np.testing.assert_array_equal(again.weights[name], copied.weights[name])
+        np.testing.assert_array_equal(read_only[name], kept[name])
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
+def test_dp_sgd_noise_has_the_planned_scale(engine: TrainingEngine, architecture: str) -> None:
+    # With a batch of ~1 record and clip norm C, the clipped gradient moves the weights by
+    # at most step_size * C in norm; the noise moves each of ~5,000 coordinates by
+    # N(0, (step_size * sigma * C)^2), ~70 sigma C in norm. The sample std of n draws is
+    # within 5% of the truth with probability 1 - 1e-6 (its relative error is ~1/sqrt(2n)).
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
+    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 64))
+    policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
+    plan = dataclasses.replace(
+        plan_training(**_request(spec=spec, policy=policy, sample_rate=1e-4), registry=registry),
+        local_steps=1,
+    )
+    data = engine._tensors(plan.spec.features, plan.spec.target)
+    model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    stepper = _Stepper(model, data, plan, torch.Generator().manual_seed(3), examples=1e4)
+    stepper.step(np.random.default_rng(3))
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    change = (after - before).double()
+    expected = stepper.step_size * stepper.sigma
+    assert change.numel() > 4000
+    assert change.std().item() == pytest.approx(expected, rel=0.05)
+    # Mean: the noise's is N(0, expected^2 / n); the gradient of <= 10 clipped records
+    # (Poisson, mean ~1.8 here) shifts it by at most 10 step_size C / sqrt(n).
+    shift = 6 * expected + 10 * stepper.step_size * plan.clip_norm
+    assert abs(change.mean().item()) < shift / change.numel() ** 0.5
 
 
 def test_update_releases_weights_count_and_metrics(engine: TrainingEngine, table: Table) -> None:
