@@ -113,6 +113,7 @@ def node_config_toml(
     consumers: Mapping[str, Mapping[str, object]],
     tls: Mapping[str, Path] | None,
     listen: str = "127.0.0.1:0",
+    device: str = "cpu",
 ) -> str:
     """Render a node config (the same format an operator writes by hand)."""
     lines = [
@@ -121,6 +122,7 @@ def node_config_toml(
         f"jurisdiction = {_toml(jurisdiction)}",
         f"listen = {_toml(listen)}",
         f"state_dir = {_toml(state_dir)}",
+        f"device = {_toml(device)}",
         "",
         "[[datasets]]",
         f"name = {_toml(schema.name)}",
@@ -193,6 +195,7 @@ class LocalFederation:
         tls: bool = True,
         workdir: Path | None = None,
         allowed_models: Sequence[str] | None = None,
+        device: str = "cpu",
     ) -> LocalFederation:
         """Synthetic cross-border credit data for each node, ``rows`` rows each.
 
@@ -208,6 +211,8 @@ class LocalFederation:
             allowed_models: architectures the consumer may train (default: the node's,
                 ``logistic`` and ``mlp``); ``"wide-mlp"`` allows layers past 4096 units,
                 i.e. models of hundreds of millions of parameters (gigabytes per node).
+            device: where the nodes run DP-SGD ("cpu", "cuda", "cuda:N"; the node config's
+                ``device``); a node refuses to start if it is not available.
         """
         frames = {
             name: synthetic_credit(jurisdiction=name, rows=rows, seed=seed + i)
@@ -222,6 +227,7 @@ class LocalFederation:
             tls=tls,
             workdir=workdir,
             allowed_models=allowed_models,
+            device=device,
         )
 
     @classmethod
@@ -286,10 +292,11 @@ class LocalFederation:
         tls: bool = True,
         workdir: Path | None = None,
         allowed_models: Sequence[str] | None = None,
+        device: str = "cpu",
     ) -> LocalFederation:
         """Write each node's columns to Parquet and build node configs for them.
 
-        ``allowed_models``: see ``synthetic``.
+        ``allowed_models``, ``device``: see ``synthetic``.
         """
         owns = workdir is None
         root = make_workdir() if workdir is None else workdir
@@ -305,6 +312,7 @@ class LocalFederation:
                 tls=tls,
                 owns=owns,
                 allowed_models=allowed_models,
+                device=device,
             )
         except BaseException:
             if owns:
@@ -324,6 +332,7 @@ class LocalFederation:
         tls: bool,
         owns: bool,
         allowed_models: Sequence[str] | None = None,
+        device: str = "cpu",
     ) -> LocalFederation:
         identity, tls_files = _make_pki(root, list(data)) if tls else (None, {})
         policy: dict[str, object] = {
@@ -347,6 +356,7 @@ class LocalFederation:
                 state_dir=node_dir / "state",
                 consumers={CONSUMER: policy},
                 tls=tls_files.get(name),
+                device=device,
             )
             configs[name] = node_dir / "node.toml"
             configs[name].write_text(text)

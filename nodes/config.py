@@ -47,6 +47,7 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 _MAX_CONCURRENT_REQUESTS = 1024
+_DEVICE_RE = re.compile(r"cpu|mps|(cuda|xpu)(:[0-9]{1,3})?")
 _MAX_REQUEST_S = 86_400.0  # a day: beyond that a "deadline" no longer protects anything
 _DERIVED = math.nan  # default meaning "derive from the other fields" (see ConsumerPolicy)
 
@@ -224,6 +225,9 @@ class NodeConfig:
         max_message_bytes: gRPC message size limit.
         max_request_s: server-side deadline of one request in seconds, 0 < s <= 86400;
             a request still running after it is cancelled, whatever its client asked for.
+        device: the torch device DP-SGD trains on: ``"cpu"`` (default), ``"cuda"``,
+            ``"cuda:N"``, ``"mps"`` or ``"xpu[:N]"``; the node refuses to start if it is
+            not available. Analytics always run on the CPU.
 
     Raises:
         ConfigError: a field breaks its rule (the message names the field).
@@ -239,6 +243,7 @@ class NodeConfig:
     max_workers: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_s: float = 300.0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         # A private copy behind a read-only view: no caller can change a policy at runtime.
@@ -264,6 +269,11 @@ class NodeConfig:
                 "max_request_s",
                 f"must be a number of seconds > 0 and <= {_num(_MAX_REQUEST_S)}; "
                 f"got {_num(self.max_request_s)}",
+            )
+        if not _DEVICE_RE.fullmatch(self.device):
+            raise _FieldError(
+                "device",
+                f'must be "cpu", "cuda", "cuda:N", "mps" or "xpu[:N]"; got {self.device!r}',
             )
 
     def _check_contents(self) -> None:
@@ -400,6 +410,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
     max_workers = _integer(node, "node", "max_workers", default=8)
     max_message_bytes = _integer(node, "node", "max_message_bytes", default=4 * 1024 * 1024)
     max_request_s = _number(node, "node", "max_request_s", default=300.0)
+    device = _string(node, "node", "device", default="cpu")
     datasets = _datasets(data, base_dir)
     consumers = _consumers(data)
     tls = _tls(data["tls"], base_dir) if "tls" in data else None
@@ -415,6 +426,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
             max_workers=max_workers,
             max_message_bytes=max_message_bytes,
             max_request_s=max_request_s,
+            device=device,
         )
     except _FieldError as err:
         where = err.field if err.field in ("datasets", "consumers") else f"node.{err.field}"
@@ -429,6 +441,7 @@ _NODE_KEYS = (
     "max_workers",
     "max_message_bytes",
     "max_request_s",
+    "device",
 )
 _DATASET_KEYS = ("name", "source", "format", "description", "columns")
 _COLUMN_KEYS = ("name", "type", "lower", "upper", "domain", "description")
@@ -872,6 +885,7 @@ def _node_lines(name: str, jurisdiction: str) -> list[str]:
         "max_workers = 8",
         "max_message_bytes = 4194304",
         "max_request_s = 300             # a request still running after this is cancelled",
+        'device = "cpu"                  # DP-SGD on "cuda" (or "cuda:N") if the node has a GPU',
         "",
     ]
 

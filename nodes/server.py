@@ -85,10 +85,13 @@ def start_node(
         for ds in config.datasets
     }
     # Training shares each dataset's in-memory columns; the engine builds features lazily.
-    trainers = {
-        name: TrainingEngine(engine.table, registry=EXTENDED_REGISTRY)
-        for name, engine in engines.items()
-    }
+    try:
+        trainers = {
+            name: TrainingEngine(engine.table, device=config.device, registry=EXTENDED_REGISTRY)
+            for name, engine in engines.items()
+        }
+    except ConfigError as err:
+        raise ConfigError(f"node.device: {err}") from err
     guard = Guard(config, use_tls=use_tls)
     service = NodeService(
         config,

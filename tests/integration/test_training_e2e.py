@@ -372,3 +372,29 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
     )
     model = build_model(spec, input_dim=sidecar["input_dim"])
     model.load_state_dict(safetensors.torch.load_file(out))
+
+
+# ---------------------------------------------------------------- training device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nodes_train_on_cuda_when_their_config_says_so() -> None:
+    local = LocalFederation.synthetic(
+        rows=3000, epsilon=50.0, max_epsilon_per_release=20.0, device="cuda"
+    )
+    with local as fed:
+        result = fed.train(SPEC, rounds=3, target_epsilon=4.0, **TRAINING)
+        logs = [process.log_path.read_text() for process in local.processes.values()]
+    assert all(r.answered == ("hong-kong", "shenzhen") for r in result.history)
+    assert all("DP-SGD on device cuda" in log for log in logs)
+    assert held_out_auc(result.model) > 0.6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_node_refuses_to_start_on_a_device_it_lacks() -> None:
+    local = LocalFederation.synthetic(rows=500, device="cuda")
+    try:
+        with pytest.raises(NodeUnavailableError, match=r"node\.device: .*'cuda' is not available"):
+            local.start()
+    finally:
+        local.stop()

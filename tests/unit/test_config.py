@@ -527,7 +527,20 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("no host", _set("node/listen", ":50051"), "node.listen: expected 'host:port'"),
     ("space", _set("node/listen", "my host:1"), "node.listen: expected 'host:port'"),
     ("signed port", _set("node/listen", "localhost:+80"), "node.listen: expected 'host:port'"),
+    # training device
+    ("gpu device", _set("node/device", "gpu"), 'node.device: must be "cpu", "cuda", "cuda:N"'),
+    ("device index", _set("node/device", "cuda:-1"), "node.device: must be"),
+    ("device type", _set("node/device", 0), "node.device"),
 ]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "xpu:0"])
+def test_training_device_is_read_from_the_config(
+    node_dir: Path, full: dict[str, Any], device: str
+) -> None:
+    assert parse_config(full, base_dir=node_dir).device == "cpu"  # the default
+    full["node"]["device"] = device
+    assert parse_config(full, base_dir=node_dir).device == device
 
 
 @pytest.mark.parametrize(
