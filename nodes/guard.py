@@ -13,6 +13,7 @@ very certificate the operator just tried to revoke.
 
 :meth:`Guard.admit` runs the whole admission of one request: identify, authorize, take one
 of the consumer's concurrency slots, and start the server-side deadline (``nodes.limits``).
+:meth:`Guard.admit_health` does the same for the health service, without the policy check.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ import grpc
 from federation import pki
 from federation.errors import ConfigError, PolicyError, UnauthenticatedError
 from nodes.config import ConsumerPolicy, NodeConfig
-from nodes.limits import ConcurrencyLimiter, Deadline, Watchdog
+from nodes.limits import HEALTH_MAX_CONCURRENT, ConcurrencyLimiter, Deadline, Watchdog
 
 __all__ = ["CONSUMER_HEADER", "Admission", "Guard"]
 
 log = logging.getLogger(__name__)
 
 CONSUMER_HEADER = "x-federation-consumer"
+# Who a plaintext health call without the consumer header counts as (loopback only).
+ANONYMOUS = "<anonymous>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,7 @@ class Guard:
         self.config = config
         self.use_tls = use_tls
         self.limiter = ConcurrencyLimiter(node=config.name)
+        self.health_limiter = ConcurrencyLimiter(node=config.name, what="health calls")
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self._revoked: frozenset[str] = frozenset()
@@ -172,21 +176,73 @@ class Guard:
         consumer = self.identify(context)
         policy = self.authorize(consumer, operation)
         timeout_s = self.config.max_request_s if limit_s is None else limit_s
+        with self._hold(
+            context,
+            operation,
+            consumer,
+            limiter=self.limiter,
+            limit=policy.max_concurrent_requests,
+            timeout_s=timeout_s,
+        ) as deadline:
+            yield Admission(consumer=consumer, policy=policy, deadline=deadline)
+
+    @contextmanager
+    def admit_health(self, context: grpc.ServicerContext) -> Iterator[Deadline]:
+        """Admit one health call (Check, Watch) for the duration of the block.
+
+        Any valid, non-revoked certificate of the federation may check health, with no
+        policy entry, but only :data:`~nodes.limits.HEALTH_MAX_CONCURRENT` calls at once
+        and each for at most ``max_request_s`` (a Watch stream then ends; clients re-watch).
+        Without TLS (loopback only) a caller without the consumer header is anonymous.
+
+        Raises:
+            UnauthenticatedError: as :meth:`identify` (TLS only).
+            BudgetExhaustedError: the certificate already runs its health calls
+                (``RESOURCE_EXHAUSTED``).
+        """
+        try:
+            name = self.identify(context)
+        except UnauthenticatedError:
+            if self.use_tls:
+                raise
+            name = ANONYMOUS  # a plaintext prober on loopback (LocalFederation's, say)
+        with self._hold(
+            context,
+            "health",
+            name,
+            limiter=self.health_limiter,
+            limit=HEALTH_MAX_CONCURRENT,
+            timeout_s=self.config.max_request_s,
+        ) as deadline:
+            yield deadline
+
+    @contextmanager
+    def _hold(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        caller: str,
+        *,
+        limiter: ConcurrencyLimiter,
+        limit: int,
+        timeout_s: float,
+    ) -> Iterator[Deadline]:
+        """Hold one of ``caller``'s slots and cancel the call after ``timeout_s`` seconds."""
 
         def expire() -> None:
             log.warning(
                 "cancelled %s by %r: still running after %gs (max_request_s)",
                 operation,
-                consumer,
+                caller,
                 timeout_s,
             )
             context.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
         with (
-            self.limiter.slot(consumer, limit=policy.max_concurrent_requests),
+            limiter.slot(caller, limit=limit),
             self.watchdog.deadline(expire, timeout_s=timeout_s) as deadline,
         ):
-            yield Admission(consumer=consumer, policy=policy, deadline=deadline)
+            yield deadline
 
     def close(self) -> None:
         """Stop the deadline watchdog (the node is shutting down)."""

@@ -16,11 +16,18 @@ Three layers keep one consumer from starving the others or holding a node's reso
    Streaming handlers (``Train``) pass their own limit to
    :meth:`nodes.guard.Guard.admit` and may poll :attr:`Deadline.expired` between chunks.
 
-Limitation: gRPC Python reads a unary request's message on a worker thread before any
-handler code runs, so the per-consumer limit counts a request from the moment it has fully
-arrived. A consumer that trickles its request bytes holds a worker thread (not a concurrency
-slot) until connection age cuts it off; only holders of a valid client certificate can do
-so, and revoking that certificate ends it.
+Admission comes before reading: unary methods are served as client streams
+(``nodes._unary``), so a handler identifies the caller, takes its slot and starts its
+deadline as soon as the call's headers arrive, and only then reads the request. A caller that
+withholds or trickles its request therefore holds one of its own slots, and is cut off at
+``max_request_s`` like any other request; Train and the health service (``nodes.health``,
+at most :data:`HEALTH_MAX_CONCURRENT` calls per certificate) are admitted the same way.
+
+The guarantee: one consumer holds at most ``max_concurrent_requests`` +
+:data:`HEALTH_MAX_CONCURRENT` of the node's ``max_workers`` threads, each for at most
+``max_request_s``, whatever it sends or withholds; other consumers are unharmed while
+``max_workers`` exceeds that (the node warns at start when it does not). A refusal over the
+limit holds a thread only for the microseconds it takes.
 """
 
 from __future__ import annotations
@@ -35,7 +42,13 @@ from contextlib import contextmanager
 
 from federation.errors import BudgetExhaustedError
 
-__all__ = ["ConcurrencyLimiter", "Deadline", "Watchdog", "server_options"]
+__all__ = [
+    "HEALTH_MAX_CONCURRENT",
+    "ConcurrencyLimiter",
+    "Deadline",
+    "Watchdog",
+    "server_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,10 @@ MAX_CONNECTION_IDLE_MS = 300_000
 # default) it counts streams not yet freed, finished ones included, and answers a well-behaved
 # client's next call with REFUSED_STREAM under load. A per-connection cap would not stop a
 # consumer anyway (it can open more connections); the per-consumer limit below does.
+
+# Health calls (Check, Watch) one certificate may have running at once, over and above its
+# max_concurrent_requests: enough for a prober and a watcher, never a pool's worth of threads.
+HEALTH_MAX_CONCURRENT = 2
 
 
 def server_options(
@@ -99,9 +116,10 @@ def _ms(seconds: float) -> int:
 class ConcurrencyLimiter:
     """Count running requests per consumer; refuse, never wait, beyond a limit."""
 
-    def __init__(self, *, node: str) -> None:
-        """Start with no request running; ``node`` names the node in refusals."""
+    def __init__(self, *, node: str, what: str = "requests") -> None:
+        """Start with nothing running; ``node`` and ``what`` (plural) name both in refusals."""
         self._node = node
+        self._what = what
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
 
@@ -122,9 +140,9 @@ class ConcurrencyLimiter:
             running = self._running.get(consumer, 0)
             if running >= limit:
                 raise BudgetExhaustedError(
-                    f"too many concurrent requests for consumer {consumer!r} on node "
+                    f"too many concurrent {self._what} for consumer {consumer!r} on node "
                     f"{self._node!r} (limit {limit}); nothing was charged: retry when one of "
-                    "your requests has finished"
+                    f"your {self._what} has finished"
                 )
             self._running[consumer] = running + 1
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from federation import pki, privacy
 from federation.architectures import EXTENDED_REGISTRY
@@ -29,8 +29,9 @@ from nodes.audit_verify import open_ledger
 from nodes.config import NodeConfig, load_config
 from nodes.data import load_table
 from nodes.guard import Guard
+from nodes.health import add_health_service
 from nodes.ledger import Ledger
-from nodes.limits import server_options
+from nodes.limits import HEALTH_MAX_CONCURRENT, server_options
 from nodes.service import NodeService, add_node_service
 from nodes.training import TrainingEngine
 
@@ -110,14 +111,41 @@ def start_node(
     )
     add_node_service(service, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_health_service(health_servicer, server, guard=guard)
+    _warn_if_one_consumer_can_fill_the_pool(config)
     port = _bind(server, config)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.listen_host}:{port}"
-    log.info("node %r serving on %s (%s)", config.name, address, "TLS" if use_tls else "plain")
+    log.info(
+        "node %r serving on %s (%s); DP-SGD on device %s",
+        config.name,
+        address,
+        "TLS" if use_tls else "plain",
+        config.device,
+    )
     return RunningNode(server, address, health_servicer, guard, ledger)
+
+
+def _warn_if_one_consumer_can_fill_the_pool(config: NodeConfig) -> None:
+    """Warn when one consumer may hold every worker thread (a hint, not a config error)."""
+    if not config.consumers:
+        return
+    greediest = max(config.consumers.values(), key=lambda p: p.max_concurrent_requests)
+    held = greediest.max_concurrent_requests + HEALTH_MAX_CONCURRENT
+    if config.max_workers <= held:
+        log.warning(
+            "node.max_workers = %d: consumer %r may hold %d worker threads at once "
+            "(max_concurrent_requests %d + %d health calls), enough to stall every other "
+            "consumer for up to max_request_s; set node.max_workers above %d",
+            config.max_workers,
+            greediest.name,
+            held,
+            greediest.max_concurrent_requests,
+            HEALTH_MAX_CONCURRENT,
+            held,
+        )
 
 
 def _bind(server: grpc.Server, config: NodeConfig) -> int:

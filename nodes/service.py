@@ -1,7 +1,8 @@
 """The gRPC servicer: a thin shell that runs DESIGN.md's pipeline for each request.
 
-identify caller -> authorize -> validate (plan) -> charge (durable) -> compute -> respond.
-Each step is a plain function on plain values; only this module knows status codes.
+identify caller -> authorize -> read -> validate (plan) -> charge (durable) -> compute ->
+respond. The request is read only once its caller is admitted (``nodes._unary``). Each step
+is a plain function on plain values; only this module knows status codes.
 ``Train`` is the same pipeline over a bidirectional stream (steps in ``nodes.rounds``).
 """
 
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -35,6 +36,7 @@ from federation.errors import (
 from federation.models import ModelBuilder
 from federation.releases import NodeDescription, Release
 from nodes import rounds
+from nodes._unary import CallEndedError, CapturedHandlers, read_single
 from nodes.analytics import DatasetEngine, Plan, plan_query
 from nodes.cohort import suppress_small_cohorts
 from nodes.config import NodeConfig
@@ -47,6 +49,7 @@ __all__ = ["NodeService", "RngFactory", "add_node_service"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M")
 RngFactory = Callable[[], np.random.Generator]
 
 
@@ -88,16 +91,36 @@ class NodeService(pb_grpc.NodeServicer):
     # ---------------------------------------------------------------- handlers
 
     def Describe(  # noqa: N802 - gRPC method names
-        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.DescribeResponse:
-        """Return public metadata and the caller's budget."""
-        return self._run(context, "describe", lambda: self._describe(context))
+        """Return public metadata and the caller's budget.
+
+        Served as a client stream of one raw message (see ``add_node_service``), so the
+        caller is admitted before its request is read.
+        """
+        return self._run(
+            context,
+            "describe",
+            lambda request: self._describe(context),
+            requests=requests,
+            parse=pb.DescribeRequest.FromString,
+        )
 
     def Analyze(  # noqa: N802 - gRPC method names
-        self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> pb.AnalyzeResponse:
-        """Validate, charge, compute and release one DP statistic."""
-        return self._run(context, "analyze", lambda: self._analyze(request, context))
+        """Validate, charge, compute and release one DP statistic.
+
+        Served as a client stream of one raw message (see ``add_node_service``), so the
+        caller is admitted before its request is read.
+        """
+        return self._run(
+            context,
+            "analyze",
+            lambda request: self._analyze(request, context),
+            requests=requests,
+            parse=pb.AnalyzeRequest.FromString,
+        )
 
     def Train(  # noqa: N802 - gRPC method names
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -268,18 +291,41 @@ class NodeService(pb_grpc.NodeServicer):
                 f"incident {incident}",
             )
 
-    def _run(self, context: grpc.ServicerContext, operation: str, step: Callable[[], T]) -> T:
-        """Run one request; map errors to status codes (the only catch-all in the node)."""
+    def _run(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        step: Callable[[M], T],
+        *,
+        requests: Iterator[bytes],
+        parse: Callable[[bytes], M],
+    ) -> T:
+        """Admit, read and run one unary request; map errors to status codes.
+
+        The only catch-all in the node.
+        """
         try:
-            # Admission first (identity, policy, concurrency slot, deadline): a request
-            # refused here has touched nothing.
-            with self.guard.admit(context, operation):
-                return step()
+            # Admission first (identity, policy, concurrency slot, deadline), then the read:
+            # a caller that withholds its request holds one of its own slots until the
+            # deadline, and a request refused here has touched nothing.
+            with self.guard.admit(context, operation) as admission:
+                request = read_single(
+                    requests,
+                    parse,
+                    method=operation.capitalize(),
+                    call_ended=lambda: admission.deadline.expired or not context.is_active(),
+                )
+                return step(request)
         except FederationError as err:
             code = status_for(err)
             log.warning("refused %s: %s (%s)", operation, err, code.name)
             self._audit_refusal(context, operation, code, err)
             context.abort(code, str(err))
+        except (grpc.RpcError, CallEndedError):
+            # The request never fully arrived: the caller went away, or the deadline cut it
+            # off. Nothing was read, so nothing was charged; there is nobody left to answer.
+            log.warning("%s ended before its request arrived (cancelled or timed out)", operation)
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request arrived")
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("internal error in %s (incident %s)", operation, incident)
@@ -333,34 +379,30 @@ def _details(plan: Plan) -> dict[str, object]:
     }
 
 
-class _CapturedHandlers:
-    """Stands in for a server to capture the generated code's method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        """Ignore: the registered handlers carry the same methods."""
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        """Keep the handlers."""
-        self.handlers = dict(handlers)
-
-
 def add_node_service(service: NodeService, server: grpc.Server) -> None:
-    """Register ``service`` on ``server``, with ``Train`` on raw bytes.
+    """Register ``service`` on ``server``: every method admits its caller before reading.
 
-    Every method keeps the generated (de)serializers except ``Train``, whose stream
-    ``federation.wire`` reads and writes itself so chunks skip protobuf's copies (the bytes
-    on the wire are the same). The generated registration is captured rather than copied,
-    so methods added to the proto later are served without an edit here.
+    ``Describe`` and ``Analyze`` are served as client streams of one raw message (the bytes
+    on the wire are the same as a unary call's), so admission runs before the request is
+    read (see ``nodes._unary``); ``Train`` is served on raw bytes, which ``federation.wire``
+    reads and writes itself so chunks skip protobuf's copies. The generated registration is
+    captured rather than copied, so each method keeps its generated response serializer.
+
+    Raises:
+        RuntimeError: the proto gained a unary method that is not served as a stream yet.
     """
-    captured = _CapturedHandlers()
+    captured = CapturedHandlers()
     pb_grpc.add_NodeServicer_to_server(service, captured)  # type: ignore[no-untyped-call]
     handlers = dict(captured.handlers)
+    for method, behavior in (("Describe", service.Describe), ("Analyze", service.Analyze)):
+        handlers[method] = grpc.stream_unary_rpc_method_handler(
+            behavior, response_serializer=handlers[method].response_serializer
+        )
     handlers["Train"] = grpc.stream_stream_rpc_method_handler(service.Train)
+    unary = sorted(method for method, handler in handlers.items() if not handler.request_streaming)
+    if unary:
+        # gRPC would read their requests before any admission: a slow-loris opening.
+        raise RuntimeError(f"serve {unary} as client streams in add_node_service")
     name = pb.DESCRIPTOR.services_by_name["Node"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     # grpc-stubs predates registered methods (grpcio >= 1.62), which skip generic lookup.

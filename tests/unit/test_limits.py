@@ -7,15 +7,24 @@ import textwrap
 import threading
 import tomllib
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from federation import pki
-from federation.errors import BudgetExhaustedError, ConfigError, UnauthenticatedError
+from federation._proto.v1 import node_pb2 as pb
+from federation.errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    InvalidRequestError,
+    UnauthenticatedError,
+)
+from nodes._unary import CallEndedError, read_single
 from nodes.config import ConsumerPolicy, NodeConfig, parse_config
-from nodes.guard import CONSUMER_HEADER, Guard
-from nodes.limits import ConcurrencyLimiter, Watchdog, server_options
+from nodes.guard import ANONYMOUS, CONSUMER_HEADER, Guard
+from nodes.limits import HEALTH_MAX_CONCURRENT, ConcurrencyLimiter, Watchdog, server_options
+from nodes.server import _warn_if_one_consumer_can_fill_the_pool
 
 WAIT_S = 10.0  # generous bound on waiting for an event; never a timing assertion
 
@@ -107,6 +116,16 @@ def test_limiter_refuses_beyond_the_limit_and_frees_slots() -> None:
     assert limiter.running("acme-ai") == 0
     with limiter.slot("acme-ai", limit=1):
         assert limiter.running("acme-ai") == 1
+
+
+def test_limiter_names_what_it_limits() -> None:
+    limiter = ConcurrencyLimiter(node="n", what="health calls")
+    with (
+        limiter.slot("acme-ai", limit=1),
+        pytest.raises(BudgetExhaustedError, match="too many concurrent health calls for consumer"),
+        limiter.slot("acme-ai", limit=1),
+    ):
+        pass  # pragma: no cover - never entered
 
 
 def test_limiter_frees_the_slot_when_the_request_fails() -> None:
@@ -220,6 +239,59 @@ def test_server_options_bound_every_connection() -> None:
     assert longer["grpc.max_connection_age_grace_ms"] == 1_800_000
 
 
+# ---------------------------------------------------------------- reading after admission
+
+
+def _read(messages: list[bytes], *, ended: bool = False) -> pb.AnalyzeRequest:
+    return read_single(
+        iter(messages), pb.AnalyzeRequest.FromString, method="Analyze", call_ended=lambda: ended
+    )
+
+
+def test_read_single_parses_the_one_message() -> None:
+    request = pb.AnalyzeRequest(epsilon=0.5)
+    assert _read([request.SerializeToString()]) == request
+    assert _read([b""]) == pb.AnalyzeRequest()  # an empty message is a valid one
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([], "Analyze takes exactly one request message; this call sent none"),
+        ([b"", b""], "Analyze takes exactly one request message; this call sent more than one"),
+        ([b"\xff\xff\xff"], r"Analyze: the request message \(3 bytes\) does not parse"),
+    ],
+)
+def test_read_single_refuses_anything_but_one_valid_message(
+    messages: list[bytes], problem: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=problem):
+        _read(messages)
+
+
+def test_read_single_tells_an_ended_call_from_an_empty_request() -> None:
+    with pytest.raises(CallEndedError):
+        _read([], ended=True)
+
+
+# ---------------------------------------------------------------- start-up warning
+
+
+def test_node_warns_when_one_consumer_can_hold_every_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = 4 + HEALTH_MAX_CONCURRENT  # the default max_concurrent_requests, plus health
+    _warn_if_one_consumer_can_fill_the_pool(node_config(tmp_path, node_extra="max_workers = 8"))
+    assert not caplog.records
+    _warn_if_one_consumer_can_fill_the_pool(
+        node_config(tmp_path, node_extra=f"max_workers = {held}")
+    )
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert f"consumer 'acme-ai' may hold {held} worker threads" in record.getMessage()
+    assert f"set node.max_workers above {held}" in record.getMessage()
+
+
 # ---------------------------------------------------------------- guard admission
 
 
@@ -268,6 +340,41 @@ def test_admission_cancels_a_request_past_its_deadline(guard: Guard) -> None:
         assert ctx.cancelled.wait(WAIT_S)
         assert admitted.deadline.expired
     assert guard.limiter.running("acme-ai") == 0
+
+
+def test_health_admission_needs_no_policy_but_has_its_own_limit(guard: Guard) -> None:
+    # acme-ai runs its one request and may still check health; so may a stranger.
+    with ExitStack() as stack:
+        stack.enter_context(guard.admit(FakeContext("acme-ai"), "analyze"))  # type: ignore[arg-type]
+        for _ in range(HEALTH_MAX_CONCURRENT):
+            stack.enter_context(guard.admit_health(FakeContext("acme-ai")))  # type: ignore[arg-type]
+        with (
+            pytest.raises(BudgetExhaustedError, match="concurrent health calls.*'acme-ai'"),
+            guard.admit_health(FakeContext("acme-ai")),  # type: ignore[arg-type]
+        ):
+            pass  # pragma: no cover - never entered
+        with guard.admit_health(FakeContext("stranger")):  # type: ignore[arg-type]
+            assert guard.health_limiter.running("stranger") == 1
+    assert guard.health_limiter.running("acme-ai") == 0
+
+
+def test_health_admission_without_tls_takes_anonymous_probes(guard: Guard) -> None:
+    ctx = FakeContext("")
+    ctx.metadata = ()
+    with guard.admit_health(ctx) as deadline:  # type: ignore[arg-type]
+        assert guard.health_limiter.running(ANONYMOUS) == 1
+        assert not deadline.expired
+    assert guard.health_limiter.running(ANONYMOUS) == 0
+
+
+def test_health_admission_cancels_a_call_at_max_request_s(tmp_path: Path) -> None:
+    guard = Guard(node_config(tmp_path, node_extra="max_request_s = 0.01"), use_tls=False)
+    try:
+        ctx = FakeContext("acme-ai")
+        with guard.admit_health(ctx):  # type: ignore[arg-type]
+            assert ctx.cancelled.wait(WAIT_S)
+    finally:
+        guard.close()
 
 
 # ---------------------------------------------------------------- revocation file

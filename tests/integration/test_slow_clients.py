@@ -1,0 +1,238 @@
+"""Slow-loris callers, end to end: a certificate holder that opens calls and withholds their
+requests holds only its own slots, is cut off at ``max_request_s``, is charged nothing, and
+never stalls another consumer.
+
+One real node process on 127.0.0.1 with mutual TLS, 5 worker threads and a 3 s server-side
+deadline. gRPC Python reads a unary request before any handler runs, so without admission
+before the read, the withheld calls below would hold every worker thread until connection
+age cut them off, and nobody else would be served in the meantime.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from federation import pki
+from federation._proto.v1 import node_pb2 as pb
+from federation.coordinator import NodeClient
+from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
+from federation.local import LocalFederation, node_config_toml
+from federation.queries import Count, Mechanism
+from federation.releases import BudgetStatus
+from federation.wire import AnalyzeRequest
+from nodes.limits import HEALTH_MAX_CONCURRENT
+
+WAIT_S = 20.0  # bound on waiting for the node to do something; never a timing assertion
+NODE = "hong-kong"
+MAX_REQUEST_S = 3.0
+SLOW_LIMIT = 2  # the slow consumer's max_concurrent_requests
+CALLS = 8  # withheld calls the slow consumer opens at once
+BASE: dict[str, object] = {"epsilon": 100.0, "operations": ["describe", "analyze"]}
+POLICIES: dict[str, dict[str, object]] = {
+    "acme-ai": {**BASE, "max_concurrent_requests": 2},
+    "slow": {**BASE, "max_concurrent_requests": SLOW_LIMIT},
+}
+ANALYZE = "/federation.v1.Node/Analyze"
+DESCRIBE = "/federation.v1.Node/Describe"
+CHECK = "/grpc.health.v1.Health/Check"
+Call = Any  # what stream_unary(...).future() returns: a grpc.Future that is also a grpc.Call
+
+
+@dataclass
+class Env:
+    local: LocalFederation
+    identities: dict[str, pki.Identity]
+
+    @property
+    def address(self) -> str:
+        return self.local.processes[NODE].address
+
+    def log(self) -> str:
+        return self.local.processes[NODE].log_path.read_text(errors="replace")
+
+    def client(self, consumer: str) -> NodeClient:
+        return NodeClient(NODE, self.address, identity=self.identities[consumer])
+
+    def channel(self, consumer: str) -> grpc.Channel:
+        credentials = pki.channel_credentials(self.identities[consumer])
+        options = [("grpc.ssl_target_name_override", NODE)]
+        return grpc.secure_channel(self.address, credentials, options=options)
+
+    def budget(self, consumer: str) -> BudgetStatus:
+        with closing(self.client(consumer)) as client:
+            return client.describe().budget
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("slow")
+    pki_dir = root / "pki"
+    ca = pki.init_ca(pki_dir, name="federation-ca")
+    cert, key = pki.issue(pki_dir, name=NODE, role="node", hosts=["127.0.0.1", "localhost"])
+    frame = synthetic_credit(jurisdiction=NODE, rows=1000, seed=0)
+    data = write_dataset(frame, root / "credit.parquet", schema=CREDIT_SCHEMA)
+    text = node_config_toml(
+        name=NODE,
+        jurisdiction="HK",
+        data_path=data,
+        schema=CREDIT_SCHEMA,
+        state_dir=root / "state",
+        consumers=POLICIES,
+        tls={"ca": ca, "cert": cert, "key": key},
+    )
+    # 5 workers: the slow consumer may hold 2 requests + 2 health calls, one is left over.
+    node_extra = f"[node]\nmax_workers = 5\nmax_request_s = {MAX_REQUEST_S}\n"
+    config = root / "node.toml"
+    config.write_text(text.replace("[node]\n", node_extra, 1))
+    identities = {}
+    for name in (*POLICIES, "stranger"):
+        cert, key = pki.issue(pki_dir, name=name, role="consumer")
+        identities[name] = pki.Identity.load(ca=ca, cert=cert, key=key)
+    local = LocalFederation(
+        root, {NODE: config}, identity=identities["acme-ai"], owns_workdir=False
+    )
+    try:
+        local.start()
+        yield Env(local, identities)
+    finally:
+        local.stop()
+
+
+def _count() -> AnalyzeRequest:
+    return AnalyzeRequest(
+        query=Count("credit"), epsilon=0.5, delta=0.0, mechanism=Mechanism.LAPLACE
+    )
+
+
+def _withheld(until: threading.Event) -> Iterator[bytes]:
+    """A request stream that sends nothing (not even its end) until ``until`` is set."""
+    until.wait()
+    yield from ()
+
+
+def _open_withheld(
+    channel: grpc.Channel, method: str, parse: Callable[[bytes], Any], until: threading.Event
+) -> list[Call]:
+    """Open ``CALLS`` calls of ``method`` whose headers go out but whose request never does."""
+    call = channel.stream_unary(method, request_serializer=None, response_deserializer=parse)
+    return [call.future(_withheld(until), timeout=60) for _ in range(CALLS)]
+
+
+def _wait_done(calls: Sequence[Call], count: int, problem: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while sum(c.done() for c in calls) < count:
+        assert time.monotonic() < deadline, problem
+        time.sleep(0.05)
+
+
+def _split(calls: Sequence[Call], *, refused: int) -> list[Call]:
+    """Wait until ``refused`` calls have ended; return the ones still open."""
+    _wait_done(calls, refused, "the node never refused the calls over the limit")
+    return [c for c in calls if not c.done()]
+
+
+def _assert_refused(calls: Sequence[Call], message: str) -> None:
+    for call in calls:
+        assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert message in call.details()
+
+
+def _assert_cut_off(calls: Sequence[Call]) -> None:
+    _wait_done(calls, len(calls), "the node never cut off the withheld calls")
+    # CANCELLED by the node's deadline; UNAVAILABLE when the connection, told to go away at
+    # max_request_s too, closes as its last call goes. The node's log says which did it.
+    for call in calls:
+        assert call.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+
+
+def test_withheld_requests_hold_only_their_own_slots_and_are_cut_off(env: Env) -> None:
+    with closing(env.client("acme-ai")) as acme:
+        acme.describe()  # warm: handshake and accountant loaded before the slow calls
+        before = (acme.analyze(_count()).budget.releases, env.budget("slow"))
+        until = threading.Event()
+        with env.channel("slow") as channel:
+            try:
+                calls = _open_withheld(channel, ANALYZE, pb.AnalyzeResponse.FromString, until)
+                stalled = _split(calls, refused=CALLS - SLOW_LIMIT)
+                # Only SLOW_LIMIT calls were admitted; the others were refused at once.
+                assert len(stalled) == SLOW_LIMIT
+                refused = [c for c in calls if c not in stalled]
+                _assert_refused(refused, "too many concurrent requests for consumer 'slow'")
+                # Meanwhile the other consumer is served, while the stalled calls are open.
+                assert acme.describe().consumer == "acme-ai"
+                release = acme.analyze(_count())
+                assert not any(c.done() for c in stalled), "the node ended them too early"
+                _assert_cut_off(stalled)
+            finally:
+                until.set()
+    assert release.budget.releases == before[0] + 1
+    log = env.log()
+    assert len(re.findall(r"cancelled analyze by 'slow': still running", log)) >= SLOW_LIMIT
+    # Nothing read, nothing charged: refusals and cut-offs alike.
+    slow = env.budget("slow")
+    assert (slow.releases, slow.spent_epsilon) == (before[1].releases, before[1].spent_epsilon)
+
+
+def test_withheld_health_checks_hold_only_their_own_slots(env: Env) -> None:
+    until = threading.Event()
+    request = health_pb2.HealthCheckRequest(service="")
+    with (
+        env.channel("slow") as slow,
+        env.channel("stranger") as stranger,
+        env.channel("acme-ai") as acme,
+    ):
+        watch = health_pb2_grpc.HealthStub(acme).Watch(request, timeout=WAIT_S)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        try:
+            calls = _open_withheld(slow, CHECK, health_pb2.HealthCheckResponse.FromString, until)
+            stalled = _split(calls, refused=CALLS - HEALTH_MAX_CONCURRENT)
+            assert len(stalled) == HEALTH_MAX_CONCURRENT
+            refused = [c for c in calls if c not in stalled]
+            _assert_refused(refused, "too many concurrent health calls for consumer 'slow'")
+            # Any certificate of the federation may check health, policy entry or not.
+            reply = health_pb2_grpc.HealthStub(stranger).Check(request, timeout=WAIT_S)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with closing(env.client("acme-ai")) as client:
+                assert client.describe().consumer == "acme-ai"
+            assert not any(c.done() for c in stalled), "the node ended them too early"
+            _assert_cut_off(stalled)
+        finally:
+            until.set()
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)  # no status change: the node ends the stream at max_request_s
+        assert info.value.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+    log = env.log()
+    assert (
+        len(re.findall(r"cancelled health by 'slow': still running", log)) >= HEALTH_MAX_CONCURRENT
+    )
+    assert "cancelled health by 'acme-ai': still running" in log  # the watch
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([], "Describe takes exactly one request message; this call sent none"),
+        ([b"", b""], "Describe takes exactly one request message; this call sent more than one"),
+        ([b"\xff\xff\xff"], "Describe: the request message (3 bytes) does not parse"),
+    ],
+)
+def test_describe_needs_exactly_one_valid_request_message(
+    env: Env, messages: list[bytes], problem: str
+) -> None:
+    with env.channel("acme-ai") as channel:
+        call = channel.stream_unary(DESCRIBE, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(iter(messages), timeout=WAIT_S)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in (info.value.details() or "")
+    assert f"refused describe: {problem}" in env.log()
