@@ -31,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from federation.errors import InvalidRequestError
 
@@ -185,9 +186,8 @@ class ServerOptimizer:
             flat_x = x.reshape(-1)
             flat_avg = average[name].reshape(-1)
             if self.name == "fedavg":
-                for b in _blocks(flat_x.size):
-                    delta = flat_avg[b] - flat_x[b]
-                    flat_x[b] += np.float32(self.lr) * delta
+                # x + lr (avg - x) as one fused pass with no temporary (exactly avg at lr 1).
+                torch.from_numpy(flat_x).lerp_(torch.from_numpy(flat_avg), self.lr)
                 continue
             m = self.state[f"m/{name}"].reshape(-1)
             v = self.state[f"v/{name}"].reshape(-1)

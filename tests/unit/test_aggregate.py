@@ -94,6 +94,14 @@ def test_fedavg_with_unit_rate_takes_the_average() -> None:
         np.testing.assert_allclose(weights[name], average[name], rtol=1e-6)
 
 
+def test_fedavg_moves_the_weights_by_the_server_rate() -> None:
+    weights, average = _update(1), _update(2)
+    expected = {n: w.astype(np.float64) + 0.3 * (average[n] - w) for n, w in weights.items()}
+    ServerOptimizer("fedavg", SHAPES, lr=0.3).step(weights, average)
+    for name in SHAPES:
+        np.testing.assert_allclose(weights[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_adaptive_steps_follow_reddi_et_al(name: str) -> None:
     """Two steps against a float64 transcription of Algorithm 2 (arXiv:2003.00295)."""
