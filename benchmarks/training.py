@@ -8,8 +8,8 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
 - **round s**: median wall time of the rounds after the first (the first also pays the
   node's noise-multiplier search and lazy imports; shown as ``first s``);
 - **train s**: the slowest node's ledger charge and DP-SGD time inside the round (from its
-  log: building the model from the received weights, the step with Gaussian noise on every
-  parameter, copying the update out);
+  log: adopting the received weights as the model, the step with Gaussian noise on every
+  parameter, hashing the update for its signed receipt);
 - **transfer s**: round s minus train s: streaming the weights out and the update back
   (TLS, 2 MiB chunks), hashing the update on both sides for the signed receipt,
   accumulating, the server step;
@@ -18,11 +18,14 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
   serialize the update, and add it into a running weighted sum; then average. Tensor by
   tensor, as the federation streams them.
 - peak RSS (VmHWM) of the coordinator process and of the largest node, in GB and in
-  model sizes.
+  model sizes;
+- **coord cpu** / **nodes cpu**: CPU seconds (user + system) per round after the first, of
+  the coordinator and of all node processes together. When their sum is about the round
+  time times the machine's cores, the round is CPU-bound: only less work makes it faster.
 
-``--nodes-sweep`` then runs 8 nodes x 100M parameters (or fewer nodes, if the memory the
-2-node run measured says 8 would not fit) to show that coordinator memory does not grow
-with the number of nodes.
+Unless ``--no-sweep``, it then runs 8 nodes x 100M parameters (or fewer nodes, if the
+memory the 2-node run measured says 8 would not fit) to show that coordinator memory does
+not grow with the number of nodes as whole updates would (8 x the model).
 
 Usage::
 
@@ -84,6 +87,12 @@ def _vm_hwm_bytes(pid: int | str = "self") -> int:
     return 0
 
 
+def _cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _mem_available_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -132,7 +141,9 @@ def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
     )
     fed = local.start()
     try:
+        pids: list[int | str] = ["self", *(p.process.pid for p in local.processes.values())]
         started = time.perf_counter()
+        cpu_before: list[float] = []
         result = fed.train(
             spec,
             rounds=rounds,
@@ -142,8 +153,13 @@ def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
             learning_rate=0.1,
             progress=False,
             round_timeout_s=1800.0,
+            # CPU of the rounds after the first, like round_s: snapshot when round 0 ends.
+            on_round=lambda record: (
+                cpu_before.extend(_cpu_s(pid) for pid in pids) if record.round == 0 else None
+            ),
         )
         total_s = time.perf_counter() - started
+        cpu_after = [_cpu_s(pid) for pid in pids]
         coordinator_peak = _vm_hwm_bytes()
         node_peaks = {n: _vm_hwm_bytes(p.process.pid) for n, p in local.processes.items()}
         node_logs = {n: p.log_path.read_text(errors="replace") for n, p in local.processes.items()}
@@ -171,6 +187,10 @@ def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
         "total_s": total_s,
         "coordinator_peak": coordinator_peak,
         "node_peak": max(node_peaks.values()),
+        # CPU seconds per round (rounds after the first): coordinator, and all nodes together.
+        "coordinator_cpu_s": (cpu_after[0] - cpu_before[0]) / max(rounds - 1, 1),
+        "nodes_cpu_s": sum(b - a for a, b in zip(cpu_before[1:], cpu_after[1:], strict=True))
+        / max(rounds - 1, 1),
         "model_bytes": params * 4,
     }
 
@@ -212,14 +232,16 @@ def _row(r: dict[str, Any]) -> str:
         f"{r['node_train_s']:>8.2f} {transfer:>9.2f} {r['bound_s']:>8.2f} "
         f"{transfer / r['bound_s']:>8.2f}x {r['round_s'] / r['bound_s']:>8.2f}x "
         f"{_gb(r['coordinator_peak']):>7} ({r['coordinator_peak'] / model:>4.1f}x) "
-        f"{_gb(r['node_peak']):>7} ({r['node_peak'] / model:>4.1f}x)"
+        f"{_gb(r['node_peak']):>7} ({r['node_peak'] / model:>4.1f}x) "
+        f"{r['coordinator_cpu_s']:>8.2f} {r['nodes_cpu_s']:>8.2f}"
     )
 
 
 HEADER = (
     f"{'params':>9} {'nodes':>5} {'round s':>8} {'first s':>8} {'train s':>8} "
     f"{'transfer s':>9} {'bound s':>8} {'xfer/bnd':>9} {'rnd/bnd':>9} "
-    f"{'coord GB':>7} {'(xmodel)':>7} {'node GB':>7} {'(xmodel)':>7}"
+    f"{'coord GB':>7} {'(xmodel)':>7} {'node GB':>7} {'(xmodel)':>7} "
+    f"{'coord cpu':>8} {'nodes cpu':>8}"
 )
 
 

@@ -12,9 +12,9 @@ Three layers keep one consumer from starving the others or holding a node's reso
    refused at once with ``RESOURCE_EXHAUSTED`` before anything is validated or charged, so a
    burst from one consumer costs the others nothing but the microseconds of that refusal.
 3. **Deadline** (:class:`Watchdog`): a request that runs longer than the node's
-   ``max_request_s`` (whatever deadline its client asked for) is cancelled by the server.
-   Streaming handlers (``Train``) pass their own limit to
-   :meth:`nodes.guard.Guard.admit` and may poll :attr:`Deadline.expired` between chunks.
+   ``max_request_s`` (whatever deadline its client asked for) is cancelled by the server;
+   a Train stream included (:meth:`nodes.guard.Guard.admit` takes another limit, but the
+   node passes none), so ``max_request_s`` must cover a whole training round.
 
 Admission comes before reading: unary methods are served as client streams
 (``nodes._unary``), so a handler identifies the caller, takes its slot and starts its

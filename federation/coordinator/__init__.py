@@ -29,7 +29,7 @@ from federation.wire import AnalyzeRequest
 
 if TYPE_CHECKING:
     # Training loads torch; importing federation must not (seconds), so it loads on use.
-    from federation.coordinator.training import TrainingResult
+    from federation.coordinator.training import RoundRecord, TrainingResult
     from federation.models import ModelSpec
 
 __all__ = [
@@ -260,6 +260,7 @@ class Coordinator:
         metrics_epsilon: float = 0.0,
         progress: bool = True,
         seed: int = 0,
+        on_round: Callable[[RoundRecord], None] | None = None,
     ) -> TrainingResult:
         """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
 
@@ -290,6 +291,7 @@ class Coordinator:
             metrics_epsilon=metrics_epsilon,
             progress=progress,
             seed=seed,
+            on_round=on_round,
         )
 
     # ---------------------------------------------------------------- plumbing

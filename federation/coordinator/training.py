@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +194,7 @@ def train(
     metrics_epsilon: float = 0.0,
     progress: bool = True,
     seed: int = 0,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> TrainingResult:
     """Train ``spec`` across the coordinator's nodes with DP-SGD at each node.
 
@@ -218,6 +219,8 @@ def train(
             each round, charged on top of ``target_epsilon``.
         progress: show a progress bar (a widget in Jupyter).
         seed: seed of the initial weights.
+        on_round: called with each round's record once the round (and its checkpoint)
+            is done, e.g. to plot live in a notebook; an exception it raises stops the run.
 
     Returns:
         The global model and the per-round history.
@@ -268,7 +271,7 @@ def train(
         )
     job.min_nodes = len(job.names) if min_nodes is None else min_nodes
     job.round_timeout_s = round_timeout_s
-    _run(coordinator, job, directory, progress=progress)
+    _run(coordinator, job, directory, progress=progress, on_round=on_round)
     model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
     return TrainingResult(
         model=model, history=job.history, spec=spec, input_dim=dim, job_id=job.job_id
@@ -294,7 +297,14 @@ def _check_arguments(
         raise InvalidRequestError(f"min_nodes must be between 1 and {nodes}; got {min_nodes}")
 
 
-def _run(coordinator: Coordinator, job: _Job, directory: Path | None, *, progress: bool) -> None:
+def _run(
+    coordinator: Coordinator,
+    job: _Job,
+    directory: Path | None,
+    *,
+    progress: bool,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> None:
     total = RunningSum({n: a.shape for n, a in job.weights.items()})
     start = len(job.history)
     with (
@@ -314,6 +324,8 @@ def _run(coordinator: Coordinator, job: _Job, directory: Path | None, *, progres
                     document=_document(job),
                 )
             _show(bar, record, len(job.names))
+            if on_round is not None:
+                on_round(record)
 
 
 def _round(

@@ -25,7 +25,7 @@ from federation import BudgetExhaustedError, Count, NodeUnavailableError, pki, r
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator
-from federation.coordinator.training import TrainingResult, load_model
+from federation.coordinator.training import RoundRecord, TrainingResult, load_model
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
 from federation.metrics import roc_auc
@@ -91,9 +91,13 @@ def test_training_reaches_a_useful_model_and_saves_it(
 ) -> None:
     fed = _fed(trained_fed)
     before = fed.budgets()
-    result = fed.train(SPEC, rounds=4, target_epsilon=4.0, metrics_epsilon=0.5, **TRAINING)
+    seen: list[RoundRecord] = []
+    result = fed.train(
+        SPEC, rounds=4, target_epsilon=4.0, metrics_epsilon=0.5, on_round=seen.append, **TRAINING
+    )
 
     assert [r.round for r in result.history] == [0, 1, 2, 3]
+    assert seen == result.history  # the callback saw every round, in order
     for record in result.history:
         assert record.answered == ("hong-kong", "shenzhen")
         assert record.missing == ()
