@@ -211,7 +211,9 @@ def state_views(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
         if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
             arrays[name] = tensor.numpy()
         else:
-            arrays[name] = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy().copy())
+            # .to() copies a device or float64 tensor; ascontiguousarray copies a strided
+            # CPU one: either way the array owns its memory, and only one copy is made.
+            arrays[name] = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
     return arrays
 
 

@@ -742,8 +742,10 @@ class TrainingEngine:
         """
         try:
             self.device = torch.device(device)
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as err:
+            # What a round needs of the device: memory, a seeded generator, normal_ on it.
+            generator = torch.Generator(device=self.device).manual_seed(0)
+            torch.empty(1, device=self.device).normal_(generator=generator)
+        except (RuntimeError, AssertionError, NotImplementedError) as err:
             raise ConfigError(f"training device {device!r} is not available: {err}") from err
         self.table = table
         self.registry = registry
@@ -809,14 +811,21 @@ class TrainingEngine:
         # Built on "meta" then filled from the global weights: no use of global RNG state.
         with torch.device("meta"):
             model = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
-        if in_place:
+        if _has_unsaved_buffers(model):
+            # A non-persistent buffer (an operator's architecture) is not in the weights,
+            # so only the constructor can set it: build for real, RNG state kept.
+            with torch.random.fork_rng(devices=[]):
+                model = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
+            model = model.to(self.device)
+        elif in_place:
             # check_weights has run: the arrays fit the model. Adopt them (no copy on CPU).
             state = {name: torch.from_numpy(_adoptable(a)) for name, a in weights.items()}
             model.load_state_dict(
                 {name: t.to(self.device) for name, t in state.items()}, assign=True
             )
             return model
-        model = model.to_empty(device=self.device)
+        else:
+            model = model.to_empty(device=self.device)
         arrays_to_state(model, weights)
         return model
 
@@ -878,6 +887,12 @@ class TrainingEngine:
             while len(self._cache) > _DATA_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
         return tensors
+
+
+def _has_unsaved_buffers(model: nn.Module) -> bool:
+    """Whether ``model`` has a buffer its state dict (the weights on the wire) leaves out."""
+    saved = set(model.state_dict())
+    return any(name not in saved for name, _ in model.named_buffers())
 
 
 def _adoptable(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:

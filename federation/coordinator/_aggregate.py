@@ -181,7 +181,11 @@ class ServerOptimizer:
                 self.state[f"v/{n}"] = np.full(s, tau * tau, dtype=np.float32)
 
     def step(self, weights: Arrays, average: Mapping[str, npt.NDArray[np.float32]]) -> None:
-        """Update ``weights`` in place from the round's ``average`` (blockwise)."""
+        """Update ``weights`` in place from the round's ``average``.
+
+        FedAvg is one fused pass; the adaptive optimizers go block by block, so their
+        temporaries stay block-sized.
+        """
         for name, x in weights.items():
             flat_x = x.reshape(-1)
             flat_avg = average[name].reshape(-1)

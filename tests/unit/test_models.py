@@ -19,6 +19,7 @@ from federation.models import (
     input_dim,
     state_shapes,
     state_to_arrays,
+    state_views,
 )
 
 FEATURES = ("age", "income", "employment", "has_mortgage")
@@ -181,3 +182,17 @@ def test_arrays_to_state_accepts_read_only_buffers_from_the_wire() -> None:
     arrays_to_state(model, arrays)
     for name, value in state_to_arrays(model).items():
         np.testing.assert_array_equal(value, arrays[name])
+
+
+def test_state_views_share_float32_cpu_storage_and_copy_anything_else() -> None:
+    model = nn.Linear(3, 2)
+    model.register_buffer("scale", torch.ones(2, dtype=torch.float64))
+    model.register_buffer("strided", torch.arange(6.0).reshape(2, 3).T)
+    views = state_views(model)
+    assert np.shares_memory(views["weight"], model.weight.detach().numpy())
+    for name in ("scale", "strided"):  # float64 and non-contiguous: one owned float32 copy
+        array = views[name]
+        assert array.dtype == np.float32
+        assert array.flags.c_contiguous
+        assert not np.shares_memory(array, getattr(model, name).numpy())
+        np.testing.assert_array_equal(array, getattr(model, name).numpy())

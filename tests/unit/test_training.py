@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
-from federation.errors import BudgetExhaustedError, InvalidRequestError, PolicyError
+from federation.errors import BudgetExhaustedError, ConfigError, InvalidRequestError, PolicyError
 from federation.metrics import roc_auc
 from federation.models import (
     MODEL_REGISTRY,
@@ -356,32 +356,47 @@ def test_training_in_place_matches_the_copying_path_and_shares_buffers(
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
-def test_dp_sgd_noise_has_the_planned_scale(engine: TrainingEngine, architecture: str) -> None:
-    # With a batch of ~1 record and clip norm C, the clipped gradient moves the weights by
-    # at most step_size * C in norm; the noise moves each of ~5,000 coordinates by
-    # N(0, (step_size * sigma * C)^2), ~70 sigma C in norm. The sample std of n draws is
-    # within 5% of the truth with probability 1 - 1e-6 (its relative error is ~1/sqrt(2n)).
+def test_dp_sgd_noise_has_the_planned_scale_on_every_tensor(
+    engine: TrainingEngine, architecture: str
+) -> None:
+    # Empty batches (no training rows) isolate the noise: every step must move every
+    # coordinate of every tensor by N(0, (step_size * sigma * C)^2), independently. Hidden
+    # width 1000 gives a 64,000-value weight: one full 32,768-value noise slice and a
+    # partial one. Tolerances are 6 standard errors of each statistic.
     registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
-    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 64))
+    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 1000))
     policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
     plan = dataclasses.replace(
-        plan_training(**_request(spec=spec, policy=policy, sample_rate=1e-4), registry=registry),
-        local_steps=1,
+        plan_training(**_request(spec=spec, policy=policy), registry=registry), local_steps=1
     )
     data = engine._tensors(plan.spec.features, plan.spec.target)
+    empty = dataclasses.replace(data, train_x=data.train_x[:0], train_y=data.train_y[:0])
     model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
-    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    stepper = _Stepper(model, data, plan, torch.Generator().manual_seed(3), examples=1e4)
-    stepper.step(np.random.default_rng(3))
-    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    change = (after - before).double()
+    stepper = _Stepper(model, empty, plan, torch.Generator().manual_seed(3), examples=1e4)
     expected = stepper.step_size * stepper.sigma
-    assert change.numel() > 4000
-    assert change.std().item() == pytest.approx(expected, rel=0.05)
-    # Mean: the noise's is N(0, expected^2 / n); the gradient of <= 10 clipped records
-    # (Poisson, mean ~1.8 here) shifts it by at most 10 step_size C / sqrt(n).
-    shift = 6 * expected + 10 * stepper.step_size * plan.clip_norm
-    assert abs(change.mean().item()) < shift / change.numel() ** 0.5
+    named = dict(model.named_parameters())
+    steps = 200
+    moves: dict[str, list[torch.Tensor]] = {name: [] for name in named}
+    rng = np.random.default_rng(3)
+    for _ in range(steps):
+        before = {name: p.detach().clone() for name, p in named.items()}
+        stepper.step(rng)
+        for name, p in named.items():
+            moves[name].append((p.detach() - before[name]).double().reshape(-1))
+    assert max(p.numel() for p in named.values()) == 64_000
+    for name, parts in moves.items():
+        change = torch.cat(parts)
+        n = change.numel()
+        assert change.std().item() == pytest.approx(expected, rel=6 / (2 * n) ** 0.5), name
+        assert abs(change.mean().item()) < 6 * expected / n**0.5, name
+    # Slices of one tensor, and steps, draw fresh noise (no reused or re-seeded stream).
+    big = next(name for name, p in named.items() if p.numel() == 64_000)
+    first, second = moves[big][0][:32_768], moves[big][0][32_768:65_536]
+    later = moves[big][1][:32_768]
+    for other in (second, later):
+        width = min(first.numel(), other.numel())
+        r = torch.corrcoef(torch.stack([first[:width], other[:width]]))[0, 1].item()
+        assert abs(r) < 6 / width**0.5
 
 
 def test_update_releases_weights_count_and_metrics(engine: TrainingEngine, table: Table) -> None:
@@ -424,6 +439,38 @@ def test_operator_architectures_train_through_the_generic_path(table: Table) -> 
     )
     assert update.weights.keys() == weights.keys()
     assert not np.array_equal(update.weights["0.weight"], weights["0.weight"])
+
+
+def test_in_place_training_materialises_buffers_the_weights_do_not_carry(table: Table) -> None:
+    class Scaled(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(dim, 1)
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * self.scale
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "scaled": lambda s, d: Scaled(d)}
+    policy = dataclasses.replace(POLICY, allowed_models=("scaled",))
+    spec = ModelSpec("scaled", "credit", FEATURES, "defaulted")
+    plan = plan_training(**_request(spec=spec, policy=policy, local_steps=2), registry=registry)
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    update = engine.train(plan, weights, rng=np.random.default_rng(0), in_place=True)
+    again = engine.train(plan, weights, rng=np.random.default_rng(0))
+    for name in weights:
+        np.testing.assert_array_equal(update.weights[name], again.weights[name])
+    # The buffer's value comes from the constructor (it is not in the weights).
+    assert engine._model(plan, weights, in_place=True).scale.item() == 2.0
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "mps"])
+def test_engine_refuses_a_device_it_cannot_train_on(table: Table, device: str) -> None:
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ConfigError, match=f"training device {device!r} is not available"):
+        TrainingEngine(table, device=device)
 
 
 # ------------------------------------------------------------------ data preparation
