@@ -8,8 +8,9 @@ as soon as the call's headers arrive, and the wire format of a unary call and of
 client-streaming call that sends one message is the same (headers, one length-prefixed
 message, half-close). So a node registers its unary methods as client streams: the handler
 admits the caller first (``nodes.guard``: identity, concurrency slot, ``max_request_s``
-deadline) and only then reads the one message with :func:`read_single`. A caller that
-withholds its request now holds one of its own slots until the deadline cancels the call.
+deadline) and only then reads the one message with :func:`read_single`, under the guard's
+read deadline (``max_request_read_s``). A caller that withholds its request now holds one
+of its own slots until that deadline cancels the call.
 Clients and the ``.proto`` files do not change.
 """
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from federation.errors import ConfigError, InvalidRequestError
 from federation.schema import Column, ColumnType, DatasetSchema
+from nodes.limits import REQUEST_READ_S
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -225,6 +226,9 @@ class NodeConfig:
         max_message_bytes: gRPC message size limit.
         max_request_s: server-side deadline of one request in seconds, 0 < s <= 86400;
             a request still running after it is cancelled, whatever its client asked for.
+        max_request_read_s: seconds an admitted Describe, Analyze or health call may take
+            to deliver its request message, 0 < s <= ``max_request_s``; a call still
+            without it is cancelled. Left out, it is ``min(10, max_request_s)``.
         device: the torch device DP-SGD trains on: ``"cpu"`` (default), ``"cuda"``,
             ``"cuda:N"``, ``"mps"`` or ``"xpu[:N]"``; the node refuses to start if it is
             not available. Analytics always run on the CPU.
@@ -243,6 +247,7 @@ class NodeConfig:
     max_workers: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_s: float = 300.0
+    max_request_read_s: float = _DERIVED
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -270,10 +275,22 @@ class NodeConfig:
                 f"must be a number of seconds > 0 and <= {_num(_MAX_REQUEST_S)}; "
                 f"got {_num(self.max_request_s)}",
             )
+        self._check_read_limit()
         if not _DEVICE_RE.fullmatch(self.device):
             raise _FieldError(
                 "device",
                 f'must be "cpu", "cuda", "cuda:N", "mps" or "xpu[:N]"; got {self.device!r}',
+            )
+
+    def _check_read_limit(self) -> None:
+        if math.isnan(self.max_request_read_s):
+            object.__setattr__(self, "max_request_read_s", min(REQUEST_READ_S, self.max_request_s))
+        read_s = self.max_request_read_s
+        if not (math.isfinite(read_s) and 0 < read_s <= self.max_request_s):
+            raise _FieldError(
+                "max_request_read_s",
+                f"must be a number of seconds > 0 and <= max_request_s "
+                f"({_num(self.max_request_s)}); got {_num(read_s)}",
             )
 
     def _check_contents(self) -> None:
@@ -410,6 +427,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
     max_workers = _integer(node, "node", "max_workers", default=8)
     max_message_bytes = _integer(node, "node", "max_message_bytes", default=4 * 1024 * 1024)
     max_request_s = _number(node, "node", "max_request_s", default=300.0)
+    max_request_read_s = _number(node, "node", "max_request_read_s", default=_DERIVED)
     device = _string(node, "node", "device", default="cpu")
     datasets = _datasets(data, base_dir)
     consumers = _consumers(data)
@@ -426,6 +444,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
             max_workers=max_workers,
             max_message_bytes=max_message_bytes,
             max_request_s=max_request_s,
+            max_request_read_s=max_request_read_s,
             device=device,
         )
     except _FieldError as err:
@@ -441,6 +460,7 @@ _NODE_KEYS = (
     "max_workers",
     "max_message_bytes",
     "max_request_s",
+    "max_request_read_s",
     "device",
 )
 _DATASET_KEYS = ("name", "source", "format", "description", "columns")
@@ -885,6 +905,7 @@ def _node_lines(name: str, jurisdiction: str) -> list[str]:
         "max_workers = 8",
         "max_message_bytes = 4194304",
         "max_request_s = 300             # a request still running after this is cancelled",
+        "max_request_read_s = 10         # cancel a call whose request is not in by then",
         'device = "cpu"                  # DP-SGD on "cuda" (or "cuda:N") if the node has a GPU',
         "",
     ]

@@ -13,7 +13,9 @@ very certificate the operator just tried to revoke.
 
 :meth:`Guard.admit` runs the whole admission of one request: identify, authorize, take one
 of the consumer's concurrency slots, and start the server-side deadline (``nodes.limits``).
-:meth:`Guard.admit_health` does the same for the health service, without the policy check.
+:meth:`Guard.admit_health` does the same for the health service, without the policy check
+but with a node-wide limit too. :meth:`Guard.read_deadline` then bounds the wait for the
+request message of an admitted call.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,16 @@ import grpc
 from federation import pki
 from federation.errors import ConfigError, PolicyError, UnauthenticatedError
 from nodes.config import ConsumerPolicy, NodeConfig
-from nodes.limits import HEALTH_MAX_CONCURRENT, ConcurrencyLimiter, Deadline, Watchdog
+from nodes.limits import (
+    HEALTH_CALL_S,
+    HEALTH_MAX_CONCURRENT,
+    ConcurrencyLimiter,
+    Deadline,
+    Watchdog,
+    health_total_limit,
+)
 
-__all__ = ["CONSUMER_HEADER", "Admission", "Guard"]
+__all__ = ["CONSUMER_HEADER", "Admission", "Guard", "HealthAdmission"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,14 @@ class Admission:
     deadline: Deadline
 
 
+@dataclass(frozen=True, slots=True)
+class HealthAdmission:
+    """An admitted health call: who is calling (maybe anonymous) and until when."""
+
+    caller: str
+    deadline: Deadline
+
+
 class Guard:
     """Identify callers and check them against the node's per-consumer policy."""
 
@@ -59,6 +76,7 @@ class Guard:
         self.use_tls = use_tls
         self.limiter = ConcurrencyLimiter(node=config.name)
         self.health_limiter = ConcurrencyLimiter(node=config.name, what="health calls")
+        self.health_total = health_total_limit(config.max_workers)
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self._revoked: frozenset[str] = frozenset()
@@ -176,29 +194,33 @@ class Guard:
         consumer = self.identify(context)
         policy = self.authorize(consumer, operation)
         timeout_s = self.config.max_request_s if limit_s is None else limit_s
-        with self._hold(
-            context,
-            operation,
-            consumer,
-            limiter=self.limiter,
-            limit=policy.max_concurrent_requests,
-            timeout_s=timeout_s,
-        ) as deadline:
+        with (
+            self.limiter.slot(consumer, limit=policy.max_concurrent_requests),
+            self._cancel_after(
+                context,
+                operation,
+                consumer,
+                timeout_s=timeout_s,
+                reason=f"still running after {timeout_s:g}s (max_request_s)",
+            ) as deadline,
+        ):
             yield Admission(consumer=consumer, policy=policy, deadline=deadline)
 
     @contextmanager
-    def admit_health(self, context: grpc.ServicerContext) -> Iterator[Deadline]:
+    def admit_health(self, context: grpc.ServicerContext) -> Iterator[HealthAdmission]:
         """Admit one health call (Check, Watch) for the duration of the block.
 
         Any valid, non-revoked certificate of the federation may check health, with no
-        policy entry, but only :data:`~nodes.limits.HEALTH_MAX_CONCURRENT` calls at once
-        and each for at most ``max_request_s`` (a Watch stream then ends; clients re-watch).
-        Without TLS (loopback only) a caller without the consumer header is anonymous.
+        policy entry, but only :data:`~nodes.limits.HEALTH_MAX_CONCURRENT` calls at once per
+        certificate, :func:`~nodes.limits.health_total_limit` at once on the node (every
+        caller together), and each for at most ``min(HEALTH_CALL_S, max_request_s)`` (a
+        Watch stream then ends; clients re-watch). Without TLS (loopback only) a caller
+        without the consumer header is anonymous.
 
         Raises:
             UnauthenticatedError: as :meth:`identify` (TLS only).
-            BudgetExhaustedError: the certificate already runs its health calls
-                (``RESOURCE_EXHAUSTED``).
+            BudgetExhaustedError: the certificate already runs its health calls, or the node
+                runs its node-wide limit of them (``RESOURCE_EXHAUSTED``).
         """
         try:
             name = self.identify(context)
@@ -206,43 +228,55 @@ class Guard:
             if self.use_tls:
                 raise
             name = ANONYMOUS  # a plaintext prober on loopback (LocalFederation's, say)
-        with self._hold(
-            context,
-            "health",
-            name,
-            limiter=self.health_limiter,
-            limit=HEALTH_MAX_CONCURRENT,
-            timeout_s=self.config.max_request_s,
-        ) as deadline:
-            yield deadline
+        timeout_s = min(HEALTH_CALL_S, self.config.max_request_s)
+        with (
+            self.health_limiter.slot(name, limit=HEALTH_MAX_CONCURRENT),
+            self.health_limiter.node_slot(limit=self.health_total),
+            self._cancel_after(
+                context,
+                "health",
+                name,
+                timeout_s=timeout_s,
+                reason=f"still running after {timeout_s:g}s (health call limit)",
+            ) as deadline,
+        ):
+            yield HealthAdmission(caller=name, deadline=deadline)
 
-    @contextmanager
-    def _hold(
+    def read_deadline(
+        self, context: grpc.ServicerContext, operation: str, caller: str
+    ) -> AbstractContextManager[Deadline]:
+        """Cancel the call unless the block (reading its request) ends within the read limit.
+
+        Use it inside an admission, around reading the request message: a caller that
+        withholds or trickles its request loses the call (and its slot) after the node's
+        ``max_request_read_s``, not ``max_request_s``. The deadline's ``fired`` says whether
+        it cut the call off (then drop whatever the read returned).
+        """
+        timeout_s = self.config.max_request_read_s
+        return self._cancel_after(
+            context,
+            operation,
+            caller,
+            timeout_s=timeout_s,
+            reason=f"request not received within {timeout_s:g}s",
+        )
+
+    def _cancel_after(
         self,
         context: grpc.ServicerContext,
         operation: str,
         caller: str,
         *,
-        limiter: ConcurrencyLimiter,
-        limit: int,
         timeout_s: float,
-    ) -> Iterator[Deadline]:
-        """Hold one of ``caller``'s slots and cancel the call after ``timeout_s`` seconds."""
+        reason: str,
+    ) -> AbstractContextManager[Deadline]:
+        """Cancel the call (logging why) if the block still runs after ``timeout_s`` seconds."""
 
         def expire() -> None:
-            log.warning(
-                "cancelled %s by %r: still running after %gs (max_request_s)",
-                operation,
-                caller,
-                timeout_s,
-            )
+            log.warning("cancelled %s by %r: %s", operation, caller, reason)
             context.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
-        with (
-            limiter.slot(caller, limit=limit),
-            self.watchdog.deadline(expire, timeout_s=timeout_s) as deadline,
-        ):
-            yield deadline
+        return self.watchdog.deadline(expire, timeout_s=timeout_s)
 
     def close(self) -> None:
         """Stop the deadline watchdog (the node is shutting down)."""

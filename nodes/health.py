@@ -3,9 +3,12 @@
 ``grpc_health``'s servicer keeps the statuses; this module serves its methods as client
 streams (``nodes._unary``) behind :meth:`nodes.guard.Guard.admit_health`: any valid,
 non-revoked certificate of the federation may ask (no policy entry needed), at most
-:data:`~nodes.limits.HEALTH_MAX_CONCURRENT` calls at once per certificate, each for at most
-``max_request_s``. A ``Watch`` stream therefore ends (``CANCELLED``) after ``max_request_s``;
-clients watch again, as gRPC's health clients do whenever a stream ends.
+:data:`~nodes.limits.HEALTH_MAX_CONCURRENT` calls at once per certificate and
+:func:`~nodes.limits.health_total_limit` at once on the node, each for at most
+``min(HEALTH_CALL_S, max_request_s)`` (10 s by default) and with ``max_request_read_s`` to
+deliver its request. ``Check`` answers at once. A ``Watch`` stream therefore ends
+(``CANCELLED``) after those 10 s, status change or not: clients watch again, as gRPC's
+health clients do whenever a stream ends, or poll with ``Check``.
 """
 
 from __future__ import annotations
@@ -113,13 +116,19 @@ class _AdmittedHealth:
         parse: Callable[[bytes], Any],
         context: grpc.ServicerContext,
     ) -> Iterator[Any]:
-        with self.guard.admit_health(context) as deadline:
-            yield read_single(
-                requests,
-                parse,
-                method=f"{health.SERVICE_NAME}/{method}",
-                call_ended=lambda: deadline.expired or not context.is_active(),
-            )
+        with self.guard.admit_health(context) as admission:
+            with self.guard.read_deadline(context, "health", admission.caller) as read:
+                request = read_single(
+                    requests,
+                    parse,
+                    method=f"{health.SERVICE_NAME}/{method}",
+                    call_ended=lambda: (
+                        read.expired or admission.deadline.expired or not context.is_active()
+                    ),
+                )
+            if read.fired:  # arrived as the read deadline cancelled the call
+                raise CallEndedError(method)
+            yield request
 
 
 def _refuse(method: str, err: FederationError, context: grpc.ServicerContext) -> NoReturn:

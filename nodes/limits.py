@@ -18,16 +18,26 @@ Three layers keep one consumer from starving the others or holding a node's reso
 
 Admission comes before reading: unary methods are served as client streams
 (``nodes._unary``), so a handler identifies the caller, takes its slot and starts its
-deadline as soon as the call's headers arrive, and only then reads the request. A caller that
-withholds or trickles its request therefore holds one of its own slots, and is cut off at
-``max_request_s`` like any other request; Train and the health service (``nodes.health``,
-at most :data:`HEALTH_MAX_CONCURRENT` calls per certificate) are admitted the same way.
+deadline as soon as the call's headers arrive, and only then reads the request, which must
+arrive within the node's ``max_request_read_s`` (default :data:`REQUEST_READ_S`, at most
+``max_request_s``) or the call is cancelled. A caller that withholds or trickles its request
+therefore holds one of its own slots for at most ``max_request_read_s``. The health service
+(``nodes.health``) is admitted and read the same way; Train is admitted the same way, and
+its stream has the ``max_request_s`` deadline. Health calls need no policy entry, so they
+have limits of their own: :data:`HEALTH_MAX_CONCURRENT` at once per certificate,
+:func:`health_total_limit` at once on the whole node (every certificate together), and each
+is cancelled after ``min(HEALTH_CALL_S, max_request_s)``.
 
-The guarantee: one consumer holds at most ``max_concurrent_requests`` +
-:data:`HEALTH_MAX_CONCURRENT` of the node's ``max_workers`` threads, each for at most
-``max_request_s``, whatever it sends or withholds; other consumers are unharmed while
-``max_workers`` exceeds that (the node warns at start when it does not). A refusal over the
-limit holds a thread only for the microseconds it takes.
+The guarantee: one consumer's requests hold at most its ``max_concurrent_requests`` of the
+node's ``max_workers`` threads, whatever it sends or withholds, and all health calls
+together, from any number of certificates, hold at most ``health_total_limit(max_workers)``;
+a caller refused at admission (no policy entry, over a limit) holds a thread only while it
+is refused. So while ``max_workers`` exceeds the largest ``max_concurrent_requests`` plus
+``health_total_limit(max_workers)``, no one consumer, even with every health call on its
+side, can occupy every worker thread (the node warns at start when it does not). Several
+consumers at their limits together still can: size ``max_workers`` for them. While the
+node-wide health limit is full, health probes are refused (``RESOURCE_EXHAUSTED``): the
+price of keeping them off the consumers' threads.
 """
 
 from __future__ import annotations
@@ -38,15 +48,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from federation.errors import BudgetExhaustedError
 
 __all__ = [
+    "HEALTH_CALL_S",
     "HEALTH_MAX_CONCURRENT",
+    "REQUEST_READ_S",
     "ConcurrencyLimiter",
     "Deadline",
     "Watchdog",
+    "health_total_limit",
     "server_options",
 ]
 
@@ -72,6 +85,24 @@ MAX_CONNECTION_IDLE_MS = 300_000
 # Health calls (Check, Watch) one certificate may have running at once, over and above its
 # max_concurrent_requests: enough for a prober and a watcher, never a pool's worth of threads.
 HEALTH_MAX_CONCURRENT = 2
+# Seconds a health call may run (Check answers at once; a Watch stream then ends and its
+# client watches again), or max_request_s if that is shorter.
+HEALTH_CALL_S = 10.0
+# Default seconds between admission and the arrival of a unary call's request message
+# (node.max_request_read_s, never above max_request_s): a withheld request is cut off then.
+REQUEST_READ_S = 10.0
+
+
+def health_total_limit(max_workers: int) -> int:
+    """Return how many health calls a node runs at once, every caller together.
+
+    A quarter of the worker threads, at least one: any certificate of the federation may
+    check health, so no number of them may take more of the pool than that.
+
+    >>> health_total_limit(8), health_total_limit(16), health_total_limit(3)
+    (2, 4, 1)
+    """
+    return max(1, max_workers // 4)
 
 
 def server_options(
@@ -114,46 +145,67 @@ def _ms(seconds: float) -> int:
 
 
 class ConcurrencyLimiter:
-    """Count running requests per consumer; refuse, never wait, beyond a limit."""
+    """Count running requests per consumer and on the node; refuse, never wait, beyond a limit."""
 
     def __init__(self, *, node: str, what: str = "requests") -> None:
         """Start with nothing running; ``node`` and ``what`` (plural) name both in refusals."""
         self._node = node
         self._what = what
         self._lock = threading.Lock()
-        self._running: dict[str, int] = {}
+        self._running: dict[str | None, int] = {}
 
-    def running(self, consumer: str) -> int:
-        """Return how many requests of ``consumer`` are running now."""
+    def running(self, consumer: str | None) -> int:
+        """Return how many requests of ``consumer`` (None: node-wide slots) are running now."""
         with self._lock:
             return self._running.get(consumer, 0)
 
-    @contextmanager
-    def slot(self, consumer: str, *, limit: int) -> Iterator[None]:
+    def slot(self, consumer: str, *, limit: int) -> AbstractContextManager[None]:
         """Hold one of ``consumer``'s ``limit`` slots for the duration of the block.
 
         Raises:
             BudgetExhaustedError: ``limit`` requests of ``consumer`` are already running
                 (gRPC ``RESOURCE_EXHAUSTED``); nothing has been charged.
         """
+        return self._hold(
+            consumer,
+            limit,
+            f"too many concurrent {self._what} for consumer {consumer!r} on node "
+            f"{self._node!r} (limit {limit}); nothing was charged: retry when one of "
+            f"your {self._what} has finished",
+        )
+
+    def node_slot(self, *, limit: int) -> AbstractContextManager[None]:
+        """Hold one of the ``limit`` slots that every caller shares, for the block.
+
+        Counted apart from the per-consumer slots of :meth:`slot` (nest the two).
+
+        Raises:
+            BudgetExhaustedError: ``limit`` of these are already running on the node
+                (gRPC ``RESOURCE_EXHAUSTED``); nothing has been charged.
+        """
+        return self._hold(
+            None,
+            limit,
+            f"too many concurrent {self._what} on node {self._node!r} (limit {limit}, all "
+            "callers together); nothing was charged: retry in a few seconds",
+        )
+
+    @contextmanager
+    def _hold(self, key: str | None, limit: int, refusal: str) -> Iterator[None]:
         with self._lock:
-            running = self._running.get(consumer, 0)
+            running = self._running.get(key, 0)
             if running >= limit:
-                raise BudgetExhaustedError(
-                    f"too many concurrent {self._what} for consumer {consumer!r} on node "
-                    f"{self._node!r} (limit {limit}); nothing was charged: retry when one of "
-                    f"your {self._what} has finished"
-                )
-            self._running[consumer] = running + 1
+                raise BudgetExhaustedError(refusal)
+            self._running[key] = running + 1
         try:
             yield
         finally:
             with self._lock:
-                left = self._running[consumer] - 1
+                left = self._running[key] - 1
                 if left:
-                    self._running[consumer] = left
+                    self._running[key] = left
                 else:
-                    del self._running[consumer]
+                    del self._running[key]
 
 
 class Deadline:
@@ -172,6 +224,12 @@ class Deadline:
     def remaining_s(self) -> float:
         """Seconds left before the deadline (0 once passed)."""
         return max(0.0, self.due - self._clock())
+
+    @property
+    def fired(self) -> bool:
+        """Whether the deadline fired (``on_expiry`` ran); final once :meth:`finish` returns."""
+        with self._lock:
+            return self._fired
 
     @property
     def expired(self) -> bool:

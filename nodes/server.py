@@ -7,6 +7,7 @@ bound when the config says port 0; it then waits on the standard health RPC.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from nodes.data import load_table
 from nodes.guard import Guard
 from nodes.health import add_health_service
 from nodes.ledger import Ledger
-from nodes.limits import HEALTH_MAX_CONCURRENT, server_options
+from nodes.limits import health_total_limit, server_options
 from nodes.service import NodeService, add_node_service
 from nodes.training import TrainingEngine
 
@@ -129,22 +130,28 @@ def start_node(
 
 
 def _warn_if_one_consumer_can_fill_the_pool(config: NodeConfig) -> None:
-    """Warn when one consumer may hold every worker thread (a hint, not a config error)."""
+    """Warn when one consumer, with every health call, may hold every worker thread.
+
+    A hint, not a config error: see the guarantee in ``nodes.limits``.
+    """
     if not config.consumers:
         return
     greediest = max(config.consumers.values(), key=lambda p: p.max_concurrent_requests)
-    held = greediest.max_concurrent_requests + HEALTH_MAX_CONCURRENT
-    if config.max_workers <= held:
+    requests = greediest.max_concurrent_requests
+    health_calls = health_total_limit(config.max_workers)
+    if config.max_workers <= requests + health_calls:
+        # The health limit grows with the pool: find the smallest pool that leaves a thread.
+        needed = next(w for w in itertools.count(1) if w > requests + health_total_limit(w))
         log.warning(
             "node.max_workers = %d: consumer %r may hold %d worker threads at once "
-            "(max_concurrent_requests %d + %d health calls), enough to stall every other "
-            "consumer for up to max_request_s; set node.max_workers above %d",
+            "(max_concurrent_requests) and health calls %d more (the node-wide health "
+            "limit), leaving no thread for other consumers; set node.max_workers to at "
+            "least %d",
             config.max_workers,
             greediest.name,
-            held,
-            greediest.max_concurrent_requests,
-            HEALTH_MAX_CONCURRENT,
-            held,
+            requests,
+            health_calls,
+            needed,
         )
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -40,7 +40,7 @@ from nodes._unary import CallEndedError, CapturedHandlers, read_single
 from nodes.analytics import DatasetEngine, Plan, plan_query
 from nodes.cohort import suppress_small_cohorts
 from nodes.config import NodeConfig
-from nodes.guard import Guard
+from nodes.guard import Admission, Guard
 from nodes.ledger import Ledger
 from nodes.training import TrainingEngine
 
@@ -274,22 +274,13 @@ class NodeService(pb_grpc.NodeServicer):
             with self.guard.admit(context, operation):
                 yield from step()
         except FederationError as err:
-            code = status_for(err)
-            log.warning("refused %s: %s (%s)", operation, err, code.name)
-            self._audit_refusal(context, operation, code, err)
-            context.abort(code, str(err))
+            self._refuse(context, operation, err)
         except grpc.RpcError:
             # Reading the request stream failed: the caller cancelled or its deadline (or
             # our idle cutoff) passed. There is nobody left to answer.
             log.warning("%s stream cancelled by the caller or timed out", operation)
         except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s (incident %s)", operation, incident)
-            context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error on node {self.config.name!r}; the operator's log has "
-                f"incident {incident}",
-            )
+            self._fail(context, operation)
 
     def _run(
         self,
@@ -306,35 +297,68 @@ class NodeService(pb_grpc.NodeServicer):
         """
         try:
             # Admission first (identity, policy, concurrency slot, deadline), then the read:
-            # a caller that withholds its request holds one of its own slots until the
+            # a caller that withholds its request holds one of its own slots until the read
             # deadline, and a request refused here has touched nothing.
             with self.guard.admit(context, operation) as admission:
+                request = self._read(context, operation, admission, requests, parse)
+                if request is not None:
+                    return step(request)
+        except FederationError as err:
+            self._refuse(context, operation, err)
+        except Exception:
+            self._fail(context, operation)
+        # The request never fully arrived: the caller went away, or a deadline cut it off.
+        # Nothing was read, so nothing was charged; there is nobody left to answer. (Outside
+        # the try: abort raises, and the catch-all must not take that for an internal error.)
+        log.warning("%s ended before its request arrived (cancelled or timed out)", operation)
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request arrived")
+
+    def _read(
+        self,
+        context: grpc.ServicerContext,
+        operation: str,
+        admission: Admission,
+        requests: Iterator[bytes],
+        parse: Callable[[bytes], M],
+    ) -> M | None:
+        """Read an admitted call's request within the read deadline; None if the call ended.
+
+        Raises:
+            InvalidRequestError: as :func:`~nodes._unary.read_single`.
+        """
+        with self.guard.read_deadline(context, operation, admission.consumer) as read:
+            try:
                 request = read_single(
                     requests,
                     parse,
                     method=operation.capitalize(),
-                    call_ended=lambda: admission.deadline.expired or not context.is_active(),
+                    call_ended=lambda: (
+                        read.expired or admission.deadline.expired or not context.is_active()
+                    ),
                 )
-                return step(request)
-        except FederationError as err:
-            code = status_for(err)
-            log.warning("refused %s: %s (%s)", operation, err, code.name)
-            self._audit_refusal(context, operation, code, err)
-            context.abort(code, str(err))
-        except (grpc.RpcError, CallEndedError):
-            # The request never fully arrived: the caller went away, or the deadline cut it
-            # off. Nothing was read, so nothing was charged; there is nobody left to answer.
-            log.warning("%s ended before its request arrived (cancelled or timed out)", operation)
-            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request arrived")
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s (incident %s)", operation, incident)
-            context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error on node {self.config.name!r}; the operator's log has "
-                f"incident {incident}",
-            )
-        raise AssertionError("unreachable: context.abort raises")
+            except (grpc.RpcError, CallEndedError):
+                return None
+        # Arrived just as the read deadline cancelled the call: nobody is left to answer.
+        return None if read.fired else request
+
+    def _refuse(
+        self, context: grpc.ServicerContext, operation: str, err: FederationError
+    ) -> NoReturn:
+        """Log and audit a refusal, and end the call with its status code."""
+        code = status_for(err)
+        log.warning("refused %s: %s (%s)", operation, err, code.name)
+        self._audit_refusal(context, operation, code, err)
+        context.abort(code, str(err))
+
+    def _fail(self, context: grpc.ServicerContext, operation: str) -> NoReturn:
+        """Log the current exception under an incident id; end the call with INTERNAL."""
+        incident = uuid.uuid4().hex[:12]
+        log.exception("internal error in %s (incident %s)", operation, incident)
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error on node {self.config.name!r}; the operator's log has "
+            f"incident {incident}",
+        )
 
     def _audit_refusal(
         self,

@@ -1,11 +1,13 @@
 """Slow-loris callers, end to end: a certificate holder that opens calls and withholds their
-requests holds only its own slots, is cut off at ``max_request_s``, is charged nothing, and
-never stalls another consumer.
+requests holds only its own slots, is cut off at the read deadline, is charged nothing, and
+never stalls another consumer; health calls, which any certificate may make, have a
+node-wide limit too.
 
-One real node process on 127.0.0.1 with mutual TLS, 5 worker threads and a 3 s server-side
-deadline. gRPC Python reads a unary request before any handler runs, so without admission
-before the read, the withheld calls below would hold every worker thread until connection
-age cut them off, and nobody else would be served in the meantime.
+One real node process on 127.0.0.1 with mutual TLS, 16 worker threads (so 4 health calls at
+once), a 3 s server-side deadline and a 2 s read deadline. gRPC Python reads a unary request
+before any handler runs, so without admission before the read, the withheld calls below
+would hold every worker thread until connection age cut them off, and nobody else would be
+served in the meantime.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +32,14 @@ from federation.local import LocalFederation, node_config_toml
 from federation.queries import Count, Mechanism
 from federation.releases import BudgetStatus
 from federation.wire import AnalyzeRequest
-from nodes.limits import HEALTH_MAX_CONCURRENT
+from nodes.limits import HEALTH_MAX_CONCURRENT, health_total_limit
 
 WAIT_S = 20.0  # bound on waiting for the node to do something; never a timing assertion
 NODE = "hong-kong"
+MAX_WORKERS = 16
 MAX_REQUEST_S = 3.0
+MAX_REQUEST_READ_S = 2.0  # shorter than max_request_s: the log says which cut a call off
+HEALTH_TOTAL = health_total_limit(MAX_WORKERS)
 SLOW_LIMIT = 2  # the slow consumer's max_concurrent_requests
 CALLS = 8  # withheld calls the slow consumer opens at once
 BASE: dict[str, object] = {"epsilon": 100.0, "operations": ["describe", "analyze"]}
@@ -42,10 +47,15 @@ POLICIES: dict[str, dict[str, object]] = {
     "acme-ai": {**BASE, "max_concurrent_requests": 2},
     "slow": {**BASE, "max_concurrent_requests": SLOW_LIMIT},
 }
+# Certificates of the federation with no policy entry on the node (one more than the
+# node-wide health limit), and one the node's operator has revoked.
+NOBODIES = tuple(f"nobody-{i}" for i in range(HEALTH_TOTAL + 1))
+REVOKED = "revoked"
 ANALYZE = "/federation.v1.Node/Analyze"
 DESCRIBE = "/federation.v1.Node/Describe"
 CHECK = "/grpc.health.v1.Health/Check"
 Call = Any  # what stream_unary(...).future() returns: a grpc.Future that is also a grpc.Call
+CUT_OFF = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
 
 
 @dataclass
@@ -79,6 +89,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pki_dir = root / "pki"
     ca = pki.init_ca(pki_dir, name="federation-ca")
     cert, key = pki.issue(pki_dir, name=NODE, role="node", hosts=["127.0.0.1", "localhost"])
+    revocation = root / "revoked.txt"
+    revocation.write_text(f"cn:{REVOKED}\n")
     frame = synthetic_credit(jurisdiction=NODE, rows=1000, seed=0)
     data = write_dataset(frame, root / "credit.parquet", schema=CREDIT_SCHEMA)
     text = node_config_toml(
@@ -88,14 +100,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         schema=CREDIT_SCHEMA,
         state_dir=root / "state",
         consumers=POLICIES,
-        tls={"ca": ca, "cert": cert, "key": key},
+        tls={"ca": ca, "cert": cert, "key": key, "revocation": revocation},
     )
-    # 5 workers: the slow consumer may hold 2 requests + 2 health calls, one is left over.
-    node_extra = f"[node]\nmax_workers = 5\nmax_request_s = {MAX_REQUEST_S}\n"
+    # 16 workers: the slow consumer may hold 2 requests and all health calls 4; 10 are left.
+    node_extra = (
+        f"[node]\nmax_workers = {MAX_WORKERS}\nmax_request_s = {MAX_REQUEST_S}\n"
+        f"max_request_read_s = {MAX_REQUEST_READ_S}\n"
+    )
     config = root / "node.toml"
     config.write_text(text.replace("[node]\n", node_extra, 1))
     identities = {}
-    for name in (*POLICIES, "stranger"):
+    for name in (*POLICIES, "stranger", *NOBODIES, REVOKED):
         cert, key = pki.issue(pki_dir, name=name, role="consumer")
         identities[name] = pki.Identity.load(ca=ca, cert=cert, key=key)
     local = LocalFederation(
@@ -121,11 +136,16 @@ def _withheld(until: threading.Event) -> Iterator[bytes]:
 
 
 def _open_withheld(
-    channel: grpc.Channel, method: str, parse: Callable[[bytes], Any], until: threading.Event
+    channel: grpc.Channel,
+    method: str,
+    parse: Callable[[bytes], Any],
+    until: threading.Event,
+    *,
+    count: int = CALLS,
 ) -> list[Call]:
-    """Open ``CALLS`` calls of ``method`` whose headers go out but whose request never does."""
+    """Open ``count`` calls of ``method`` whose headers go out but whose request never does."""
     call = channel.stream_unary(method, request_serializer=None, response_deserializer=parse)
-    return [call.future(_withheld(until), timeout=60) for _ in range(CALLS)]
+    return [call.future(_withheld(until), timeout=60) for _ in range(count)]
 
 
 def _wait_done(calls: Sequence[Call], count: int, problem: str) -> None:
@@ -135,24 +155,21 @@ def _wait_done(calls: Sequence[Call], count: int, problem: str) -> None:
         time.sleep(0.05)
 
 
-def _split(calls: Sequence[Call], *, refused: int) -> list[Call]:
-    """Wait until ``refused`` calls have ended; return the ones still open."""
-    _wait_done(calls, refused, "the node never refused the calls over the limit")
-    return [c for c in calls if not c.done()]
+def _outcomes(calls: Sequence[Call]) -> tuple[list[Call], list[Call]]:
+    """Wait until every call has ended; return the refused ones and the cut-off ones."""
+    _wait_done(calls, len(calls), "the node never cut off the withheld calls")
+    refused = [c for c in calls if c.code() is grpc.StatusCode.RESOURCE_EXHAUSTED]
+    cut_off = [c for c in calls if c not in refused]
+    # CANCELLED by the node's deadline; UNAVAILABLE when the connection, told to go away at
+    # max_request_s too, closes as its last call goes. The node's log says which did it.
+    assert {c.code() for c in cut_off} <= CUT_OFF
+    return refused, cut_off
 
 
 def _assert_refused(calls: Sequence[Call], message: str) -> None:
     for call in calls:
         assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert message in call.details()
-
-
-def _assert_cut_off(calls: Sequence[Call]) -> None:
-    _wait_done(calls, len(calls), "the node never cut off the withheld calls")
-    # CANCELLED by the node's deadline; UNAVAILABLE when the connection, told to go away at
-    # max_request_s too, closes as its last call goes. The node's log says which did it.
-    for call in calls:
-        assert call.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
 
 
 def test_withheld_requests_hold_only_their_own_slots_and_are_cut_off(env: Env) -> None:
@@ -163,21 +180,22 @@ def test_withheld_requests_hold_only_their_own_slots_and_are_cut_off(env: Env) -
         with env.channel("slow") as channel:
             try:
                 calls = _open_withheld(channel, ANALYZE, pb.AnalyzeResponse.FromString, until)
-                stalled = _split(calls, refused=CALLS - SLOW_LIMIT)
-                # Only SLOW_LIMIT calls were admitted; the others were refused at once.
-                assert len(stalled) == SLOW_LIMIT
-                refused = [c for c in calls if c not in stalled]
-                _assert_refused(refused, "too many concurrent requests for consumer 'slow'")
-                # Meanwhile the other consumer is served, while the stalled calls are open.
+                _wait_done(calls, CALLS - SLOW_LIMIT, "the node never refused the calls")
+                # The other consumer is served whether or not the withheld calls are open.
                 assert acme.describe().consumer == "acme-ai"
                 release = acme.analyze(_count())
-                assert not any(c.done() for c in stalled), "the node ended them too early"
-                _assert_cut_off(stalled)
+                refused, cut_off = _outcomes(calls)
             finally:
                 until.set()
+    # Only SLOW_LIMIT calls were admitted, and cut off; the others were refused at once.
+    assert len(cut_off) == SLOW_LIMIT
+    _assert_refused(refused, "too many concurrent requests for consumer 'slow'")
     assert release.budget.releases == before[0] + 1
+    # The read deadline cut them off, not max_request_s (which is longer).
     log = env.log()
-    assert len(re.findall(r"cancelled analyze by 'slow': still running", log)) >= SLOW_LIMIT
+    read_limit = f"request not received within {MAX_REQUEST_READ_S:g}s"
+    assert len(re.findall(rf"cancelled analyze by 'slow': {read_limit}", log)) >= SLOW_LIMIT
+    assert "cancelled analyze by 'slow': still running" not in log
     # Nothing read, nothing charged: refusals and cut-offs alike.
     slow = env.budget("slow")
     assert (slow.releases, slow.spent_epsilon) == (before[1].releases, before[1].spent_epsilon)
@@ -195,27 +213,81 @@ def test_withheld_health_checks_hold_only_their_own_slots(env: Env) -> None:
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         try:
             calls = _open_withheld(slow, CHECK, health_pb2.HealthCheckResponse.FromString, until)
-            stalled = _split(calls, refused=CALLS - HEALTH_MAX_CONCURRENT)
-            assert len(stalled) == HEALTH_MAX_CONCURRENT
-            refused = [c for c in calls if c not in stalled]
-            _assert_refused(refused, "too many concurrent health calls for consumer 'slow'")
+            _wait_done(calls, CALLS - HEALTH_MAX_CONCURRENT, "the node never refused the calls")
             # Any certificate of the federation may check health, policy entry or not.
             reply = health_pb2_grpc.HealthStub(stranger).Check(request, timeout=WAIT_S)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             with closing(env.client("acme-ai")) as client:
                 assert client.describe().consumer == "acme-ai"
-            assert not any(c.done() for c in stalled), "the node ended them too early"
-            _assert_cut_off(stalled)
+            refused, cut_off = _outcomes(calls)
         finally:
             until.set()
         with pytest.raises(grpc.RpcError) as info:
-            next(watch)  # no status change: the node ends the stream at max_request_s
-        assert info.value.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+            next(watch)  # no status change: the node ends the stream at its deadline
+        assert info.value.code() in CUT_OFF
+    assert len(cut_off) == HEALTH_MAX_CONCURRENT
+    _assert_refused(refused, "too many concurrent health calls for consumer 'slow'")
     log = env.log()
-    assert (
-        len(re.findall(r"cancelled health by 'slow': still running", log)) >= HEALTH_MAX_CONCURRENT
+    read_limit = f"request not received within {MAX_REQUEST_READ_S:g}s"
+    cut = re.findall(rf"cancelled health by 'slow': {read_limit}", log)
+    assert len(cut) >= HEALTH_MAX_CONCURRENT
+    # A health call's deadline: min(HEALTH_CALL_S, max_request_s).
+    assert f"cancelled health by 'acme-ai': still running after {MAX_REQUEST_S:g}s" in log
+
+
+def test_health_calls_of_all_certificates_together_have_a_node_wide_limit(env: Env) -> None:
+    until = threading.Event()
+    parse = health_pb2.HealthCheckResponse.FromString
+    with ExitStack() as stack:
+        # More identities than the node-wide limit, each within its own limit.
+        channels = [stack.enter_context(env.channel(name)) for name in NOBODIES]
+        try:
+            calls = [
+                call
+                for channel in channels
+                for call in _open_withheld(
+                    channel, CHECK, parse, until, count=HEALTH_MAX_CONCURRENT
+                )
+            ]
+            _wait_done(calls, len(calls) - HEALTH_TOTAL, "the node never refused the calls")
+            # The consumers' worker threads are not theirs to take.
+            with closing(env.client("acme-ai")) as client:
+                assert client.describe().consumer == "acme-ai"
+            refused, cut_off = _outcomes(calls)
+        finally:
+            until.set()
+    assert len(refused) >= len(calls) - HEALTH_TOTAL
+    _assert_refused(
+        refused, f"too many concurrent health calls on node '{NODE}' (limit {HEALTH_TOTAL},"
     )
-    assert "cancelled health by 'acme-ai': still running" in log  # the watch
+    cut = re.findall(r"cancelled health by 'nobody-\d+': request not received", env.log())
+    assert len(cut) >= len(cut_off)
+
+
+def test_a_caller_without_a_policy_entry_is_refused_before_its_request_is_read(
+    env: Env,
+) -> None:
+    until = threading.Event()
+    with env.channel("stranger") as channel:
+        try:
+            calls = _open_withheld(channel, DESCRIBE, pb.DescribeResponse.FromString, until)
+            _wait_done(calls, CALLS, "the node never refused the stranger")
+        finally:
+            until.set()
+    for call in calls:
+        assert call.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert f"consumer 'stranger' is not in node '{NODE}'" in call.details()
+
+
+def test_a_revoked_certificate_may_not_check_health(env: Env) -> None:
+    request = health_pb2.HealthCheckRequest(service="")
+    with env.channel(REVOKED) as channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(request, timeout=WAIT_S)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED  # not taken for anonymous
+    details = info.value.details() or ""
+    assert f"client certificate for '{REVOKED}'" in details
+    assert "is revoked" in details
+    assert f"refused health Check: client certificate for '{REVOKED}'" in env.log()
 
 
 @pytest.mark.parametrize(

@@ -466,6 +466,18 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("zero workers", _set("node/max_workers", 0), "node.max_workers: must be an integer 1-1024"),
     ("tiny messages", _set("node/max_message_bytes", 10), "node.max_message_bytes: must be"),
+    (
+        "read limit above max_request_s",
+        _set("node/max_request_read_s", 301),
+        "node.max_request_read_s: must be a number of seconds > 0 and <= max_request_s (300); "
+        "got 301",
+    ),
+    ("zero read limit", _set("node/max_request_read_s", 0), "node.max_request_read_s: must be"),
+    (
+        "string read limit",
+        _set("node/max_request_read_s", "10"),
+        "node.max_request_read_s: expected a number; got '10'",
+    ),
     ("node name", _set("node/name", "hong kong"), "node.name: must be 1-64 letters"),
     ("jurisdiction", _set("node/jurisdiction", "H K"), "node.jurisdiction: must be a code"),
     ("dataset name", _set("datasets/0/name", "credit/2"), "datasets[0].name: must be 1-64"),

@@ -3,6 +3,8 @@ their config keys, and the guard's admission and fail-closed revocation file."""
 
 from __future__ import annotations
 
+import doctest
+import logging
 import textwrap
 import threading
 import tomllib
@@ -20,10 +22,19 @@ from federation.errors import (
     InvalidRequestError,
     UnauthenticatedError,
 )
+from nodes import limits
 from nodes._unary import CallEndedError, read_single
 from nodes.config import ConsumerPolicy, NodeConfig, parse_config
 from nodes.guard import ANONYMOUS, CONSUMER_HEADER, Guard
-from nodes.limits import HEALTH_MAX_CONCURRENT, ConcurrencyLimiter, Watchdog, server_options
+from nodes.limits import (
+    HEALTH_CALL_S,
+    HEALTH_MAX_CONCURRENT,
+    REQUEST_READ_S,
+    ConcurrencyLimiter,
+    Watchdog,
+    health_total_limit,
+    server_options,
+)
 from nodes.server import _warn_if_one_consumer_can_fill_the_pool
 
 WAIT_S = 10.0  # generous bound on waiting for an event; never a timing assertion
@@ -69,6 +80,7 @@ def node_config(
 def test_limits_have_safe_defaults(tmp_path: Path) -> None:
     config = node_config(tmp_path)
     assert config.max_request_s == 300.0
+    assert config.max_request_read_s == REQUEST_READ_S == 10.0
     assert config.consumers["acme-ai"].max_concurrent_requests == 4
 
 
@@ -79,6 +91,22 @@ def test_limits_are_read_from_the_config(tmp_path: Path) -> None:
     assert config.max_request_s == 2.5
     assert config.consumers["acme-ai"].max_concurrent_requests == 1
     assert config.consumers["beta-labs"].max_concurrent_requests == 4
+    assert config.max_request_read_s == 2.5  # never above max_request_s, left out
+
+
+def test_read_limit_is_read_from_the_config(tmp_path: Path) -> None:
+    config = node_config(tmp_path, node_extra="max_request_s = 3\nmax_request_read_s = 0.5")
+    assert (config.max_request_s, config.max_request_read_s) == (3.0, 0.5)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "301", "inf"])
+def test_read_limit_out_of_range_names_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"node\.max_request_read_s: must be a number of seconds > 0 and <= max_request_s "
+        r"\(300\)",
+    ):
+        node_config(tmp_path, node_extra=f"max_request_read_s = {value}")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "86401", "inf", "nan"])
@@ -126,6 +154,33 @@ def test_limiter_names_what_it_limits() -> None:
         limiter.slot("acme-ai", limit=1),
     ):
         pass  # pragma: no cover - never entered
+
+
+def test_node_slots_are_shared_by_every_caller_and_counted_apart() -> None:
+    limiter = ConcurrencyLimiter(node="hong-kong", what="health calls")
+    with limiter.slot("acme-ai", limit=1), limiter.node_slot(limit=2):
+        with limiter.slot("beta-labs", limit=1), limiter.node_slot(limit=2):
+            assert limiter.running(None) == 2
+            assert limiter.running("acme-ai") == limiter.running("beta-labs") == 1
+            with (
+                pytest.raises(
+                    BudgetExhaustedError,
+                    match=r"too many concurrent health calls on node 'hong-kong' \(limit 2,",
+                ),
+                limiter.node_slot(limit=2),
+            ):
+                pass  # pragma: no cover - never entered
+        assert limiter.running(None) == 1
+    assert limiter.running(None) == 0
+
+
+@pytest.mark.parametrize(("max_workers", "total"), [(1, 1), (4, 1), (7, 1), (8, 2), (16, 4)])
+def test_health_calls_take_at_most_a_quarter_of_the_workers(max_workers: int, total: int) -> None:
+    assert health_total_limit(max_workers) == total
+
+
+def test_doctests_of_the_limits_module_pass() -> None:
+    assert doctest.testmod(limits).failed == 0
 
 
 def test_limiter_frees_the_slot_when_the_request_fails() -> None:
@@ -218,6 +273,20 @@ def test_watchdog_does_not_fire_a_finished_deadline() -> None:
         watchdog.close()
 
 
+def test_deadline_says_whether_it_fired() -> None:
+    watchdog = Watchdog()
+    try:
+        with watchdog.deadline(lambda: None, timeout_s=WAIT_S) as finished:
+            pass
+        assert not finished.fired
+        fired = threading.Event()
+        with watchdog.deadline(fired.set, timeout_s=0.01) as overdue:
+            assert fired.wait(WAIT_S)
+        assert overdue.fired
+    finally:
+        watchdog.close()
+
+
 def test_closed_watchdog_refuses_new_deadlines() -> None:
     watchdog = Watchdog()
     watchdog.close()
@@ -277,19 +346,21 @@ def test_read_single_tells_an_ended_call_from_an_empty_request() -> None:
 # ---------------------------------------------------------------- start-up warning
 
 
-def test_node_warns_when_one_consumer_can_hold_every_worker(
+def test_node_warns_when_one_consumer_and_health_calls_can_hold_every_worker(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    held = 4 + HEALTH_MAX_CONCURRENT  # the default max_concurrent_requests, plus health
-    _warn_if_one_consumer_can_fill_the_pool(node_config(tmp_path, node_extra="max_workers = 8"))
+    # The default max_concurrent_requests (4) plus every health call (max_workers // 4).
+    for max_workers in (6, 8, 16):
+        config = node_config(tmp_path, node_extra=f"max_workers = {max_workers}")
+        _warn_if_one_consumer_can_fill_the_pool(config)
     assert not caplog.records
-    _warn_if_one_consumer_can_fill_the_pool(
-        node_config(tmp_path, node_extra=f"max_workers = {held}")
-    )
+    _warn_if_one_consumer_can_fill_the_pool(node_config(tmp_path, node_extra="max_workers = 5"))
     [record] = caplog.records
     assert record.levelname == "WARNING"
-    assert f"consumer 'acme-ai' may hold {held} worker threads" in record.getMessage()
-    assert f"set node.max_workers above {held}" in record.getMessage()
+    message = record.getMessage()
+    assert "consumer 'acme-ai' may hold 4 worker threads" in message
+    assert "health calls 1 more (the node-wide health limit)" in message
+    assert "set node.max_workers to at least 6" in message
 
 
 # ---------------------------------------------------------------- guard admission
@@ -311,7 +382,10 @@ class FakeContext:
 
 @pytest.fixture
 def guard(tmp_path: Path) -> Iterator[Guard]:
-    config = node_config(tmp_path, consumer_extra="max_concurrent_requests = 1")
+    # 16 workers: 4 health calls at once on the node.
+    config = node_config(
+        tmp_path, node_extra="max_workers = 16", consumer_extra="max_concurrent_requests = 1"
+    )
     guard = Guard(config, use_tls=False)
     yield guard
     guard.close()
@@ -361,10 +435,40 @@ def test_health_admission_needs_no_policy_but_has_its_own_limit(guard: Guard) ->
 def test_health_admission_without_tls_takes_anonymous_probes(guard: Guard) -> None:
     ctx = FakeContext("")
     ctx.metadata = ()
-    with guard.admit_health(ctx) as deadline:  # type: ignore[arg-type]
+    with guard.admit_health(ctx) as admitted:  # type: ignore[arg-type]
+        assert admitted.caller == ANONYMOUS
         assert guard.health_limiter.running(ANONYMOUS) == 1
-        assert not deadline.expired
+        assert not admitted.deadline.expired
     assert guard.health_limiter.running(ANONYMOUS) == 0
+
+
+def test_health_admission_has_a_node_wide_limit(tmp_path: Path) -> None:
+    guard = Guard(node_config(tmp_path, node_extra="max_workers = 8"), use_tls=False)
+    total = health_total_limit(8)
+    try:
+        with ExitStack() as stack:
+            # Identities with no policy entry, one health call each: the node-wide cap.
+            for i in range(total):
+                stack.enter_context(guard.admit_health(FakeContext(f"stranger-{i}")))  # type: ignore[arg-type]
+            with (
+                pytest.raises(
+                    BudgetExhaustedError,
+                    match=rf"too many concurrent health calls on node 'hong-kong' \(limit {total},",
+                ),
+                guard.admit_health(FakeContext("acme-ai")),  # type: ignore[arg-type]
+            ):
+                pass  # pragma: no cover - never entered
+            assert guard.health_limiter.running("acme-ai") == 0  # its own slot given back
+            assert guard.health_limiter.running(None) == total
+        assert guard.health_limiter.running(None) == 0
+    finally:
+        guard.close()
+
+
+def test_health_calls_end_within_the_health_call_limit(guard: Guard) -> None:
+    assert guard.config.max_request_s > HEALTH_CALL_S
+    with guard.admit_health(FakeContext("acme-ai")) as admitted:  # type: ignore[arg-type]
+        assert admitted.deadline.remaining_s <= HEALTH_CALL_S
 
 
 def test_health_admission_cancels_a_call_at_max_request_s(tmp_path: Path) -> None:
@@ -375,6 +479,34 @@ def test_health_admission_cancels_a_call_at_max_request_s(tmp_path: Path) -> Non
             assert ctx.cancelled.wait(WAIT_S)
     finally:
         guard.close()
+
+
+def test_read_deadline_cancels_a_call_whose_request_does_not_arrive(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = node_config(tmp_path, node_extra="max_request_read_s = 0.01")
+    guard = Guard(config, use_tls=False)
+    try:
+        ctx = FakeContext("acme-ai")
+        with (
+            caplog.at_level(logging.WARNING, logger="nodes.guard"),
+            guard.admit(ctx, "analyze") as admitted,  # type: ignore[arg-type]
+        ):
+            with guard.read_deadline(ctx, "analyze", admitted.consumer) as read:  # type: ignore[arg-type]
+                assert ctx.cancelled.wait(WAIT_S)
+            assert read.fired
+            assert not admitted.deadline.expired  # max_request_s (300) is far off
+        assert "cancelled analyze by 'acme-ai': request not received within 0.01s" in caplog.text
+    finally:
+        guard.close()
+
+
+def test_read_deadline_leaves_a_call_whose_request_arrived(guard: Guard) -> None:
+    ctx = FakeContext("acme-ai")
+    with guard.read_deadline(ctx, "analyze", "acme-ai") as read:  # type: ignore[arg-type]
+        pass  # the request was read at once
+    assert not read.fired
+    assert not ctx.cancelled.is_set()
 
 
 # ---------------------------------------------------------------- revocation file
