@@ -662,8 +662,9 @@ class _Stepper:
 
     ``param -= step_size * (clipped gradient sum + N(0, sigma^2))``, without a gradient or
     noise tensor the size of the model: a Linear layer's clipped sum is added as a rank-B
-    ``addmm_`` (B = batch size), and the noise is drawn into a small reused buffer, one
-    slice of a parameter at a time, so it never leaves the cache. The noise is the same
+    ``addmm_`` (B = batch size), and the noise is drawn into a small reused buffer, up to
+    32768 values at a time (several small tensors share a draw), so it never leaves the
+    cache. The noise is the same
     N(0, sigma^2) per coordinate as Opacus adds; only the memory traffic differs.
     """
 
@@ -686,8 +687,9 @@ class _Stepper:
         self.flat = [param.detach().view(-1) for _, param in named]
         first = self.flat[0]
         chunk = _NOISE_CHUNK_CPU if first.device.type == "cpu" else _NOISE_CHUNK_DEVICE
-        size = min(max(p.numel() for p in self.flat), chunk)
+        size = min(sum(p.numel() for p in self.flat), chunk)
         self.noise = torch.empty(size, device=first.device, dtype=first.dtype)
+        self.batches = _noise_batches(self.flat, self.noise)
         self.n = data.train_x.shape[0]
         # Divide by the expected batch size q * n_dp, where n_dp is this round's released DP
         # count, never the true n: the update's noise spread is lr * sigma / (q * divisor),
@@ -703,12 +705,9 @@ class _Stepper:
         with torch.no_grad():
             if index.numel():
                 self._add_clipped_sum(self.data.train_x[index], self.data.train_y[index])
-            for flat in self.flat:
-                for start in range(0, flat.numel(), self.noise.numel()):
-                    part = flat[start : start + self.noise.numel()]
-                    noise = self.noise[: part.numel()]
-                    noise.normal_(0.0, self.sigma, generator=self.generator)
-                    part.add_(noise, alpha=-self.step_size)
+            for noise, targets, sources in self.batches:
+                noise.normal_(0.0, self.sigma, generator=self.generator)
+                torch._foreach_add_(targets, sources, alpha=-self.step_size)
 
     def _add_clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """``param -= step_size * clipped gradient sum`` for every parameter."""
@@ -723,6 +722,37 @@ class _Stepper:
         sums, _ = clipped_gradient_sum(self.model, x, y, clip_norm=self.plan.clip_norm)
         for name, flat in zip(self.names, self.flat, strict=True):
             flat.add_(sums[name].reshape(-1), alpha=alpha)
+
+
+def _noise_batches(
+    flat: list[torch.Tensor], noise: torch.Tensor
+) -> list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+    """Pack every coordinate of ``flat`` into draws of at most ``noise.numel()`` values.
+
+    Returns ``(buffer part to fill, parameter slices, matching buffer slices)`` per draw:
+    small tensors share one draw (a small model takes one ``normal_`` and one
+    ``_foreach_add_`` per step) and large ones span several. Together the slices cover
+    each coordinate exactly once.
+    """
+    size = noise.numel()
+    batches: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    filled = 0
+    for tensor in flat:
+        start = 0
+        while start < tensor.numel():
+            take = min(tensor.numel() - start, size - filled)
+            targets.append(tensor[start : start + take])
+            sources.append(noise[filled : filled + take])
+            start += take
+            filled += take
+            if filled == size:
+                batches.append((noise, targets, sources))
+                targets, sources, filled = [], [], 0
+    if filled:
+        batches.append((noise[:filled], targets, sources))
+    return batches
 
 
 class TrainingEngine:
