@@ -193,7 +193,13 @@ class NodeService(pb_grpc.NodeServicer):
     def _train(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         consumer = self.guard.identify(context)
         policy = self.guard.authorize(consumer, "train")
-        first = next(frames, None)
+        # The opening message (config and layout) is small: it must arrive within the read
+        # limit, like a unary request; the weights that follow stream under max_request_s.
+        with self.guard.read_deadline(context, "train", consumer) as read:
+            first = next(frames, None)
+        if read.fired:
+            log.warning("train ended before its opening message arrived (read deadline)")
+            return
         opening = wire.parse_train_request(first) if first is not None else None
         if not isinstance(opening, tuple):
             raise InvalidRequestError("a Train stream must start with a TrainConfig message")

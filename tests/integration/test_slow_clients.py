@@ -45,7 +45,11 @@ CALLS = 8  # withheld calls the slow consumer opens at once
 BASE: dict[str, object] = {"epsilon": 100.0, "operations": ["describe", "analyze"]}
 POLICIES: dict[str, dict[str, object]] = {
     "acme-ai": {**BASE, "max_concurrent_requests": 2},
-    "slow": {**BASE, "max_concurrent_requests": SLOW_LIMIT},
+    "slow": {
+        **BASE,
+        "operations": ["describe", "analyze", "train"],
+        "max_concurrent_requests": SLOW_LIMIT,
+    },
 }
 # Certificates of the federation with no policy entry on the node (one more than the
 # node-wide health limit), and one the node's operator has revoked.
@@ -54,6 +58,7 @@ REVOKED = "revoked"
 ANALYZE = "/federation.v1.Node/Analyze"
 DESCRIBE = "/federation.v1.Node/Describe"
 CHECK = "/grpc.health.v1.Health/Check"
+TRAIN = "/federation.v1.Node/Train"
 Call = Any  # what stream_unary(...).future() returns: a grpc.Future that is also a grpc.Call
 CUT_OFF = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
 
@@ -308,3 +313,20 @@ def test_describe_needs_exactly_one_valid_request_message(
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert problem in (info.value.details() or "")
     assert f"refused describe: {problem}" in env.log()
+
+
+def test_a_train_stream_withholding_its_opening_message_is_cut_off_at_the_read_limit(
+    env: Env,
+) -> None:
+    until = threading.Event()
+    with env.channel("slow") as channel:
+        call = channel.stream_stream(TRAIN, request_serializer=None, response_deserializer=None)
+        responses = call(_withheld(until), timeout=60)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                next(responses)
+        finally:
+            until.set()
+    assert info.value.code() in CUT_OFF  # type: ignore[attr-defined]
+    read_limit = f"request not received within {MAX_REQUEST_READ_S:g}s"
+    assert f"cancelled train by 'slow': {read_limit}" in env.log()
