@@ -47,8 +47,12 @@ PARENT = textwrap.dedent(
 
 WITH_BLOCK = textwrap.dedent(
     """
-    import json, time
+    import json, signal, time
     from federation import LocalFederation
+
+    # A kernel turns SIGINT into KeyboardInterrupt even when started as a background job,
+    # which inherits SIGINT ignored (the shell's rule for `cmd &`): do as a kernel does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     local = LocalFederation.synthetic(rows=500, tls=False)
     with local as fed:
