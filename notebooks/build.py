@@ -319,11 +319,12 @@ PRIVACY_UTILITY: list[Cell] = [
         import matplotlib.pyplot as plt
         import numpy as np
         import torch
-        from scipy.stats import rankdata
 
         from federation import LocalFederation, Mean
         from federation.datasets import CREDIT_SCHEMA, synthetic_credit
-        from federation.models import ModelSpec, build_model, input_dim
+        from federation.metrics import predict
+        from federation.metrics import roc_auc as auc
+        from federation.models import ModelSpec, build_model, encode_features, input_dim
 
         NODES = ["hong-kong", "shenzhen"]
         ROWS = 20_000  # per node
@@ -428,28 +429,12 @@ PRIVACY_UTILITY_END: list[Cell] = [
 
         def encode(columns):
             \"\"\"The model's inputs, exactly as a node builds them from its records.\"\"\"
-            blocks = []
-            for name in FEATURES:
-                column, values = CREDIT_SCHEMA.column(name), columns[name]
-                if column.type.value == "category":
-                    blocks.append(np.stack([values == v for v in column.domain], axis=1))
-                elif column.type.value == "bool":
-                    blocks.append(values[:, None])
-                else:
-                    low, high = column.lower, column.upper
-                    blocks.append(((np.clip(values, low, high) - low) / (high - low))[:, None])
-            return torch.tensor(np.hstack(blocks).astype(np.float32))
+            return encode_features(columns, features=FEATURES, schema=CREDIT_SCHEMA)
 
 
         def roc_auc(model):
             \"\"\"P(a random defaulter scores above a random non-defaulter) on held-out data.\"\"\"
-            model.eval()
-            with torch.no_grad():
-                scores = model(encode(held_out)).squeeze(1).numpy()
-            labels = held_out["defaulted"]
-            positives, negatives = labels.sum(), (~labels).sum()
-            rank_sum = rankdata(scores)[labels].sum()
-            return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+            return auc(predict(model, encode(held_out)), held_out["defaulted"])
         """
     ),
     md(
@@ -464,7 +449,8 @@ PRIVACY_UTILITY_END: list[Cell] = [
         torch.manual_seed(0)
         torch.set_num_threads(1)  # a tiny model: threads cost more than they save
         baseline = build_model(spec, input_dim=input_dim(spec, CREDIT_SCHEMA))
-        X, y = encode(pooled), torch.tensor(pooled["defaulted"], dtype=torch.float32)
+        X = torch.from_numpy(encode(pooled))
+        y = torch.tensor(pooled["defaulted"], dtype=torch.float32)
         optimizer = torch.optim.Adam(baseline.parameters(), lr=0.01)
         loss = torch.nn.BCEWithLogitsLoss()
         for epoch in range(20):
