@@ -30,7 +30,11 @@ M = TypeVar("M")
 
 
 class CallEndedError(Exception):
-    """The call ended (client gone, or cut off at its deadline) before its request arrived."""
+    """The call ended (client gone, or cut off at its deadline) before its request arrived.
+
+    Internal to the node, deliberately outside ``federation.errors``: it is never sent to
+    a caller (there is nobody left to answer), so it maps to no status code.
+    """
 
 
 class CapturedHandlers:

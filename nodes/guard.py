@@ -41,7 +41,7 @@ from nodes.limits import (
     health_total_limit,
 )
 
-__all__ = ["CONSUMER_HEADER", "Admission", "Guard", "HealthAdmission"]
+__all__ = ["ANONYMOUS", "CONSUMER_HEADER", "Admission", "Guard", "HealthAdmission"]
 
 log = logging.getLogger(__name__)
 

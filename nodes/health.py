@@ -64,8 +64,8 @@ def add_health_service(
     server.add_registered_method_handlers(health.SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
 
-UnaryBehavior = Callable[[Any, grpc.ServicerContext], Any]
-StreamBehavior = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+_UnaryBehavior = Callable[[Any, grpc.ServicerContext], Any]
+_StreamBehavior = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
 
 
 class _AdmittedHealth:
@@ -75,7 +75,7 @@ class _AdmittedHealth:
         self.guard = guard
 
     def unary(
-        self, method: str, behavior: UnaryBehavior, parse: Callable[[bytes], Any]
+        self, method: str, behavior: _UnaryBehavior, parse: Callable[[bytes], Any]
     ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
         """Serve a unary health method (``Check``) as a client stream."""
 
@@ -91,7 +91,7 @@ class _AdmittedHealth:
         return handle
 
     def stream(
-        self, method: str, behavior: StreamBehavior, parse: Callable[[bytes], Any]
+        self, method: str, behavior: _StreamBehavior, parse: Callable[[bytes], Any]
     ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[Any]]:
         """Serve a server-streaming health method (``Watch``) as a bidirectional stream."""
 
