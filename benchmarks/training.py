@@ -17,6 +17,13 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
   per node, serialize the global weights (``tobytes``), copy them (what a receiver does),
   serialize the update, and add it into a running weighted sum; then average. Tensor by
   tensor, as the federation streams them.
+- **floor cpu**: the CPU seconds of work no private, authenticated round can skip, measured in
+  the same child on the same tensors: AES-128-GCM encryption and decryption of every byte
+  sent each way (what TLS must do at least; the round negotiates AES-256-GCM, which costs
+  more), SHA-256 of each update at the node and at the coordinator (the signed receipt), and
+  one Gaussian draw per parameter per node (the DP noise). On a machine with c cores the
+  round cannot take less than floor / c seconds; **cpu/floor** compares it with what
+  coordinator and nodes actually used.
 - peak RSS (VmHWM) of the coordinator process and of the largest node, in GB and in
   model sizes;
 - **coord cpu** / **nodes cpu**: CPU seconds (user + system) per round after the first, of
@@ -120,6 +127,48 @@ def lower_bound_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int) -> fl
     return time.perf_counter() - started
 
 
+CRYPTO_CHUNK = 2 << 20
+
+
+def _seal_and_open(array: npt.NDArray[np.float32], sealed: bytearray, opened: bytearray) -> None:
+    """AES-128-GCM encrypt ``array``'s bytes chunk by chunk, and decrypt as many bytes."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key, nonce = os.urandom(16), os.urandom(12)
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
+    raw = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    out, back = memoryview(sealed), memoryview(opened)
+    for start in range(0, len(raw), CRYPTO_CHUNK):
+        n = encryptor.update_into(raw[start : start + CRYPTO_CHUNK], out)
+        decryptor.update_into(out[:n], back)  # in step with the sender, like a TLS peer
+    encryptor.finalize()
+    decryptor.finalize_with_tag(encryptor.tag)
+
+
+def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int) -> float:
+    """CPU seconds of the work a private, authenticated round cannot skip (see the docstring)."""
+    import hashlib
+
+    import torch
+
+    sealed = bytearray(CRYPTO_CHUNK + 16)
+    opened = bytearray(CRYPTO_CHUNK + 16)
+    noise = torch.empty(CRYPTO_CHUNK // 4)
+    generator = torch.Generator().manual_seed(0)
+    started = time.process_time()
+    for _ in range(nodes):
+        for array in weights.values():
+            _seal_and_open(array, sealed, opened)  # weights out to the node
+            for start in range(0, array.size, noise.numel()):  # the node's DP noise
+                noise[: min(noise.numel(), array.size - start)].normal_(generator=generator)
+            data = np.ascontiguousarray(array).data
+            hashlib.sha256(data).digest()  # the node's receipt
+            _seal_and_open(array, sealed, opened)  # the update back
+            hashlib.sha256(data).digest()  # the coordinator checks the receipt
+    return time.process_time() - started
+
+
 # ---------------------------------------------------------------- one configuration (child)
 
 
@@ -175,6 +224,7 @@ def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
     train_later = [max(t) for t in trained[1:] if t] or [0.0]
     weights = {n: v.detach().numpy() for n, v in result.model.state_dict().items()}
     bound = statistics.median(lower_bound_s(weights, nodes) for _ in range(2))
+    floor = min(private_floor_cpu_s(weights, nodes) for _ in range(2))
     return {
         "size": size,
         "params": params,
@@ -184,6 +234,7 @@ def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
         "round_s": statistics.median(later),
         "node_train_s": statistics.median(train_later),
         "bound_s": bound,
+        "floor_cpu_s": floor,
         "total_s": total_s,
         "coordinator_peak": coordinator_peak,
         "node_peak": max(node_peaks.values()),
@@ -233,7 +284,8 @@ def _row(r: dict[str, Any]) -> str:
         f"{transfer / r['bound_s']:>8.2f}x {r['round_s'] / r['bound_s']:>8.2f}x "
         f"{_gb(r['coordinator_peak']):>7} ({r['coordinator_peak'] / model:>4.1f}x) "
         f"{_gb(r['node_peak']):>7} ({r['node_peak'] / model:>4.1f}x) "
-        f"{r['coordinator_cpu_s']:>8.2f} {r['nodes_cpu_s']:>8.2f}"
+        f"{r['coordinator_cpu_s']:>8.2f} {r['nodes_cpu_s']:>8.2f} {r['floor_cpu_s']:>9.2f} "
+        f"{(r['coordinator_cpu_s'] + r['nodes_cpu_s']) / r['floor_cpu_s']:>8.2f}x"
     )
 
 
@@ -241,7 +293,7 @@ HEADER = (
     f"{'params':>9} {'nodes':>5} {'round s':>8} {'first s':>8} {'train s':>8} "
     f"{'transfer s':>9} {'bound s':>8} {'xfer/bnd':>9} {'rnd/bnd':>9} "
     f"{'coord GB':>7} {'(xmodel)':>7} {'node GB':>7} {'(xmodel)':>7} "
-    f"{'coord cpu':>8} {'nodes cpu':>8}"
+    f"{'coord cpu':>8} {'nodes cpu':>8} {'floor cpu':>9} {'cpu/floor':>9}"
 )
 
 
