@@ -8,6 +8,7 @@
     ├── UnauthenticatedError                 → UNAUTHENTICATED
     ├── PolicyError                          → PERMISSION_DENIED
     ├── BudgetExhaustedError                 → RESOURCE_EXHAUSTED (carries the remaining budget)
+    ├── NodeBusyError                        → RESOURCE_EXHAUSTED + trailer federation-refusal: busy
     ├── SchemaMismatchError                  → FAILED_PRECONDITION
     ├── NodeUnavailableError                 ← UNAVAILABLE, DEADLINE_EXCEEDED
     └── NodeInternalError                    ← INTERNAL, UNKNOWN and anything unmapped
@@ -15,6 +16,12 @@
 A node aborts with ``status_for(err)``; the client turns the status back into the same
 class with ``error_from_status``, so a notebook user catches ``BudgetExhaustedError``,
 never ``grpc.RpcError``.
+
+Two refusals share ``RESOURCE_EXHAUSTED``, as gRPC's status guide has it ("some resource has
+been exhausted, perhaps a per-user quota"): a privacy budget that is spent (final, until the
+operator grants more) and a node at its concurrency limit (retry in a moment). A node tells
+them apart for machines with the trailing metadata ``federation-refusal: busy`` on the
+second (``refusal_metadata``); a client passes that value to ``error_from_status``.
 """
 
 from __future__ import annotations
@@ -24,18 +31,25 @@ import math
 import grpc
 
 __all__ = [
+    "REFUSAL_KEY",
     "BudgetExhaustedError",
     "ConfigError",
     "FederationError",
     "InvalidRequestError",
+    "NodeBusyError",
     "NodeInternalError",
     "NodeUnavailableError",
     "PolicyError",
     "SchemaMismatchError",
     "UnauthenticatedError",
     "error_from_status",
+    "refusal_metadata",
     "status_for",
 ]
+
+REFUSAL_KEY = "federation-refusal"
+"""Trailing-metadata key that qualifies a refusal (today only ``busy``)."""
+BUSY = "busy"
 
 
 class FederationError(Exception):
@@ -66,6 +80,11 @@ class BudgetExhaustedError(FederationError):
         self.remaining_epsilon = remaining_epsilon
 
 
+class NodeBusyError(FederationError):
+    """The node already runs as many requests as its operator allows (for this caller, or
+    for all callers together). Nothing was read or charged: retry in a moment."""
+
+
 class SchemaMismatchError(FederationError):
     """Nodes disagree on a dataset's schema, so their releases cannot be combined."""
 
@@ -80,6 +99,7 @@ class NodeInternalError(FederationError):
 
 _TABLE: tuple[tuple[type[FederationError], grpc.StatusCode], ...] = (
     (BudgetExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NodeBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PolicyError, grpc.StatusCode.PERMISSION_DENIED),
@@ -99,12 +119,24 @@ def status_for(err: FederationError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_status(code: grpc.StatusCode, details: str, *, node: str) -> FederationError:
-    """Turn a gRPC status from ``node`` back into the exception class it stands for."""
+def refusal_metadata(err: FederationError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata a node sends with ``err``'s status (see the module docstring)."""
+    return ((REFUSAL_KEY, BUSY),) if isinstance(err, NodeBusyError) else ()
+
+
+def error_from_status(
+    code: grpc.StatusCode, details: str, *, node: str, refusal: str = ""
+) -> FederationError:
+    """Turn a gRPC status from ``node`` back into the exception class it stands for.
+
+    ``refusal`` is the call's ``federation-refusal`` trailing metadata, if any.
+    """
     message = f"node {node!r}: {details}"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return NodeUnavailableError(f"node {node!r} is unavailable ({code.name}): {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if refusal == BUSY:
+            return NodeBusyError(message)
         return BudgetExhaustedError(message, remaining_epsilon=_parse_remaining(details))
     for cls, mapped in _TABLE:
         if mapped is code:

@@ -188,7 +188,7 @@ class Guard:
 
         Raises:
             UnauthenticatedError, PolicyError: as :meth:`identify` and :meth:`authorize`.
-            BudgetExhaustedError: the consumer already runs its ``max_concurrent_requests``
+            NodeBusyError: the consumer already runs its ``max_concurrent_requests``
                 (``RESOURCE_EXHAUSTED``; nothing charged).
         """
         consumer = self.identify(context)
@@ -219,7 +219,7 @@ class Guard:
 
         Raises:
             UnauthenticatedError: as :meth:`identify` (TLS only).
-            BudgetExhaustedError: the certificate already runs its health calls, or the node
+            NodeBusyError: the certificate already runs its health calls, or the node
                 runs its node-wide limit of them (``RESOURCE_EXHAUSTED``).
         """
         try:

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from federation.errors import FederationError, status_for
+from federation.errors import FederationError, refusal_metadata, status_for
 from nodes._unary import CallEndedError, CapturedHandlers, read_single
 from nodes.guard import Guard
 
@@ -134,6 +134,7 @@ class _AdmittedHealth:
 def _refuse(method: str, err: FederationError, context: grpc.ServicerContext) -> NoReturn:
     code = status_for(err)
     log.warning("refused health %s: %s (%s)", method, err, code.name)
+    context.set_trailing_metadata(refusal_metadata(err))
     context.abort(code, str(err))
 
 

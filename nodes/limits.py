@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from federation.errors import BudgetExhaustedError
+from federation.errors import NodeBusyError
 
 __all__ = [
     "HEALTH_CALL_S",
@@ -163,8 +163,9 @@ class ConcurrencyLimiter:
         """Hold one of ``consumer``'s ``limit`` slots for the duration of the block.
 
         Raises:
-            BudgetExhaustedError: ``limit`` requests of ``consumer`` are already running
-                (gRPC ``RESOURCE_EXHAUSTED``); nothing has been charged.
+            NodeBusyError: ``limit`` requests of ``consumer`` are already running
+                (gRPC ``RESOURCE_EXHAUSTED``, trailer ``federation-refusal: busy``); nothing
+                has been charged.
         """
         return self._hold(
             consumer,
@@ -180,8 +181,9 @@ class ConcurrencyLimiter:
         Counted apart from the per-consumer slots of :meth:`slot` (nest the two).
 
         Raises:
-            BudgetExhaustedError: ``limit`` of these are already running on the node
-                (gRPC ``RESOURCE_EXHAUSTED``); nothing has been charged.
+            NodeBusyError: ``limit`` of these are already running on the node
+                (gRPC ``RESOURCE_EXHAUSTED``, trailer ``federation-refusal: busy``); nothing
+                has been charged.
         """
         return self._hold(
             None,
@@ -195,7 +197,7 @@ class ConcurrencyLimiter:
         with self._lock:
             running = self._running.get(key, 0)
             if running >= limit:
-                raise BudgetExhaustedError(refusal)
+                raise NodeBusyError(refusal)
             self._running[key] = running + 1
         try:
             yield

@@ -30,7 +30,8 @@ from federation.architectures import EXTENDED_REGISTRY
 from federation.errors import (
     FederationError,
     InvalidRequestError,
-    NodeUnavailableError,
+    NodeBusyError,
+    refusal_metadata,
     status_for,
 )
 from federation.models import ModelBuilder
@@ -86,6 +87,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.rng = rng
         self.trainers = dict(trainers or {})
         self.registry = registry
+        self._max_trainings = max_concurrent_trainings
         self._train_slots = threading.BoundedSemaphore(max_concurrent_trainings)
 
     # ---------------------------------------------------------------- handlers
@@ -217,8 +219,18 @@ class NodeService(pb_grpc.NodeServicer):
         rounds.check_layout(plan, headers)  # before a byte of weights is read
         rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
         if not self._train_slots.acquire(timeout=_slot_wait_s(context)):
-            raise NodeUnavailableError(f"node {self.config.name!r} is busy training; retry")
+            raise NodeBusyError(
+                f"node {self.config.name!r} is busy training (limit "
+                f"{self._max_trainings} at once); nothing was charged: retry"
+            )
         try:
+            log.info(
+                "train job %s round %d for %r: training slot taken, receiving %d bytes",
+                plan.job_id,
+                plan.round,
+                consumer,
+                sum(h.total_bytes for h in headers),
+            )
             started = time.monotonic()
             weights = self._receive_weights(frames, headers)
             received = time.monotonic()
@@ -354,6 +366,7 @@ class NodeService(pb_grpc.NodeServicer):
         code = status_for(err)
         log.warning("refused %s: %s (%s)", operation, err, code.name)
         self._audit_refusal(context, operation, code, err)
+        context.set_trailing_metadata(refusal_metadata(err))
         context.abort(code, str(err))
 
     def _fail(self, context: grpc.ServicerContext, operation: str) -> NoReturn:
@@ -387,10 +400,14 @@ class NodeService(pb_grpc.NodeServicer):
             log.exception("could not record the refusal of %s in the audit chain", operation)
 
 
+_BUSY_ANSWER_S = 1.0  # time left for a busy refusal to reach the caller before its deadline
+
+
 def _slot_wait_s(context: grpc.ServicerContext) -> float:
-    """How long a Train call waits for a training slot: its deadline, at most a minute."""
+    """How long a Train call waits for a training slot: at most a minute, and long enough
+    before the caller's deadline that it hears "busy", not just DEADLINE_EXCEEDED."""
     remaining = context.time_remaining()
-    return 60.0 if remaining is None else max(0.0, min(remaining, 60.0))
+    return 60.0 if remaining is None else max(0.0, min(remaining - _BUSY_ANSWER_S, 60.0))
 
 
 def _details(plan: Plan) -> dict[str, object]:

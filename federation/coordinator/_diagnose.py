@@ -29,6 +29,7 @@ def error_for_status(
     node: str,
     address: str,
     identity: pki.Identity | None,
+    refusal: str = "",
 ) -> FederationError:
     """Return the exception for a failed call to ``node``, diagnosing TLS failures.
 
@@ -38,6 +39,7 @@ def error_for_status(
         node: the node's name (the name its certificate must carry).
         address: the ``host:port`` dialled.
         identity: this client's TLS identity; None for a plaintext channel.
+        refusal: the call's ``federation-refusal`` trailing metadata ("" if none).
 
     Returns:
         A ``NodeUnavailableError`` naming the handshake problem when one is recognised,
@@ -53,7 +55,7 @@ def error_for_status(
             f"node {node!r} cancelled the call before answering: a node cuts off requests "
             f"that run past its max_request_s, and open calls when it shuts down ({details})"
         )
-    return error_from_status(code, details, node=node)
+    return error_from_status(code, details, node=node, refusal=refusal)
 
 
 def _connection_problem(

@@ -18,7 +18,12 @@ from federation import pki, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator._diagnose import error_for_status
-from federation.errors import FederationError, InvalidRequestError, NodeInternalError
+from federation.errors import (
+    REFUSAL_KEY,
+    FederationError,
+    InvalidRequestError,
+    NodeInternalError,
+)
 from federation.releases import NodeDescription, Release
 
 __all__ = ["CONSUMER_HEADER", "ChunkSink", "NodeClient"]
@@ -167,6 +172,7 @@ class NodeClient:
             node=self.name,
             address=self.address,
             identity=self._identity,
+            refusal=_refusal(call),
         )
 
     def close(self) -> None:
@@ -176,3 +182,11 @@ class NodeClient:
     def __repr__(self) -> str:
         """Show name and address."""
         return f"NodeClient({self.name!r}, {self.address!r})"
+
+
+def _refusal(call: grpc.Call) -> str:
+    """The call's ``federation-refusal`` trailing metadata, or "" (see federation.errors)."""
+    for key, value in call.trailing_metadata() or ():
+        if key == REFUSAL_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""

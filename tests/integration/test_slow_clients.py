@@ -28,6 +28,7 @@ from federation import pki
 from federation._proto.v1 import node_pb2 as pb
 from federation.coordinator import NodeClient
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
+from federation.errors import REFUSAL_KEY
 from federation.local import LocalFederation, node_config_toml
 from federation.queries import Count, Mechanism
 from federation.releases import BudgetStatus
@@ -175,6 +176,8 @@ def _assert_refused(calls: Sequence[Call], message: str) -> None:
     for call in calls:
         assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert message in call.details()
+        # Marked busy, so clients raise NodeBusyError (retry), not BudgetExhaustedError.
+        assert (REFUSAL_KEY, "busy") in tuple(call.trailing_metadata() or ())
 
 
 def test_withheld_requests_hold_only_their_own_slots_and_are_cut_off(env: Env) -> None:

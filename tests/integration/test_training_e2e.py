@@ -7,10 +7,12 @@ the refusals that must charge nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from federation import BudgetExhaustedError, Count, NodeUnavailableError, pki, receipts, wire
+from federation import (
+    BudgetExhaustedError,
+    Count,
+    NodeBusyError,
+    NodeUnavailableError,
+    pki,
+    receipts,
+    wire,
+)
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator
@@ -153,23 +163,26 @@ def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> N
 # ---------------------------------------------------------------- refusals over the raw stub
 
 
+_RAW_CONFIG = TrainConfig(
+    spec=SPEC,
+    round=0,
+    total_rounds=2,
+    target_epsilon=2.0,
+    delta=1e-7,
+    sample_rate=0.05,
+    local_steps=1,
+    learning_rate=1.0,
+    clip_norm=1.0,
+    job_id="raw-job",
+)
+
+
 def _raw_train(
     local: LocalFederation, node: str, weights: dict[str, npt.NDArray[np.float32]]
 ) -> grpc.RpcError:
     """Send one Train stream through the generated stub; return the error it ends with."""
     assert local.identity is not None
-    config = TrainConfig(
-        spec=SPEC,
-        round=0,
-        total_rounds=2,
-        target_epsilon=2.0,
-        delta=1e-7,
-        sample_rate=0.05,
-        local_steps=1,
-        learning_rate=1.0,
-        clip_norm=1.0,
-        job_id="raw-job",
-    )
+    config = _RAW_CONFIG
     headers = wire.tensor_headers(weights)
     messages = [pb.TrainRequest(config=wire.train_config_to_proto(config, tensors=headers))]
     messages += [pb.TrainRequest(chunk=c) for c in wire.iter_tensor_chunks(weights)]
@@ -198,6 +211,55 @@ def test_shape_mismatch_is_invalid_argument_and_charges_nothing(
     error = _raw_train(trained_fed, "hong-kong", weights)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "'0.weight' must have shape [16, 6]" in (error.details() or "")
+    assert releases(fed) == before
+
+
+def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    # Each node trains one round at a time. A second Train waits for the slot until shortly
+    # before its deadline, then hears NodeBusyError (retry), not a spent budget.
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    node = trained_fed.processes["shenzhen"]
+    assert trained_fed.identity is not None
+    weights = _good_weights()
+    headers = wire.tensor_headers(weights)
+    config = dataclasses.replace(_RAW_CONFIG, job_id="slot-holder")
+    opening = pb.TrainRequest(config=wire.train_config_to_proto(config, tensors=headers))
+    done = threading.Event()
+
+    def withhold_weights() -> Iterator[pb.TrainRequest]:
+        yield opening
+        done.wait(60)
+
+    channel = grpc.secure_channel(
+        node.address,
+        pki.channel_credentials(trained_fed.identity),
+        options=[("grpc.ssl_target_name_override", "shenzhen")],
+    )
+    with channel:
+        holder = pb_grpc.NodeStub(channel).Train(withhold_weights(), timeout=60)
+        try:
+            deadline = time.monotonic() + 20
+            while "job slot-holder round 0" not in node.log_path.read_text(errors="replace"):
+                assert time.monotonic() < deadline, "the node never took the training slot"
+                time.sleep(0.05)
+            client = fed.clients["shenzhen"]
+            with pytest.raises(NodeBusyError, match="busy training .*nothing was charged"):
+                client.train(
+                    dataclasses.replace(_RAW_CONFIG, job_id="second"),
+                    weights,
+                    on_result=lambda _: lambda *_: None,
+                    timeout_s=3.0,
+                )
+        finally:
+            done.set()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in holder:
+                pass
+    # The holder's stream ended without its weights: refused, and nothing charged either.
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert releases(fed) == before
 
 

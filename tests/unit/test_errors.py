@@ -11,6 +11,7 @@ from federation.errors import (
     ConfigError,
     FederationError,
     InvalidRequestError,
+    NodeBusyError,
     NodeInternalError,
     NodeUnavailableError,
     PolicyError,
@@ -28,6 +29,7 @@ WIRE_ERRORS: dict[type[FederationError], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PolicyError: grpc.StatusCode.PERMISSION_DENIED,
     BudgetExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NodeBusyError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SchemaMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     NodeUnavailableError: grpc.StatusCode.UNAVAILABLE,
     NodeInternalError: grpc.StatusCode.INTERNAL,
@@ -60,8 +62,10 @@ def test_every_error_class_has_a_decided_status() -> None:
 def test_error_maps_to_its_status_and_back_to_its_class(
     cls: type[FederationError], code: grpc.StatusCode
 ) -> None:
-    assert status_for(cls("boom")) is code
-    back = error_from_status(code, "boom", node=NODE)
+    err = cls("boom")
+    assert status_for(err) is code
+    trailer = dict(errors.refusal_metadata(err))
+    back = error_from_status(code, "boom", node=NODE, refusal=trailer.get(errors.REFUSAL_KEY, ""))
     assert type(back) is cls
     assert NODE in str(back)
     assert "boom" in str(back)
@@ -137,3 +141,20 @@ def test_unknown_status_is_a_node_internal_error_naming_node_and_code(
     assert NODE in str(err)
     assert code.name in str(err)
     assert "something odd" in str(err)
+
+
+def test_only_a_busy_node_marks_its_refusal_and_only_that_mark_makes_it_busy() -> None:
+    # Budget and concurrency refusals share RESOURCE_EXHAUSTED; the trailer decides, so a
+    # client retries a busy node and never retries a spent budget.
+    assert errors.refusal_metadata(NodeBusyError("x")) == ((errors.REFUSAL_KEY, "busy"),)
+    for cls in set(WIRE_ERRORS) - {NodeBusyError}:
+        assert errors.refusal_metadata(cls("x")) == ()
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert type(error_from_status(exhausted, "x", node=NODE)) is BudgetExhaustedError
+    assert type(error_from_status(exhausted, "x", node=NODE, refusal="other")) is (
+        BudgetExhaustedError
+    )
+    # The trailer only qualifies RESOURCE_EXHAUSTED.
+    assert type(error_from_status(grpc.StatusCode.INTERNAL, "x", node=NODE, refusal="busy")) is (
+        NodeInternalError
+    )

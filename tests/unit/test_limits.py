@@ -17,9 +17,9 @@ import pytest
 from federation import pki
 from federation._proto.v1 import node_pb2 as pb
 from federation.errors import (
-    BudgetExhaustedError,
     ConfigError,
     InvalidRequestError,
+    NodeBusyError,
     UnauthenticatedError,
 )
 from nodes import limits
@@ -134,7 +134,7 @@ def test_limiter_refuses_beyond_the_limit_and_frees_slots() -> None:
     with limiter.slot("acme-ai", limit=2), limiter.slot("acme-ai", limit=2):
         assert limiter.running("acme-ai") == 2
         with (
-            pytest.raises(BudgetExhaustedError, match=r"'acme-ai' on node 'hong-kong' \(limit 2\)"),
+            pytest.raises(NodeBusyError, match=r"'acme-ai' on node 'hong-kong' \(limit 2\)"),
             limiter.slot("acme-ai", limit=2),
         ):
             pass  # pragma: no cover - never entered
@@ -150,7 +150,7 @@ def test_limiter_names_what_it_limits() -> None:
     limiter = ConcurrencyLimiter(node="n", what="health calls")
     with (
         limiter.slot("acme-ai", limit=1),
-        pytest.raises(BudgetExhaustedError, match="too many concurrent health calls for consumer"),
+        pytest.raises(NodeBusyError, match="too many concurrent health calls for consumer"),
         limiter.slot("acme-ai", limit=1),
     ):
         pass  # pragma: no cover - never entered
@@ -164,7 +164,7 @@ def test_node_slots_are_shared_by_every_caller_and_counted_apart() -> None:
             assert limiter.running("acme-ai") == limiter.running("beta-labs") == 1
             with (
                 pytest.raises(
-                    BudgetExhaustedError,
+                    NodeBusyError,
                     match=r"too many concurrent health calls on node 'hong-kong' \(limit 2,",
                 ),
                 limiter.node_slot(limit=2),
@@ -206,7 +206,7 @@ def test_limiter_admits_exactly_the_limit_under_contention() -> None:
                 admitted.append(limiter.running("acme-ai"))
                 decided.release()
                 release.wait(WAIT_S)
-        except BudgetExhaustedError:
+        except NodeBusyError:
             refused.append(1)
             decided.release()
 
@@ -397,7 +397,7 @@ def test_admission_holds_a_slot_and_releases_it(guard: Guard) -> None:
         assert admitted.consumer == "acme-ai"
         assert admitted.policy.name == "acme-ai"
         with (
-            pytest.raises(BudgetExhaustedError, match="too many concurrent requests"),
+            pytest.raises(NodeBusyError, match="too many concurrent requests"),
             guard.admit(FakeContext("acme-ai"), "analyze"),  # type: ignore[arg-type]
         ):
             pass  # pragma: no cover - never entered
@@ -423,7 +423,7 @@ def test_health_admission_needs_no_policy_but_has_its_own_limit(guard: Guard) ->
         for _ in range(HEALTH_MAX_CONCURRENT):
             stack.enter_context(guard.admit_health(FakeContext("acme-ai")))  # type: ignore[arg-type]
         with (
-            pytest.raises(BudgetExhaustedError, match="concurrent health calls.*'acme-ai'"),
+            pytest.raises(NodeBusyError, match="concurrent health calls.*'acme-ai'"),
             guard.admit_health(FakeContext("acme-ai")),  # type: ignore[arg-type]
         ):
             pass  # pragma: no cover - never entered
@@ -452,7 +452,7 @@ def test_health_admission_has_a_node_wide_limit(tmp_path: Path) -> None:
                 stack.enter_context(guard.admit_health(FakeContext(f"stranger-{i}")))  # type: ignore[arg-type]
             with (
                 pytest.raises(
-                    BudgetExhaustedError,
+                    NodeBusyError,
                     match=rf"too many concurrent health calls on node 'hong-kong' \(limit {total},",
                 ),
                 guard.admit_health(FakeContext("acme-ai")),  # type: ignore[arg-type]
