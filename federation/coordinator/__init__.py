@@ -166,6 +166,7 @@ class Coordinator:
             NodeUnavailableError: a node is unreachable (and ``min_nodes`` not met).
             SchemaMismatchError: nodes disagree on the dataset's schema.
             BudgetExhaustedError, InvalidRequestError, PolicyError: a node refused.
+            NodeBusyError: a node was at a concurrency limit; nothing was charged: retry.
         """
         mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
         if not 0 < confidence < 1:

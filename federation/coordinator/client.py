@@ -3,10 +3,18 @@
 Errors come back as the exception classes of ``federation.errors`` (a notebook user catches
 ``BudgetExhaustedError``, not ``grpc.RpcError``). With an ``Identity`` the channel is mutual
 TLS and the node's certificate must be valid for the node's *name* (not just its address).
+
+A ``NodeBusyError`` on Describe or Analyze is retried (``busy_retries`` times, waits of about
+0.2, 0.6, 1.8 s, within the call's ``timeout_s``): a node refuses a busy call before it
+reads or charges anything, so the retry cannot spend twice, and a query that other nodes
+have already answered (and been charged for) is not thrown away over a moment's load.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar, cast
 
@@ -22,6 +30,7 @@ from federation.errors import (
     REFUSAL_KEY,
     FederationError,
     InvalidRequestError,
+    NodeBusyError,
     NodeInternalError,
 )
 from federation.releases import NodeDescription, Release
@@ -30,6 +39,10 @@ __all__ = ["CONSUMER_HEADER", "ChunkSink", "NodeClient"]
 
 CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BUSY_RETRIES = 3
+BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
+
+log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -49,6 +62,7 @@ class NodeClient:
         identity: pki.Identity | None = None,
         consumer: str | None = None,
         timeout_s: float = 30.0,
+        busy_retries: int = BUSY_RETRIES,
     ) -> None:
         """Open a channel to ``address``.
 
@@ -57,12 +71,20 @@ class NodeClient:
             address: ``host:port``.
             identity: the consumer's TLS identity; None for a plaintext (loopback) node.
             consumer: the consumer name sent in a header to a plaintext node.
-            timeout_s: deadline of each call.
+            timeout_s: deadline of each call, retries included.
+            busy_retries: how often Describe and Analyze retry a ``NodeBusyError``
+                (0: never; see the module docstring).
+
+        Raises:
+            InvalidRequestError: ``busy_retries`` is negative.
         """
+        if busy_retries < 0:
+            raise InvalidRequestError(f"busy_retries must be >= 0; got {busy_retries}")
         self.name = name
         self.address = address
         self._identity = identity
         self.timeout_s = timeout_s
+        self.busy_retries = busy_retries
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
@@ -116,6 +138,8 @@ class NodeClient:
         Raises:
             BudgetExhaustedError, InvalidRequestError, PolicyError, NodeUnavailableError:
                 the node refused or could not be reached in time.
+            NodeBusyError: the node was training another round until shortly before
+                ``timeout_s``; nothing was charged.
             NodeInternalError: the node failed, or its update stream broke the rules.
         """
         headers = wire.tensor_headers(weights)
@@ -158,11 +182,30 @@ class NodeClient:
         return result
 
     def _call(self, method: Callable[..., Resp], request: Req) -> Resp:
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as err:
-            call = cast(grpc.Call, err)
-            raise self._status_error(call) from None
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                remaining = max(deadline - time.monotonic(), 0.001)
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = self._status_error(cast(grpc.Call, err))
+            wait = BUSY_BACKOFF_S * 3**attempt * random.uniform(0.75, 1.25)  # noqa: S311 - jitter
+            if (
+                not isinstance(error, NodeBusyError)
+                or attempt >= self.busy_retries
+                or time.monotonic() + wait >= deadline
+            ):
+                raise error
+            attempt += 1
+            log.info(
+                "node %s is busy; retry %d of %d in %.2fs",
+                self.name,
+                attempt,
+                self.busy_retries,
+                wait,
+            )
+            time.sleep(wait)
 
     def _status_error(self, call: grpc.Call) -> FederationError:
         """The exception for a failed call; names the problem when a TLS handshake failed."""

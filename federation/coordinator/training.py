@@ -229,7 +229,8 @@ def train(
         InvalidRequestError: bad arguments, or ``resume`` without a matching checkpoint.
         SchemaMismatchError: the nodes disagree on the dataset's schema.
         NodeUnavailableError: fewer than ``min_nodes`` nodes completed a round.
-        BudgetExhaustedError, PolicyError: a refusal left fewer than ``min_nodes`` nodes.
+        BudgetExhaustedError, NodeBusyError, PolicyError: a refusal left fewer than
+            ``min_nodes`` nodes.
     """
     _check_arguments(
         rounds=rounds,

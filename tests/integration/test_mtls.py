@@ -80,8 +80,9 @@ class Env:
     def address(self, node: str = HK) -> str:
         return self.local.processes[node].address
 
-    def client(self, consumer: str, node: str = HK) -> NodeClient:
-        return NodeClient(node, self.address(node), identity=self.identities[consumer])
+    def client(self, consumer: str, node: str = HK, *, busy_retries: int = 3) -> NodeClient:
+        identity = self.identities[consumer]
+        return NodeClient(node, self.address(node), identity=identity, busy_retries=busy_retries)
 
     def log(self, node: str = HK) -> str:
         return self.local.processes[node].log_path.read_text(errors="replace")
@@ -415,7 +416,9 @@ def test_consumer_over_its_concurrency_limit_is_refused_while_others_are_served(
                     beta_errors.append(err)
                     return
 
-    with closing(env.client("burst")) as burst, ThreadPoolExecutor(max_workers=8) as pool:
+    # No retries: this test wants to see the refusals themselves.
+    burst_client = env.client("burst", busy_retries=0)
+    with closing(burst_client) as burst, ThreadPoolExecutor(max_workers=8) as pool:
 
         def one(barrier: threading.Barrier) -> str:
             barrier.wait()

@@ -28,7 +28,7 @@ from federation import pki
 from federation._proto.v1 import node_pb2 as pb
 from federation.coordinator import NodeClient
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
-from federation.errors import REFUSAL_KEY
+from federation.errors import REFUSAL_KEY, NodeBusyError
 from federation.local import LocalFederation, node_config_toml
 from federation.queries import Count, Mechanism
 from federation.releases import BudgetStatus
@@ -76,8 +76,9 @@ class Env:
     def log(self) -> str:
         return self.local.processes[NODE].log_path.read_text(errors="replace")
 
-    def client(self, consumer: str) -> NodeClient:
-        return NodeClient(NODE, self.address, identity=self.identities[consumer])
+    def client(self, consumer: str, *, busy_retries: int = 0) -> NodeClient:
+        identity = self.identities[consumer]
+        return NodeClient(NODE, self.address, identity=identity, busy_retries=busy_retries)
 
     def channel(self, consumer: str) -> grpc.Channel:
         credentials = pki.channel_credentials(self.identities[consumer])
@@ -207,6 +208,38 @@ def test_withheld_requests_hold_only_their_own_slots_and_are_cut_off(env: Env) -
     # Nothing read, nothing charged: refusals and cut-offs alike.
     slow = env.budget("slow")
     assert (slow.releases, slow.spent_epsilon) == (before[1].releases, before[1].spent_epsilon)
+
+
+def test_a_client_retries_a_busy_node_and_is_served_once_a_slot_frees(env: Env) -> None:
+    # 'slow' may run 2 requests at once. Two withheld calls hold both slots until the read
+    # deadline (2 s) cuts them off; an Analyze meanwhile is refused busy, nothing charged,
+    # and the client's retries (about 0.2, 0.6, 1.8, 5.4 s) get it served: charged once.
+    until = threading.Event()
+    refused_before = env.log().count("refused analyze: too many concurrent requests for")
+    before = env.budget("slow")
+    with env.channel("slow") as channel, closing(env.client("slow", busy_retries=0)) as probe:
+        try:
+            calls = _open_withheld(
+                channel, ANALYZE, pb.AnalyzeResponse.FromString, until, count=SLOW_LIMIT
+            )
+            deadline = time.monotonic() + WAIT_S
+            while True:  # until the node holds both slots (a Describe is refused busy)
+                try:
+                    probe.describe()
+                except NodeBusyError:
+                    break
+                assert time.monotonic() < deadline, "the withheld calls never took the slots"
+                time.sleep(0.05)
+            with closing(env.client("slow", busy_retries=4)) as client:
+                client.timeout_s = WAIT_S
+                release = client.analyze(_count())
+        finally:
+            until.set()
+        _outcomes(calls)
+    assert release.budget.releases == before.releases + 1
+    assert release.budget.spent_epsilon == pytest.approx(before.spent_epsilon + 0.5)
+    refused = env.log().count("refused analyze: too many concurrent requests for")
+    assert refused > refused_before  # the first try was refused: the retry served it
 
 
 def test_withheld_health_checks_hold_only_their_own_slots(env: Env) -> None:

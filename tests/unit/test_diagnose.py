@@ -12,8 +12,16 @@ import grpc
 import pytest
 
 from federation import pki
+from federation.coordinator import NodeClient
 from federation.coordinator._diagnose import error_for_status
-from federation.errors import NodeInternalError, NodeUnavailableError, PolicyError
+from federation.errors import (
+    BudgetExhaustedError,
+    InvalidRequestError,
+    NodeBusyError,
+    NodeInternalError,
+    NodeUnavailableError,
+    PolicyError,
+)
 
 NODE = "shenzhen"
 ADDRESS = "127.0.0.1:5001"
@@ -111,3 +119,17 @@ def test_other_statuses_map_as_before() -> None:
         grpc.StatusCode.DATA_LOSS, "odd", node=NODE, address=ADDRESS, identity=None
     )
     assert type(odd) is NodeInternalError
+
+
+def test_a_busy_trailer_turns_resource_exhausted_into_node_busy() -> None:
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kwargs = {"node": NODE, "address": ADDRESS, "identity": None}
+    busy = error_for_status(exhausted, "too many concurrent requests", refusal="busy", **kwargs)
+    assert type(busy) is NodeBusyError
+    spent = error_for_status(exhausted, "remaining_epsilon=0", **kwargs)
+    assert type(spent) is BudgetExhaustedError
+
+
+def test_a_client_refuses_a_negative_retry_count() -> None:
+    with pytest.raises(InvalidRequestError, match="busy_retries must be >= 0"):
+        NodeClient(NODE, ADDRESS, busy_retries=-1)
