@@ -19,9 +19,9 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
   tensor, as the federation streams them.
 - **floor cpu**: the CPU seconds of work no private, authenticated round can skip, measured in
   the same child on the same tensors: AES-128-GCM encryption and decryption of every byte
-  sent each way (what TLS must do at least; the round negotiates AES-256-GCM, which costs
-  more), SHA-256 of each update at the node and at the coordinator (the signed receipt), and
-  one Gaussian draw per parameter per node (the DP noise). On a machine with c cores the
+  sent each way (what TLS must do at least: the cheapest cipher TLS 1.3 may negotiate),
+  SHA-256 of each update at the node and at the coordinator (the signed receipt), and one
+  Gaussian draw per parameter per node (the DP noise). On a machine with c cores the
   round cannot take less than floor / c seconds; **cpu/floor** compares it with what
   coordinator and nodes actually used.
 - peak RSS (VmHWM) of the coordinator process and of the largest node, in GB and in
@@ -152,6 +152,9 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
 
     import torch
 
+    # One thread: process_time would also count the spin-waits of torch's worker threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     sealed = bytearray(CRYPTO_CHUNK + 16)
     opened = bytearray(CRYPTO_CHUNK + 16)
     noise = torch.empty(CRYPTO_CHUNK // 4)
@@ -166,7 +169,9 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
             hashlib.sha256(data).digest()  # the node's receipt
             _seal_and_open(array, sealed, opened)  # the update back
             hashlib.sha256(data).digest()  # the coordinator checks the receipt
-    return time.process_time() - started
+    used = time.process_time() - started
+    torch.set_num_threads(threads)
+    return used
 
 
 # ---------------------------------------------------------------- one configuration (child)

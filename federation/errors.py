@@ -7,8 +7,8 @@
     ├── InvalidRequestError (also ValueError) → INVALID_ARGUMENT
     ├── UnauthenticatedError                 → UNAUTHENTICATED
     ├── PolicyError                          → PERMISSION_DENIED
-    ├── BudgetExhaustedError                 → RESOURCE_EXHAUSTED (carries the remaining budget)
-    ├── NodeBusyError                        → RESOURCE_EXHAUSTED + trailer federation-refusal: busy
+    ├── BudgetExhaustedError                 → RESOURCE_EXHAUSTED, marked budget (with ε left)
+    ├── NodeBusyError                        → RESOURCE_EXHAUSTED, marked busy (see below)
     ├── SchemaMismatchError                  → FAILED_PRECONDITION
     ├── NodeUnavailableError                 ← UNAVAILABLE, DEADLINE_EXCEEDED
     └── NodeInternalError                    ← INTERNAL, UNKNOWN and anything unmapped
@@ -19,9 +19,11 @@ never ``grpc.RpcError``.
 
 Two refusals share ``RESOURCE_EXHAUSTED``, as gRPC's status guide has it ("some resource has
 been exhausted, perhaps a per-user quota"): a privacy budget that is spent (final, until the
-operator grants more) and a node at its concurrency limit (retry in a moment). A node tells
-them apart for machines with the trailing metadata ``federation-refusal: busy`` on the
-second (``refusal_metadata``); a client passes that value to ``error_from_status``.
+operator grants more) and a node at its concurrency limit (retry in a moment). gRPC itself
+also answers ``RESOURCE_EXHAUSTED`` for a message over a size limit. A node therefore marks
+its own refusals with the trailing metadata ``federation-refusal: budget`` or ``busy``
+(``refusal_metadata``); a client passes that value to ``error_from_status``, and an unmarked
+``RESOURCE_EXHAUSTED`` becomes an ``InvalidRequestError`` that says it was no budget.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ __all__ = [
 ]
 
 REFUSAL_KEY = "federation-refusal"
-"""Trailing-metadata key that qualifies a refusal (today only ``busy``)."""
+"""Trailing-metadata key that says which refusal a ``RESOURCE_EXHAUSTED`` is."""
 BUSY = "busy"
+BUDGET = "budget"
 
 
 class FederationError(Exception):
@@ -121,7 +124,11 @@ def status_for(err: FederationError) -> grpc.StatusCode:
 
 def refusal_metadata(err: FederationError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata a node sends with ``err``'s status (see the module docstring)."""
-    return ((REFUSAL_KEY, BUSY),) if isinstance(err, NodeBusyError) else ()
+    if isinstance(err, NodeBusyError):
+        return ((REFUSAL_KEY, BUSY),)
+    if isinstance(err, BudgetExhaustedError):
+        return ((REFUSAL_KEY, BUDGET),)
+    return ()
 
 
 def error_from_status(
@@ -137,7 +144,12 @@ def error_from_status(
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         if refusal == BUSY:
             return NodeBusyError(message)
-        return BudgetExhaustedError(message, remaining_epsilon=_parse_remaining(details))
+        if refusal == BUDGET:
+            return BudgetExhaustedError(message, remaining_epsilon=_parse_remaining(details))
+        return InvalidRequestError(
+            f"{message} (RESOURCE_EXHAUSTED from gRPC itself, not a privacy budget: most "
+            "likely a message over a size limit, such as the node's max_message_bytes)"
+        )
     for cls, mapped in _TABLE:
         if mapped is code:
             return cls(message)

@@ -116,7 +116,8 @@ class ConsumerPolicy:
         noise_multiplier_floor: smallest DP-SGD noise multiplier accepted, >= 0.
         max_rounds: most training rounds per training run, >= 1.
         max_concurrent_requests: requests of this consumer the node runs at once, 1-1024;
-            more are refused at once with ``RESOURCE_EXHAUSTED`` (nothing charged).
+            more are refused at once with ``RESOURCE_EXHAUSTED`` marked busy
+            (``NodeBusyError`` at the client; nothing charged).
 
     Raises:
         ConfigError: a field breaks its rule (the message names the field).
@@ -965,7 +966,7 @@ _CONSUMER_LINES = [
     "max_epsilon_per_release = 0.1   # cap on one query or training run",
     "max_delta_per_release = 1e-7",
     'operations = ["describe", "analyze"]   # add "train" to allow federated training',
-    "max_concurrent_requests = 4     # more at once are refused (RESOURCE_EXHAUSTED)",
+    "max_concurrent_requests = 4     # more at once are refused busy (RESOURCE_EXHAUSTED)",
     "# Groups whose DP count is below min_cohort come back suppressed (NaN). Post-processing:",
     "# no extra privacy cost, and no extra formal guarantee either (0: off).",
     "min_cohort = 0",

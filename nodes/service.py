@@ -132,7 +132,9 @@ class NodeService(pb_grpc.NodeServicer):
         Served on raw bytes (see ``add_node_service``): ``federation.wire`` parses and
         writes the stream's messages, so chunks skip protobuf's copies.
         """
-        return self._run_stream(context, "train", lambda: self._train(request_iterator, context))
+        return self._run_stream(
+            context, "train", lambda admission: self._train(request_iterator, context, admission)
+        )
 
     # ---------------------------------------------------------------- pipeline
 
@@ -192,9 +194,10 @@ class NodeService(pb_grpc.NodeServicer):
         )
         return wire.release_to_proto(release)
 
-    def _train(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        consumer = self.guard.identify(context)
-        policy = self.guard.authorize(consumer, "train")
+    def _train(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext, admission: Admission
+    ) -> Iterator[bytes]:
+        consumer, policy = admission.consumer, admission.policy
         # The opening message (config and layout) is small: it must arrive within the read
         # limit, like a unary request; the weights that follow stream under max_request_s.
         with self.guard.read_deadline(context, "train", consumer) as read:
@@ -218,7 +221,7 @@ class NodeService(pb_grpc.NodeServicer):
         )
         rounds.check_layout(plan, headers)  # before a byte of weights is read
         rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
-        if not self._train_slots.acquire(timeout=_slot_wait_s(context)):
+        if not self._train_slots.acquire(timeout=_slot_wait_s(context, admission)):
             raise NodeBusyError(
                 f"node {self.config.name!r} is busy training (limit "
                 f"{self._max_trainings} at once); nothing was charged: retry"
@@ -283,14 +286,14 @@ class NodeService(pb_grpc.NodeServicer):
         self,
         context: grpc.ServicerContext,
         operation: str,
-        step: Callable[[], Iterator[T]],
+        step: Callable[[Admission], Iterator[T]],
     ) -> Iterator[T]:
         """Run one streaming request; map errors to status codes like ``_run``."""
         try:
             # The admission's deadline (max_request_s) also cuts off a caller that stalls
             # mid-stream, whatever deadline it chose itself.
-            with self.guard.admit(context, operation):
-                yield from step()
+            with self.guard.admit(context, operation) as admission:
+                yield from step(admission)
         except FederationError as err:
             self._refuse(context, operation, err)
         except grpc.RpcError:
@@ -403,11 +406,17 @@ class NodeService(pb_grpc.NodeServicer):
 _BUSY_ANSWER_S = 1.0  # time left for a busy refusal to reach the caller before its deadline
 
 
-def _slot_wait_s(context: grpc.ServicerContext) -> float:
-    """How long a Train call waits for a training slot: at most a minute, and long enough
-    before the caller's deadline that it hears "busy", not just DEADLINE_EXCEEDED."""
-    remaining = context.time_remaining()
-    return 60.0 if remaining is None else max(0.0, min(remaining - _BUSY_ANSWER_S, 60.0))
+def _slot_wait_s(context: grpc.ServicerContext, admission: Admission) -> float:
+    """How long a Train call waits for a training slot: at most a minute, and ending early
+    enough before the caller's deadline and the node's own (``max_request_s``) that the
+    caller hears "busy", not DEADLINE_EXCEEDED or CANCELLED."""
+    caller = context.time_remaining()
+    left = (
+        admission.deadline.remaining_s
+        if caller is None
+        else min(caller, admission.deadline.remaining_s)
+    )
+    return max(0.0, min(left - _BUSY_ANSWER_S, 60.0))
 
 
 def _details(plan: Plan) -> dict[str, object]:

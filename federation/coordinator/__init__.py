@@ -18,6 +18,7 @@ from federation.coordinator.client import NodeClient
 from federation.errors import (
     FederationError,
     InvalidRequestError,
+    NodeBusyError,
     NodeUnavailableError,
     SchemaMismatchError,
 )
@@ -157,16 +158,16 @@ class Coordinator:
             epsilon: epsilon to spend at *each* node (nodes hold disjoint records).
             delta: delta per node for the gaussian mechanism (0 for laplace).
             mechanism: ``"laplace"`` (pure DP) or ``"gaussian"``.
-            min_nodes: answer from at least this many nodes when some are unreachable;
+            min_nodes: answer from at least this many nodes when some are unreachable
+                (or still busy after the client's retries);
                 None requires all of them.
             confidence: coverage of the intervals.
             seed: seed of the interval simulations (None: fresh).
 
         Raises:
-            NodeUnavailableError: a node is unreachable (and ``min_nodes`` not met).
+            NodeUnavailableError: a node is unreachable or busy (and ``min_nodes`` not met).
             SchemaMismatchError: nodes disagree on the dataset's schema.
             BudgetExhaustedError, InvalidRequestError, PolicyError: a node refused.
-            NodeBusyError: a node was at a concurrency limit; nothing was charged: retry.
         """
         mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
         if not 0 < confidence < 1:
@@ -191,7 +192,10 @@ class Coordinator:
         confidence: float,
         seed: int | None,
     ) -> QueryResult:
-        refusals = {n: e for n, e in failures.items() if not isinstance(e, NodeUnavailableError)}
+        # A node still busy after the client's retries charged nothing: like an unreachable
+        # one, it counts against min_nodes instead of failing a query others have paid for.
+        transient = (NodeUnavailableError, NodeBusyError)
+        refusals = {n: e for n, e in failures.items() if not isinstance(e, transient)}
         if refusals:
             raise _first_failure(refusals)
         if len(releases) < needed:

@@ -62,7 +62,11 @@ HK_POLICIES: dict[str, dict[str, object]] = {
     "revoked-mtime": BASE,
     "expired": BASE,
 }
-SZ_POLICIES: dict[str, dict[str, object]] = {"acme-ai": BASE, "cohort": {**BASE, "min_cohort": 0}}
+SZ_POLICIES: dict[str, dict[str, object]] = {
+    "acme-ai": BASE,
+    "burst": BASE,
+    "cohort": {**BASE, "min_cohort": 0},
+}
 NOBODY = parse_filter("income < 0")  # incomes are >= 0: an empty cohort
 
 
@@ -393,6 +397,47 @@ def test_unknown_consumer_is_denied_and_logged(env: Env) -> None:
 
 
 # ---------------------------------------------------------------- request limits
+
+
+def test_a_node_still_busy_after_retries_counts_like_an_unreachable_one(env: Env) -> None:
+    # 'burst' may run one request at a time at hong-kong. A withheld call holds that slot
+    # for longer than the client's retries last, so hong-kong stays busy: with min_nodes=1
+    # the query is answered by shenzhen (charged once) instead of failing after shenzhen
+    # has paid for it, and hong-kong charges nothing.
+    before = {node: env.budget("burst", node) for node in (HK, SZ)}
+    until = threading.Event()
+
+    def withheld() -> Iterator[bytes]:
+        until.wait(60)
+        yield from ()
+
+    credentials = pki.channel_credentials(env.identities["burst"])
+    options = [("grpc.ssl_target_name_override", HK)]
+    with grpc.secure_channel(env.address(HK), credentials, options=options) as channel:
+        call = channel.stream_unary("/federation.v1.Node/Analyze", request_serializer=None)
+        held = call.future(withheld(), timeout=60)
+        try:
+            with closing(env.client("burst", busy_retries=0)) as probe:
+                deadline = time.monotonic() + 20
+                while True:  # until hong-kong holds the slot (a Describe is refused busy)
+                    try:
+                        probe.describe()
+                    except NodeBusyError:
+                        break
+                    assert time.monotonic() < deadline, "the withheld call never took the slot"
+                    time.sleep(0.05)
+            addresses = {HK: env.address(HK), SZ: env.address(SZ)}
+            with Coordinator.from_addresses(addresses, identity=env.identities["burst"]) as fed:
+                result = fed.analyze(Count("credit"), epsilon=0.01, min_nodes=1)
+        finally:
+            until.set()
+            held.cancel()
+    assert result.missing == (HK,)
+    assert [n.node for n in result.nodes] == [SZ]
+    after = {node: env.budget("burst", node) for node in (HK, SZ)}
+    assert after[SZ].releases == before[SZ].releases + 1
+    assert after[HK].releases == before[HK].releases
+    assert after[HK].spent_epsilon == before[HK].spent_epsilon
 
 
 def test_consumer_over_its_concurrency_limit_is_refused_while_others_are_served(

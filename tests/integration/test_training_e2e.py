@@ -251,7 +251,7 @@ def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
                     dataclasses.replace(_RAW_CONFIG, job_id="second"),
                     weights,
                     on_result=lambda _: lambda *_: None,
-                    timeout_s=3.0,
+                    timeout_s=6.0,  # the node answers busy 1 s before this
                 )
         finally:
             done.set()

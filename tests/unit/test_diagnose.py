@@ -126,7 +126,7 @@ def test_a_busy_trailer_turns_resource_exhausted_into_node_busy() -> None:
     kwargs = {"node": NODE, "address": ADDRESS, "identity": None}
     busy = error_for_status(exhausted, "too many concurrent requests", refusal="busy", **kwargs)
     assert type(busy) is NodeBusyError
-    spent = error_for_status(exhausted, "remaining_epsilon=0", **kwargs)
+    spent = error_for_status(exhausted, "remaining_epsilon=0", refusal="budget", **kwargs)
     assert type(spent) is BudgetExhaustedError
 
 

@@ -108,7 +108,9 @@ def test_unreachable_or_slow_node_is_unavailable(code: grpc.StatusCode) -> None:
 def test_budget_exhausted_carries_the_remaining_epsilon(
     details: str, remaining: float | None
 ) -> None:
-    err = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, details, node=NODE)
+    err = error_from_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, details, node=NODE, refusal="budget"
+    )
     assert type(err) is BudgetExhaustedError
     assert err.remaining_epsilon == remaining
     assert NODE in str(err)
@@ -116,7 +118,9 @@ def test_budget_exhausted_carries_the_remaining_epsilon(
 
 @pytest.mark.parametrize("details", ["out of budget; remaining_epsilon=", "remaining_epsilon= "])
 def test_budget_exhausted_with_an_empty_tag_still_converts(details: str) -> None:
-    err = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, details, node=NODE)
+    err = error_from_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, details, node=NODE, refusal="budget"
+    )
     assert type(err) is BudgetExhaustedError
     assert err.remaining_epsilon is None
 
@@ -143,17 +147,24 @@ def test_unknown_status_is_a_node_internal_error_naming_node_and_code(
     assert "something odd" in str(err)
 
 
-def test_only_a_busy_node_marks_its_refusal_and_only_that_mark_makes_it_busy() -> None:
-    # Budget and concurrency refusals share RESOURCE_EXHAUSTED; the trailer decides, so a
-    # client retries a busy node and never retries a spent budget.
+def test_a_node_marks_which_refusal_a_resource_exhausted_is() -> None:
+    # Budget and concurrency refusals share RESOURCE_EXHAUSTED with gRPC's own size limits;
+    # the trailer decides, so a client retries a busy node, never a spent budget, and does
+    # not mistake an oversized message for a spent budget.
     assert errors.refusal_metadata(NodeBusyError("x")) == ((errors.REFUSAL_KEY, "busy"),)
-    for cls in set(WIRE_ERRORS) - {NodeBusyError}:
+    assert errors.refusal_metadata(BudgetExhaustedError("x")) == ((errors.REFUSAL_KEY, "budget"),)
+    for cls in set(WIRE_ERRORS) - {NodeBusyError, BudgetExhaustedError}:
         assert errors.refusal_metadata(cls("x")) == ()
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert type(error_from_status(exhausted, "x", node=NODE)) is BudgetExhaustedError
-    assert type(error_from_status(exhausted, "x", node=NODE, refusal="other")) is (
-        BudgetExhaustedError
-    )
+    spent = error_from_status(exhausted, "remaining_epsilon=0.5", node=NODE, refusal="budget")
+    assert type(spent) is BudgetExhaustedError
+    assert spent.remaining_epsilon == 0.5
+    too_big = "Received message larger than max (9000000 vs. 8388608)"
+    for refusal in ("", "other"):
+        unmarked = error_from_status(exhausted, too_big, node=NODE, refusal=refusal)
+        assert type(unmarked) is InvalidRequestError
+        assert "not a privacy budget" in str(unmarked)
+        assert too_big in str(unmarked)
     # The trailer only qualifies RESOURCE_EXHAUSTED.
     assert type(error_from_status(grpc.StatusCode.INTERNAL, "x", node=NODE, refusal="busy")) is (
         NodeInternalError

@@ -18,7 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation.errors import BudgetExhaustedError, error_from_status
+from federation.errors import (
+    REFUSAL_KEY,
+    BudgetExhaustedError,
+    error_from_status,
+    refusal_metadata,
+)
 from federation.privacy import Charge, Spend, gaussian_charge, laplace_charge
 from nodes.config import ConsumerPolicy
 from nodes.ledger import Ledger
@@ -111,9 +116,11 @@ def test_refusal_message_carries_the_remaining_budget_over_the_wire(ledger: Ledg
     _charge(ledger, laplace_charge(epsilon=0.75, sensitivity=1), policy)
     with pytest.raises(BudgetExhaustedError) as info:
         _charge(ledger, laplace_charge(epsilon=0.5, sensitivity=1), policy)
+    ((key, mark),) = refusal_metadata(info.value)  # the trailer the node sends with it
     client_side = error_from_status(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, str(info.value), node="hong-kong"
+        grpc.StatusCode.RESOURCE_EXHAUSTED, str(info.value), node="hong-kong", refusal=mark
     )
+    assert key == REFUSAL_KEY
     assert isinstance(client_side, BudgetExhaustedError)
     assert client_side.remaining_epsilon == pytest.approx(0.25)
 
