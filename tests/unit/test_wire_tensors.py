@@ -27,6 +27,7 @@ from federation.wire import (
     assemble_tensors,
     decode_chunk_frame,
     encode_chunk_frame,
+    fits,
     iter_tensor_chunks,
     parse_train_request,
     tensor_header_from_proto,
@@ -268,3 +269,35 @@ def test_train_streams_round_trip_through_frames() -> None:
 def test_malformed_train_requests_are_invalid(frame: bytes, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         parse_train_request(frame)
+
+
+def test_an_assembler_can_receive_into_buffers_it_is_given() -> None:
+    sent = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+    headers = tensor_headers(sent)
+    into = {"w": np.full((3, 4), 7, np.float32), "b": np.zeros(5, np.float32)}
+    assert fits(into, headers)
+    assembler = TensorAssembler(headers, into=into)
+    for chunk in iter_tensor_chunks(sent, chunk_bytes=8):
+        assembler.add(chunk)
+    got = assembler.finish()
+    assert all(got[name] is into[name] for name in sent)  # in place, no new memory
+    assert all(np.array_equal(got[name], sent[name]) for name in sent)
+
+
+@pytest.mark.parametrize(
+    "into",
+    [
+        {"w": np.zeros((3, 4), np.float32)},  # a tensor missing
+        {"w": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32), "x": np.zeros(1)},
+        {"w": np.zeros((4, 3), np.float32), "b": np.zeros(5, np.float32)},  # wrong shape
+        {"w": np.zeros((3, 4), np.float64), "b": np.zeros(5, np.float32)},  # wrong dtype
+        {"w": np.zeros((4, 3), np.float32).T, "b": np.zeros(5, np.float32)},  # not C order
+        {"w": np.frombuffer(bytes(48), np.float32).reshape(3, 4), "b": np.zeros(5, np.float32)},
+    ],
+    ids=["missing", "extra", "shape", "dtype", "strided", "read-only"],
+)
+def test_buffers_that_do_not_fit_are_not_received_into(into: Arrays) -> None:
+    headers = (TensorHeader("w", (3, 4)), TensorHeader("b", (5,)))
+    assert not fits(into, headers)
+    with pytest.raises(ValueError, match="do not fit"):
+        TensorAssembler(headers, into=into)
