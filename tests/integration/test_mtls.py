@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _waits import wait_until_busy
 
 from federation import (
     Count,
@@ -418,14 +419,7 @@ def test_a_node_still_busy_after_retries_counts_like_an_unreachable_one(env: Env
         held = call.future(withheld(), timeout=60)
         try:
             with closing(env.client("burst", busy_retries=0)) as probe:
-                deadline = time.monotonic() + 20
-                while True:  # until hong-kong holds the slot (a Describe is refused busy)
-                    try:
-                        probe.describe()
-                    except NodeBusyError:
-                        break
-                    assert time.monotonic() < deadline, "the withheld call never took the slot"
-                    time.sleep(0.05)
+                wait_until_busy(probe, within_s=20, problem="the call never took the slot")
             addresses = {HK: env.address(HK), SZ: env.address(SZ)}
             with Coordinator.from_addresses(addresses, identity=env.identities["burst"]) as fed:
                 result = fed.analyze(Count("credit"), epsilon=0.01, min_nodes=1)

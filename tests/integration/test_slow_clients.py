@@ -22,13 +22,14 @@ from typing import Any
 
 import grpc
 import pytest
+from _waits import wait_until_busy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation import pki
 from federation._proto.v1 import node_pb2 as pb
 from federation.coordinator import NodeClient
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
-from federation.errors import REFUSAL_KEY, NodeBusyError
+from federation.errors import REFUSAL_KEY
 from federation.local import LocalFederation, node_config_toml
 from federation.queries import Count, Mechanism
 from federation.releases import BudgetStatus
@@ -222,14 +223,7 @@ def test_a_client_retries_a_busy_node_and_is_served_once_a_slot_frees(env: Env) 
             calls = _open_withheld(
                 channel, ANALYZE, pb.AnalyzeResponse.FromString, until, count=SLOW_LIMIT
             )
-            deadline = time.monotonic() + WAIT_S
-            while True:  # until the node holds both slots (a Describe is refused busy)
-                try:
-                    probe.describe()
-                except NodeBusyError:
-                    break
-                assert time.monotonic() < deadline, "the withheld calls never took the slots"
-                time.sleep(0.05)
+            wait_until_busy(probe, within_s=WAIT_S, problem="the calls never took the slots")
             with closing(env.client("slow", busy_retries=4)) as client:
                 client.timeout_s = WAIT_S
                 release = client.analyze(_count())
