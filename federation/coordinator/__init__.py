@@ -125,11 +125,23 @@ class Coordinator:
             SchemaMismatchError: the nodes' schemas differ (the message lists the columns).
         """
         names = list(nodes) if nodes is not None else list(self.clients)
+        failures = self._describe_missing(names)
+        described = [n for n in names if n not in failures]
+        if not described:
+            raise _first_failure(failures)
+        return self._agreed_schema(dataset, described)
+
+    def _describe_missing(self, names: Sequence[str]) -> dict[str, FederationError]:
+        """Describe the nodes among ``names`` not described yet; return those that failed."""
         missing = [n for n in names if n not in self._descriptions]
-        if missing:
-            found, failures = self._fan_out(lambda c: c.describe(), missing)
-            self._descriptions.update(found)
-            names = [n for n in names if n not in failures]
+        if not missing:
+            return {}
+        found, failures = self._fan_out(lambda c: c.describe(), missing)
+        self._descriptions.update(found)
+        return failures
+
+    def _agreed_schema(self, dataset: str, names: Sequence[str]) -> DatasetSchema:
+        """The schema of ``dataset`` at the described nodes ``names``, which must agree."""
         schemas = {n: self._descriptions[n].dataset(dataset) for n in names}
         problems = check_compatible(schemas)
         if problems:
@@ -178,9 +190,15 @@ class Coordinator:
             raise InvalidRequestError(
                 f"min_nodes must be between 1 and {len(self.clients)}; got {min_nodes}"
             )
-        # Check the cross-border contract before any node spends budget on this query.
-        self.schema(query.dataset, [n for n in self.clients if n in self._descriptions] or None)
-        releases, failures = self._fan_out(lambda c: c.analyze(request), list(self.clients))
+        # Check the cross-border contract before any node spends budget on this query; a
+        # node that cannot be described now (unreachable, busy) is not asked: its schema is
+        # unchecked. It counts against min_nodes like one that fails the query itself.
+        failures = self._describe_missing(list(self.clients))
+        described = [n for n in self.clients if n not in failures]
+        if described:
+            self._agreed_schema(query.dataset, described)
+        releases, refused = self._fan_out(lambda c: c.analyze(request), described)
+        failures.update(refused)
         return self._result(query, releases, failures, needed, confidence, seed)
 
     def _result(

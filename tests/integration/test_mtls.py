@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _waits import wait_until_busy
+from _waits import hold_slots
 
 from federation import (
     Count,
@@ -400,12 +400,17 @@ def test_unknown_consumer_is_denied_and_logged(env: Env) -> None:
 # ---------------------------------------------------------------- request limits
 
 
+OPS = ("describe", "analyze")
+
+
 def test_a_node_still_busy_after_retries_counts_like_an_unreachable_one(env: Env) -> None:
     # 'burst' may run one request at a time at hong-kong. A withheld call holds that slot
     # for longer than the client's retries last, so hong-kong stays busy: with min_nodes=1
     # the query is answered by shenzhen (charged once) instead of failing after shenzhen
     # has paid for it, and hong-kong charges nothing.
     before = {node: env.budget("burst", node) for node in (HK, SZ)}
+    busy = "too many concurrent requests for consumer 'burst'"
+    refused_before = {op: env.log().count(f"refused {op}: {busy}") for op in OPS}
     until = threading.Event()
 
     def withheld() -> Iterator[bytes]:
@@ -416,22 +421,34 @@ def test_a_node_still_busy_after_retries_counts_like_an_unreachable_one(env: Env
     options = [("grpc.ssl_target_name_override", HK)]
     with grpc.secure_channel(env.address(HK), credentials, options=options) as channel:
         call = channel.stream_unary("/federation.v1.Node/Analyze", request_serializer=None)
-        held = call.future(withheld(), timeout=60)
+        held: list[grpc.Future] = []
         try:
             with closing(env.client("burst", busy_retries=0)) as probe:
-                wait_until_busy(probe, within_s=20, problem="the call never took the slot")
+                held = hold_slots(
+                    lambda: call.future(withheld(), timeout=60),
+                    1,
+                    probe,
+                    within_s=20,
+                    problem="the call never took the slot",
+                )
             addresses = {HK: env.address(HK), SZ: env.address(SZ)}
             with Coordinator.from_addresses(addresses, identity=env.identities["burst"]) as fed:
                 result = fed.analyze(Count("credit"), epsilon=0.01, min_nodes=1)
         finally:
             until.set()
-            held.cancel()
+            for one in held:
+                one.cancel()
     assert result.missing == (HK,)
     assert [n.node for n in result.nodes] == [SZ]
     after = {node: env.budget("burst", node) for node in (HK, SZ)}
     assert after[SZ].releases == before[SZ].releases + 1
     assert after[HK].releases == before[HK].releases
     assert after[HK].spent_epsilon == before[HK].spent_epsilon
+    # Hong Kong's schema could not be checked (its Describe was refused busy), so the query
+    # was never sent there.
+    refused = {op: env.log().count(f"refused {op}: {busy}") for op in OPS}
+    assert refused["describe"] > refused_before["describe"]
+    assert refused["analyze"] == refused_before["analyze"]
 
 
 def test_consumer_over_its_concurrency_limit_is_refused_while_others_are_served(

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _waits import wait_until_busy
+from _waits import hold_slots
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation import pki
@@ -218,15 +218,25 @@ def test_a_client_retries_a_busy_node_and_is_served_once_a_slot_frees(env: Env) 
     until = threading.Event()
     refused_before = env.log().count("refused analyze: too many concurrent requests for")
     before = env.budget("slow")
-    with env.channel("slow") as channel, closing(env.client("slow", busy_retries=0)) as probe:
+    with (
+        env.channel("slow") as channel,
+        closing(env.client("slow", busy_retries=0)) as probe,
+        closing(env.client("slow", busy_retries=4)) as client,
+    ):
+        client.timeout_s = WAIT_S
+        client.describe()  # connected before the slots are taken: its first try comes at once
+        call = channel.stream_unary(
+            ANALYZE, request_serializer=None, response_deserializer=pb.AnalyzeResponse.FromString
+        )
         try:
-            calls = _open_withheld(
-                channel, ANALYZE, pb.AnalyzeResponse.FromString, until, count=SLOW_LIMIT
+            calls = hold_slots(
+                lambda: call.future(_withheld(until), timeout=60),
+                SLOW_LIMIT,
+                probe,
+                within_s=WAIT_S,
+                problem="the calls never took the slots",
             )
-            wait_until_busy(probe, within_s=WAIT_S, problem="the calls never took the slots")
-            with closing(env.client("slow", busy_retries=4)) as client:
-                client.timeout_s = WAIT_S
-                release = client.analyze(_count())
+            release = client.analyze(_count())
         finally:
             until.set()
         _outcomes(calls)
