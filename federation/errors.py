@@ -148,7 +148,10 @@ def error_from_status(
             return BudgetExhaustedError(message, remaining_epsilon=_parse_remaining(details))
         return InvalidRequestError(
             f"{message} (RESOURCE_EXHAUSTED from gRPC itself, not a privacy budget: most "
-            "likely a message over a size limit, such as the node's max_message_bytes)"
+            "likely a message over a size limit. A request over the node's "
+            "max_message_bytes was refused unread and charged nothing; a reply over this "
+            "client's receive limit may have been charged at the node: its ledger and "
+            "Describe's budget say)"
         )
     for cls, mapped in _TABLE:
         if mapped is code:

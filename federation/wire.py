@@ -879,15 +879,31 @@ class TensorAssembler:
 
 def fits(arrays: Mapping[str, npt.NDArray[np.float32]], headers: Sequence[TensorHeader]) -> bool:
     """Whether ``arrays`` can receive ``headers``' tensors in place (``TensorAssembler(into=)``):
-    the same names, and for each a writable C-contiguous float32 array of the header's shape.
+    the same names, for each a writable C-contiguous float32 array of the header's shape, and
+    no two sharing memory (one tensor's chunks would overwrite another's).
     """
-    return arrays.keys() == {h.name for h in headers} and all(
-        (a := arrays[h.name]).dtype == np.float32
-        and a.shape == h.shape
-        and a.flags.c_contiguous
-        and a.flags.writeable
-        for h in headers
+    return (
+        arrays.keys() == {h.name for h in headers}
+        and all(
+            (a := arrays[h.name]).dtype == np.float32
+            and a.shape == h.shape
+            and a.flags.c_contiguous
+            and a.flags.writeable
+            for h in headers
+        )
+        and _disjoint(arrays.values())
     )
+
+
+def _disjoint(arrays: Iterable[npt.NDArray[np.float32]]) -> bool:
+    """Whether C-contiguous ``arrays`` occupy disjoint memory (empty ones occupy none)."""
+    spans = sorted(
+        (start, start + a.nbytes)
+        for a in arrays
+        if a.nbytes
+        for start in (a.__array_interface__["data"][0],)
+    )
+    return all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
 
 
 def assemble_tensors(

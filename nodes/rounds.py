@@ -209,6 +209,9 @@ class SpareBuffers:
         self._lock = threading.Lock()
         self._held: dict[str, npt.NDArray[np.float32]] | None = None
         self._timer: threading.Timer | None = None
+        # Which give() a timer belongs to: a timer that fires as a newer give() replaces the
+        # buffers must not drop the new ones (cancel() cannot stop one already running).
+        self._generation = 0
 
     def take(self, headers: Sequence[TensorHeader]) -> dict[str, npt.NDArray[np.float32]] | None:
         """The held buffers if they fit ``headers`` (then no longer held), else None."""
@@ -221,10 +224,18 @@ class SpareBuffers:
         """Hold ``arrays`` for the next round (replacing what was held)."""
         with self._lock:
             self._held = dict(arrays)
+            self._generation += 1
             self._cancel_timer()
-            self._timer = threading.Timer(self._idle_s, self._drop)
+            self._timer = threading.Timer(self._idle_s, self._drop, args=(self._generation,))
             self._timer.daemon = True
             self._timer.start()
+
+    def close(self) -> None:
+        """Drop what is held and stop the idle timer (the node is stopping)."""
+        with self._lock:
+            self._held = None
+            self._generation += 1
+            self._cancel_timer()
 
     @property
     def holding(self) -> bool:
@@ -232,10 +243,11 @@ class SpareBuffers:
         with self._lock:
             return self._held is not None
 
-    def _drop(self) -> None:
+    def _drop(self, generation: int) -> None:
         with self._lock:
-            self._held = None
-            self._timer = None
+            if generation == self._generation:
+                self._held = None
+                self._timer = None
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

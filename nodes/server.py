@@ -52,11 +52,13 @@ class RunningNode:
     health: health.HealthServicer
     guard: Guard
     ledger: Ledger
+    service: NodeService
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Mark the node not serving and stop the server, letting calls finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        self.service.close()
         self.guard.close()
         self.ledger.close()
 
@@ -126,7 +128,7 @@ def start_node(
         "TLS" if use_tls else "plain",
         config.device,
     )
-    return RunningNode(server, address, health_servicer, guard, ledger)
+    return RunningNode(server, address, health_servicer, guard, ledger, service)
 
 
 def _warn_if_one_consumer_can_fill_the_pool(config: NodeConfig) -> None:

@@ -91,6 +91,10 @@ class NodeService(pb_grpc.NodeServicer):
         self._spare = rounds.SpareBuffers()
         self._train_slots = threading.BoundedSemaphore(max_concurrent_trainings)
 
+    def close(self) -> None:
+        """Release what the service keeps between requests (the spare round buffers)."""
+        self._spare.close()
+
     # ---------------------------------------------------------------- handlers
 
     def Describe(  # noqa: N802 - gRPC method names
@@ -228,16 +232,30 @@ class NodeService(pb_grpc.NodeServicer):
                 f"{self._max_trainings} at once); nothing was charged: retry"
             )
         try:
+            # The last round's buffers, if the layout matches: taken, so a round that fails
+            # from here on never gives them (or its own) back half-written.
+            into = self._spare.take(headers)
             log.info(
-                "train job %s round %d for %r: training slot taken, receiving %d bytes",
+                "train job %s round %d for %r: training slot taken, receiving %d bytes into %s",
                 plan.job_id,
                 plan.round,
                 consumer,
                 sum(h.total_bytes for h in headers),
+                "new buffers" if into is None else "the last round's buffers",
             )
             started = time.monotonic()
-            weights = self._receive_weights(frames, headers)
+            weights = self._receive_weights(frames, headers, into)
             received = time.monotonic()
+            if admission.deadline.expired or not context.is_active():
+                # Cut off as the last chunk arrived: nobody would receive the update, so
+                # nothing is charged for it.
+                log.warning(
+                    "train job %s round %d for %r: call ended before the charge; nothing charged",
+                    plan.job_id,
+                    plan.round,
+                    consumer,
+                )
+                return
             record = self.ledger.charge(
                 plan.charge, policy=policy, operation="train", details=rounds.round_details(plan)
             )
@@ -269,10 +287,12 @@ class NodeService(pb_grpc.NodeServicer):
             self._train_slots.release()
 
     def _receive_weights(
-        self, frames: Iterator[bytes], headers: tuple[wire.TensorHeader, ...]
+        self,
+        frames: Iterator[bytes],
+        headers: tuple[wire.TensorHeader, ...],
+        into: dict[str, npt.NDArray[np.float32]] | None,
     ) -> dict[str, npt.NDArray[np.float32]]:
-        """Read the global weights into place; refuse NaN/Inf as the chunks arrive."""
-        into = self._spare.take(headers)  # the last round's buffers, if the layout matches
+        """Read the global weights (into ``into``, if given); refuse NaN/Inf as chunks arrive."""
         assembler = wire.TensorAssembler(headers, require_finite=True, into=into)
         while not assembler.is_complete:
             frame = next(frames, None)
@@ -411,16 +431,21 @@ _BUSY_ANSWER_S = 1.0  # time left for a busy refusal to reach the caller before 
 
 
 def _slot_wait_s(context: grpc.ServicerContext, admission: Admission) -> float:
-    """How long a Train call waits for a training slot: at most a minute, and ending early
-    enough before the caller's deadline and the node's own (``max_request_s``) that the
-    caller hears "busy", not DEADLINE_EXCEEDED or CANCELLED."""
+    """How long a Train call waits for a training slot.
+
+    At most a minute, and at most half the time left before the caller's deadline and the
+    node's own (``max_request_s``): a round that gets the slot late still has the other half
+    to receive, train and send, rather than being charged and then cut off. It also ends
+    ``_BUSY_ANSWER_S`` before those deadlines, so the caller hears "busy", not
+    DEADLINE_EXCEEDED or CANCELLED.
+    """
     caller = context.time_remaining()
     left = (
         admission.deadline.remaining_s
         if caller is None
         else min(caller, admission.deadline.remaining_s)
     )
-    return max(0.0, min(left - _BUSY_ANSWER_S, 60.0))
+    return max(0.0, min(left - _BUSY_ANSWER_S, left / 2, 60.0))
 
 
 def _details(plan: Plan) -> dict[str, object]:

@@ -5,9 +5,10 @@ Errors come back as the exception classes of ``federation.errors`` (a notebook u
 TLS and the node's certificate must be valid for the node's *name* (not just its address).
 
 A ``NodeBusyError`` on Describe or Analyze is retried (``busy_retries`` times, waits of about
-0.2, 0.6, 1.8 s, within the call's ``timeout_s``): a node refuses a busy call before it
-reads or charges anything, so the retry cannot spend twice, and a query that other nodes
-have already answered (and been charged for) is not thrown away over a moment's load.
+0.2, 0.6, 1.8 s, while a fifth of the call's ``timeout_s`` is left after the wait): a node
+refuses a busy call before it reads or charges anything, so the retry cannot spend twice,
+and a query that other nodes have already answered (and been charged for) is not thrown
+away over a moment's load.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BUSY_RETRIES = 3
 BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
+# A retry is made only with at least this much of the call's time left after the wait
+# (max of the two): one started with milliseconds to go would end DEADLINE_EXCEEDED, losing
+# the "busy" answer, perhaps after the node had charged for a reply nobody received.
+RETRY_MIN_LEFT_S = 0.5
+RETRY_MIN_LEFT_FRACTION = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,7 @@ class NodeClient:
 
     def _call(self, method: Callable[..., Resp], request: Req) -> Resp:
         deadline = time.monotonic() + self.timeout_s
+        min_left = max(RETRY_MIN_LEFT_S, RETRY_MIN_LEFT_FRACTION * self.timeout_s)
         attempt = 0
         while True:
             try:
@@ -194,7 +201,7 @@ class NodeClient:
             if (
                 not isinstance(error, NodeBusyError)
                 or attempt >= self.busy_retries
-                or time.monotonic() + wait >= deadline
+                or deadline - (time.monotonic() + wait) < min_left
             ):
                 raise error
             attempt += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -121,6 +122,15 @@ def test_training_reaches_a_useful_model_and_saves_it(
         assert node.spent_epsilon > before[node.node].spent_epsilon
     assert held_out_auc(result.model) > 0.65
 
+    # Rounds after the first receive the global model into the buffers the node's last
+    # update was sent from (no fresh model-sized memory per round).
+    for name, node in trained_fed.processes.items():
+        log = node.log_path.read_text(errors="replace")
+        into = re.findall(rf"train job {result.job_id} round (\d) .* bytes into (.*)", log)
+        assert into == [("0", "new buffers")] + [
+            (str(r), "the last round's buffers") for r in (1, 2, 3)
+        ], name
+
     # Every receipt is signed by its node over the update the coordinator actually received.
     records = [receipts.ReceiptRecord.from_dict(n.receipt) for r in result.history for n in r.nodes]
     assert trained_fed.identity is not None
@@ -217,8 +227,8 @@ def test_shape_mismatch_is_invalid_argument_and_charges_nothing(
 def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
     trained_fed: LocalFederation,
 ) -> None:
-    # Each node trains one round at a time. A second Train waits for the slot until shortly
-    # before its deadline, then hears NodeBusyError (retry), not a spent budget.
+    # Each node trains one round at a time. A second Train waits for the slot for half the
+    # time left before its deadline, then hears NodeBusyError (retry), not a spent budget.
     fed = _fed(trained_fed)
     before = releases(fed)
     node = trained_fed.processes["shenzhen"]
@@ -251,7 +261,7 @@ def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
                     dataclasses.replace(_RAW_CONFIG, job_id="second"),
                     weights,
                     on_result=lambda _: lambda *_: None,
-                    timeout_s=6.0,  # the node answers busy 1 s before this
+                    timeout_s=6.0,  # the node answers busy after 3 s
                 )
         finally:
             done.set()
@@ -267,13 +277,26 @@ def test_nan_weights_are_invalid_argument_and_charge_nothing(
     trained_fed: LocalFederation,
 ) -> None:
     fed = _fed(trained_fed)
-    before = releases(fed)
     weights = _good_weights()
+    # A round that succeeds leaves its buffers to the next round of the same layout.
+    fed.clients["shenzhen"].train(
+        dataclasses.replace(_RAW_CONFIG, job_id="nan-job"),
+        weights,
+        on_result=lambda _: lambda *_: None,
+        timeout_s=60,
+    )
+    before = releases(fed)
     weights["2.weight"][0, 3] = np.nan
-    error = _raw_train(trained_fed, "shenzhen", weights)
-    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "NaN or infinite" in (error.details() or "")
+    for _ in range(2):
+        error = _raw_train(trained_fed, "shenzhen", weights)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "NaN or infinite" in (error.details() or "")
     assert releases(fed) == before
+    # The first refused round received into those buffers, and a refused round gives back
+    # nothing (they may hold part of a NaN model): the second received into new ones.
+    log = trained_fed.processes["shenzhen"].log_path.read_text(errors="replace")
+    into = re.findall(r"train job raw-job round 0 .* bytes into (.*)", log)
+    assert into[-2:] == ["the last round's buffers", "new buffers"]
 
 
 # ---------------------------------------------------------------- budget, failures, resume

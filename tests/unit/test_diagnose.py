@@ -13,8 +13,10 @@ import pytest
 
 from federation import pki
 from federation.coordinator import NodeClient
+from federation.coordinator import client as client_module
 from federation.coordinator._diagnose import error_for_status
 from federation.errors import (
+    REFUSAL_KEY,
     BudgetExhaustedError,
     InvalidRequestError,
     NodeBusyError,
@@ -133,3 +135,54 @@ def test_a_busy_trailer_turns_resource_exhausted_into_node_busy() -> None:
 def test_a_client_refuses_a_negative_retry_count() -> None:
     with pytest.raises(InvalidRequestError, match="busy_retries must be >= 0"):
         NodeClient(NODE, ADDRESS, busy_retries=-1)
+
+
+class _Busy(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A RESOURCE_EXHAUSTED status marked busy, as a node's concurrency limit answers."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "too many concurrent requests for consumer 'acme-ai'"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REFUSAL_KEY, "busy"),)
+
+
+class _Clock:
+    """The client module's ``time``: sleeping advances it, nothing else does."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_busy_node_is_retried_only_while_enough_of_the_deadline_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Waits 0.2, 0.6, 1.8, 5.4 s (no jitter here); the next, 16.2 s, would leave 30 - 8 -
+    # 16.2 = 5.8 s, under a fifth of the 30 s deadline: the client gives up busy instead of
+    # starting a try that would likely end DEADLINE_EXCEEDED.
+    clock = _Clock()
+    monkeypatch.setattr(client_module, "time", clock)
+    monkeypatch.setattr(client_module.random, "uniform", lambda low, high: (low + high) / 2)
+    timeouts: list[float] = []
+
+    def always_busy(request: object, *, timeout: float, metadata: object) -> object:
+        timeouts.append(timeout)
+        raise _Busy()
+
+    client = NodeClient(NODE, ADDRESS, timeout_s=30.0, busy_retries=10)
+    try:
+        with pytest.raises(NodeBusyError):
+            client._call(always_busy, object())
+    finally:
+        client.close()
+    assert timeouts == pytest.approx([30.0, 29.8, 29.2, 27.4, 22.0])
+    assert clock.now == pytest.approx(108.0)

@@ -42,3 +42,23 @@ def test_held_buffers_are_dropped_when_no_round_comes() -> None:
         assert time.monotonic() < deadline, "the idle buffers were never dropped"
         time.sleep(0.01)
     assert spare.take(HEADERS) is None
+
+
+def test_a_stale_idle_timer_does_not_drop_buffers_given_after_it() -> None:
+    # The idle timer of the first give() fires just as a second give() replaces the buffers
+    # (Timer.cancel cannot stop one already running): the new buffers stay.
+    spare = SpareBuffers()
+    spare.give(_buffers())
+    spare.give(_buffers())
+    spare._drop(1)  # the first give's timer, arriving late
+    assert spare.holding
+    spare._drop(2)  # the second give's own timer does drop them
+    assert not spare.holding
+
+
+def test_closing_drops_the_buffers_and_the_timer() -> None:
+    spare = SpareBuffers()
+    spare.give(_buffers())
+    spare.close()
+    assert not spare.holding
+    assert spare.take(HEADERS) is None

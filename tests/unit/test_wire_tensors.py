@@ -282,6 +282,9 @@ def test_an_assembler_can_receive_into_buffers_it_is_given() -> None:
     got = assembler.finish()
     assert all(got[name] is into[name] for name in sent)  # in place, no new memory
     assert all(np.array_equal(got[name], sent[name]) for name in sent)
+    # Views of one buffer fit as long as they do not overlap.
+    one = np.zeros(17, np.float32)
+    assert fits({"w": one[:12].reshape(3, 4), "b": one[12:]}, headers)
 
 
 @pytest.mark.parametrize(
@@ -293,8 +296,9 @@ def test_an_assembler_can_receive_into_buffers_it_is_given() -> None:
         {"w": np.zeros((3, 4), np.float64), "b": np.zeros(5, np.float32)},  # wrong dtype
         {"w": np.zeros((4, 3), np.float32).T, "b": np.zeros(5, np.float32)},  # not C order
         {"w": np.frombuffer(bytes(48), np.float32).reshape(3, 4), "b": np.zeros(5, np.float32)},
+        {"w": (one := np.zeros(17, np.float32))[:12].reshape(3, 4), "b": one[8:13]},
     ],
-    ids=["missing", "extra", "shape", "dtype", "strided", "read-only"],
+    ids=["missing", "extra", "shape", "dtype", "strided", "read-only", "overlapping"],
 )
 def test_buffers_that_do_not_fit_are_not_received_into(into: Arrays) -> None:
     headers = (TensorHeader("w", (3, 4)), TensorHeader("b", (5,)))
