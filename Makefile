@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTO_SRC := protos/federation/_proto/v1/node.proto
 
-.PHONY: install demo test lint typecheck pytest protos bench bench-training notebook clean
+.PHONY: install demo test lint typecheck pytest protos bench bench-training bench-flower notebook clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,5 +53,19 @@ bench: install
 bench-training: install
 	$(BIN)/python benchmarks/training.py
 
+# The 100M x 2 round next to Flower 1.42's on this machine, in the same run. Flower gets its
+# own venv: it pins its own gRPC and protobuf. torch first, as above.
+FLOWER := .venv-flower
+$(FLOWER)/.installed-stamp:
+	test -x $(FLOWER)/bin/python || $(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip install -q --upgrade pip
+	$(FLOWER)/bin/python -m pip install -q torch==2.13.0
+	$(FLOWER)/bin/python -m pip install -q flwr==1.42.0
+	touch $@
+
+bench-flower: install $(FLOWER)/.installed-stamp
+	$(BIN)/python benchmarks/training.py --sizes 100M --no-sweep --rounds 4 \
+	    --flower $(FLOWER)/bin/python
+
 clean:
-	rm -rf $(VENV) demo-state bench-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOWER) demo-state bench-data .pytest_cache .mypy_cache .ruff_cache

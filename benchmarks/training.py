@@ -310,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true", help="skip 8 nodes x 100M")
     parser.add_argument("--quick", action="store_true", help="1M x 2 nodes only")
+    parser.add_argument(
+        "--flower",
+        metavar="PYTHON",
+        help="also measure Flower 1.42 at 100M parameters with this interpreter (one with "
+        "flwr==1.42.0 and torch: `make bench-flower` makes .venv-flower) and print the ratios",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -355,10 +361,59 @@ def main(argv: list[str] | None = None) -> int:
                 max(1.5, (result["coordinator_peak"] - BASE_BYTES) / result["model_bytes"]),
             )
         print(_row(result), flush=True)
+    if args.flower:
+        flower(args.flower, results, args.nodes)
     if not (args.quick or args.no_sweep):
         sweep(results)
     print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
+
+
+def flower(python: str, results: list[dict[str, Any]], clients: int) -> None:
+    """Flower 1.42 on the same 100M model, clients and machine (benchmarks/flower_baseline.py).
+
+    Server-side TLS, the closest Flower comes to mutual TLS. Four rounds; the first, which
+    also waits for the clients to connect, is left out like Federation's first round.
+    """
+    ours = next((r for r in results if r["size"] == "100M" and r["nodes"] == clients), None)
+    if ours is None:
+        print(f"# flower: skipped (no Federation result at 100M x {clients} nodes)", flush=True)
+        return
+    hidden = "x".join(map(str, (SIZES["100M"][1][0], len(SIZES["100M"][1]))))
+    script = Path(__file__).with_name("flower_baseline.py")
+    command = [python, str(script), "--hidden", hidden, "--clients", str(clients)]
+    command += ["--rounds", "4", "--tls"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        print(f"# flower: failed (exit {proc.returncode})", flush=True)
+        sys.stderr.write(proc.stderr[-3000:] + "\n")
+        return
+    theirs = json.loads(line)
+    later = theirs["round_s"][1:]
+    round_s = statistics.median(later)
+    cpu_s = statistics.median(
+        a + b for a, b in zip(theirs["server_cpu_s"], theirs["clients_cpu_s"], strict=True)
+    )
+    our_cpu = ours["coordinator_cpu_s"] + ours["nodes_cpu_s"]
+    model = ours["model_bytes"]
+    rounds = ", ".join(f"{x:.2f}" for x in later)
+    print(
+        f"# flower 1.42, {theirs['params'] / 1e6:.1f}M x {clients} clients, server TLS: "
+        f"round {round_s:.2f} s (median of {rounds}), CPU {cpu_s:.1f} s per round, peak "
+        f"server {_gb(theirs['server_peak_gb'] * 1e9)} GB "
+        f"({theirs['server_peak_gb'] * 1e9 / model:.1f}x model), "
+        f"client {_gb(theirs['client_peak_gb'] * 1e9)} GB",
+        flush=True,
+    )
+    print(
+        f"# federation vs flower at 100M x {clients}: round {ours['round_s']:.2f} vs "
+        f"{round_s:.2f} s ({round_s / ours['round_s']:.1f}x faster), CPU {our_cpu:.1f} vs "
+        f"{cpu_s:.1f} s per round ({cpu_s / our_cpu:.1f}x less), coordinator peak "
+        f"{_gb(ours['coordinator_peak'])} vs {_gb(theirs['server_peak_gb'] * 1e9)} GB; "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def sweep(results: list[dict[str, Any]]) -> None:
