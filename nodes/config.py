@@ -108,7 +108,8 @@ class ConsumerPolicy:
             is ``min(1.0, epsilon)``.
         max_delta_per_release: cap on the δ of one release, <= ``delta``; left out, it is
             ``delta / 10``.
-        operations: allowed RPCs, a subset of :data:`OPERATIONS`.
+        operations: allowed RPCs, a subset of :data:`OPERATIONS`; ``analyze`` and ``train``
+            need ``describe`` too (coordinators check schemas before spending).
         min_cohort: smallest noisy cohort the node releases statistics about, >= 0 (0: off).
             Post-processing of a DP count, so no extra privacy cost and no extra guarantee:
             see ``nodes.cohort`` for what it means.
@@ -171,6 +172,14 @@ class ConsumerPolicy:
             raise _FieldError(
                 "operations",
                 f"expected some of {', '.join(sorted(OPERATIONS))}; got {unknown[0]!r}",
+            )
+        spending = sorted(self.operations & {"analyze", "train"})
+        if spending and "describe" not in self.operations:
+            raise _FieldError(
+                "operations",
+                f"must include 'describe' with {' and '.join(spending)}: a coordinator checks the "
+                "dataset's schema (public metadata) at every node before it asks for "
+                "anything that spends budget",
             )
         if self.min_cohort < 0:
             raise _FieldError("min_cohort", f"must be an integer >= 0; got {self.min_cohort}")

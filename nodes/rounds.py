@@ -212,6 +212,7 @@ class SpareBuffers:
         # Which give() a timer belongs to: a timer that fires as a newer give() replaces the
         # buffers must not drop the new ones (cancel() cannot stop one already running).
         self._generation = 0
+        self._closed = False
 
     def take(self, headers: Sequence[TensorHeader]) -> dict[str, npt.NDArray[np.float32]] | None:
         """The held buffers if they fit ``headers`` (then no longer held), else None."""
@@ -223,6 +224,8 @@ class SpareBuffers:
     def give(self, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
         """Hold ``arrays`` for the next round (replacing what was held)."""
         with self._lock:
+            if self._closed:
+                return  # the node is stopping: a round that outlived the grace period
             self._held = dict(arrays)
             self._generation += 1
             self._cancel_timer()
@@ -231,8 +234,9 @@ class SpareBuffers:
             self._timer.start()
 
     def close(self) -> None:
-        """Drop what is held and stop the idle timer (the node is stopping)."""
+        """Drop what is held and stop the idle timer for good (the node is stopping)."""
         with self._lock:
+            self._closed = True
             self._held = None
             self._generation += 1
             self._cancel_timer()

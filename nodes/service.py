@@ -31,6 +31,7 @@ from federation.errors import (
     FederationError,
     InvalidRequestError,
     NodeBusyError,
+    NodeUnavailableError,
     refusal_metadata,
     status_for,
 )
@@ -248,14 +249,11 @@ class NodeService(pb_grpc.NodeServicer):
             received = time.monotonic()
             if admission.deadline.expired or not context.is_active():
                 # Cut off as the last chunk arrived: nobody would receive the update, so
-                # nothing is charged for it.
-                log.warning(
-                    "train job %s round %d for %r: call ended before the charge; nothing charged",
-                    plan.job_id,
-                    plan.round,
-                    consumer,
+                # nothing is charged for it (a caller still listening hears UNAVAILABLE).
+                raise NodeUnavailableError(
+                    f"train job {plan.job_id} round {plan.round}: the call ended or ran past "
+                    "its deadline while the weights arrived; nothing was charged"
                 )
-                return
             record = self.ledger.charge(
                 plan.charge, policy=policy, operation="train", details=rounds.round_details(plan)
             )

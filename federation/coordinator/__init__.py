@@ -121,8 +121,13 @@ class Coordinator:
     def schema(self, dataset: str, nodes: Sequence[str] | None = None) -> DatasetSchema:
         """The dataset's schema, after checking that the nodes agree on it.
 
+        Nodes not described before are described now; one that cannot be (unreachable,
+        busy, refusing) is left out of the check, and the queries and training rounds that
+        follow do not go to it until it can be.
+
         Raises:
             SchemaMismatchError: the nodes' schemas differ (the message lists the columns).
+            FederationError: no node could be described (the first node's error).
         """
         names = list(nodes) if nodes is not None else list(self.clients)
         failures = self._describe_missing(names)
@@ -195,8 +200,9 @@ class Coordinator:
         # unchecked. It counts against min_nodes like one that fails the query itself.
         failures = self._describe_missing(list(self.clients))
         described = [n for n in self.clients if n not in failures]
-        if described:
-            self._agreed_schema(query.dataset, described)
+        # What the Describes say already settles some queries: fail before anyone pays.
+        _check_enough(len(described), failures, needed, total=len(self.clients))
+        self._agreed_schema(query.dataset, described)
         releases, refused = self._fan_out(lambda c: c.analyze(request), described)
         failures.update(refused)
         return self._result(query, releases, failures, needed, confidence, seed)
@@ -210,18 +216,7 @@ class Coordinator:
         confidence: float,
         seed: int | None,
     ) -> QueryResult:
-        # A node still busy after the client's retries charged nothing: like an unreachable
-        # one, it counts against min_nodes instead of failing a query others have paid for.
-        transient = (NodeUnavailableError, NodeBusyError)
-        refusals = {n: e for n, e in failures.items() if not isinstance(e, transient)}
-        if refusals:
-            raise _first_failure(refusals)
-        if len(releases) < needed:
-            names = ", ".join(sorted(failures))
-            raise NodeUnavailableError(
-                f"only {len(releases)} of {len(self.clients)} nodes answered (need {needed}); "
-                f"unavailable: {names}. Details: " + "; ".join(str(e) for e in failures.values())
-            )
+        _check_enough(len(releases), failures, needed, total=len(self.clients))
         ordered = {n: releases[n] for n in self.clients if n in releases}
         labels, groups = combine(
             query, ordered, confidence=confidence, rng=np.random.default_rng(seed)
@@ -351,6 +346,27 @@ class Coordinator:
     ) -> None:
         """Close channels."""
         self.close()
+
+
+def _check_enough(
+    answered: int, failures: Mapping[str, FederationError], needed: int, *, total: int
+) -> None:
+    """Raise unless ``answered`` of ``total`` nodes meet ``needed`` and none refused outright.
+
+    A node still busy after the client's retries charged nothing: like an unreachable one,
+    it counts against ``min_nodes`` instead of failing a query others have paid for. Any
+    other failure (a policy, budget or request refusal) is raised as it is.
+    """
+    transient = (NodeUnavailableError, NodeBusyError)
+    refusals = {n: e for n, e in failures.items() if not isinstance(e, transient)}
+    if refusals:
+        raise _first_failure(refusals)
+    if answered < needed:
+        names = ", ".join(sorted(failures))
+        raise NodeUnavailableError(
+            f"only {answered} of {total} nodes answered (need {needed}); "
+            f"unavailable: {names}. Details: " + "; ".join(str(e) for e in failures.values())
+        )
 
 
 def _first_failure(failures: Mapping[str, FederationError]) -> FederationError:

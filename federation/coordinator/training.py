@@ -342,6 +342,14 @@ def _round(
     config = TrainConfig(
         spec=job.spec, round=round_index, total_rounds=job.rounds, job_id=job.job_id, **job.config
     )
+    # A node not described yet (say, unreachable when the job started) is described and its
+    # schema checked before it is sent weights; one that still cannot be misses the round.
+    failures: dict[str, FederationError] = coordinator._describe_missing(job.names)
+    for name, error in failures.items():
+        log.warning("round %d: node %s dropped before training: %s", round_index, name, error)
+    names = [n for n in job.names if n not in failures]
+    if names:
+        coordinator._agreed_schema(job.spec.dataset, names)
     futures = {
         name: pool.submit(
             _train_node,
@@ -352,11 +360,10 @@ def _round(
             job.round_timeout_s,
             coordinator._receipt_key(name),
         )
-        for name in job.names
+        for name in names
     }
     done: list[NodeRound] = []
     partial: list[str] = []
-    failures: dict[str, FederationError] = {}
     for name, future in futures.items():
         outcome = future.result()
         if isinstance(outcome, NodeRound):

@@ -455,6 +455,11 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         _set("consumers/acme-ai/operations", ["describe", "trian"]),
         "consumers.acme-ai.operations: expected some of analyze, describe, train; got 'trian'",
     ),
+    (
+        "analyze without describe",
+        _set("consumers/acme-ai/operations", ["analyze", "train"]),
+        "consumers.acme-ai.operations: must include 'describe' with analyze and train",
+    ),
     ("negative cohort", _set("consumers/acme-ai/min_cohort", -1), "min_cohort: must be"),
     ("negative floor", _set("consumers/acme-ai/noise_multiplier_floor", -0.1), "floor: must"),
     ("zero rounds", _set("consumers/acme-ai/max_rounds", 0), "max_rounds: must be an integer >= 1"),

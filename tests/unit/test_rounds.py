@@ -62,3 +62,5 @@ def test_closing_drops_the_buffers_and_the_timer() -> None:
     spare.close()
     assert not spare.holding
     assert spare.take(HEADERS) is None
+    spare.give(_buffers())  # a round that outlived the node's stop gives back nothing
+    assert not spare.holding
