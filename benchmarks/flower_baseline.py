@@ -136,7 +136,6 @@ def _client(args: argparse.Namespace) -> None:
     import flwr
     import torch
 
-    torch.set_num_threads(1)  # as many processes as cores already
     model = _model(_hidden(args.hidden))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     rng = torch.Generator().manual_seed(args.seed)

@@ -379,7 +379,7 @@ def flower(python: str, results: list[dict[str, Any]], clients: int) -> None:
     if ours is None:
         print(f"# flower: skipped (no Federation result at 100M x {clients} nodes)", flush=True)
         return
-    hidden = "x".join(map(str, (SIZES["100M"][1][0], len(SIZES["100M"][1]))))
+    hidden = ",".join(map(str, SIZES["100M"][1]))
     script = Path(__file__).with_name("flower_baseline.py")
     command = [python, str(script), "--hidden", hidden, "--clients", str(clients)]
     command += ["--rounds", "4", "--tls"]
@@ -390,9 +390,13 @@ def flower(python: str, results: list[dict[str, Any]], clients: int) -> None:
         sys.stderr.write(proc.stderr[-3000:] + "\n")
         return
     theirs = json.loads(line)
+    if theirs["params"] != ours["params"]:
+        print(f"# flower: trained {theirs['params']} parameters, not {ours['params']}", flush=True)
+        return
     later = theirs["round_s"][1:]
-    round_s = statistics.median(later)
-    cpu_s = statistics.median(
+    round_s = statistics.median(later)  # like Federation's round s
+    # CPU per round after the first: the mean, like Federation's coord + nodes cpu.
+    cpu_s = statistics.fmean(
         a + b for a, b in zip(theirs["server_cpu_s"], theirs["clients_cpu_s"], strict=True)
     )
     our_cpu = ours["coordinator_cpu_s"] + ours["nodes_cpu_s"]
