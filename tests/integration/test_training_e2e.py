@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ import numpy.typing as npt
 import pytest
 import safetensors.torch
 import torch
+from _waits import hold_slots
 
 from federation import (
     BudgetExhaustedError,
@@ -35,7 +37,7 @@ from federation import (
 )
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
-from federation.coordinator import Coordinator
+from federation.coordinator import Coordinator, NodeClient
 from federation.coordinator.training import RoundRecord, TrainingResult, load_model
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
@@ -391,6 +393,61 @@ def test_node_killed_mid_run_is_recorded_and_the_run_goes_on(
     assert last.missing == ("shenzhen",)
     assert "shenzhen" in dict(last.failures)
     assert all("hong-kong" in r.answered for r in result.history)
+
+
+def test_a_node_busy_when_the_job_starts_joins_once_its_schema_is_checked(
+    fragile_fed: LocalFederation,
+) -> None:
+    # Withheld calls hold every one of the consumer's slots at shenzhen when the job starts,
+    # so its Describe is refused busy: its schema is unchecked and round 0 goes without it.
+    # Once they are let go, the next round describes shenzhen first (its receipts then carry
+    # its key, from that Describe) and trains there.
+    identity = fragile_fed.identity
+    assert identity is not None
+    addresses = {name: proc.address for name, proc in fragile_fed.processes.items()}
+    credentials = pki.channel_credentials(identity)
+    options = [("grpc.ssl_target_name_override", "shenzhen")]
+    until = threading.Event()
+
+    def withheld() -> Iterator[bytes]:
+        until.wait(60)
+        yield from ()
+
+    def release(record: RoundRecord) -> None:
+        if record.round == 0:
+            until.set()
+            deadline = time.monotonic() + 30
+            while not all(call.done() for call in held):
+                assert time.monotonic() < deadline, "the withheld calls never ended"
+                time.sleep(0.05)
+
+    with grpc.secure_channel(addresses["shenzhen"], credentials, options=options) as channel:
+        call = channel.stream_unary("/federation.v1.Node/Describe", request_serializer=None)
+        held: list[grpc.Future] = []
+        try:
+            with closing(
+                NodeClient("shenzhen", addresses["shenzhen"], identity=identity, busy_retries=0)
+            ) as probe:
+                held = hold_slots(
+                    lambda: call.future(withheld(), timeout=60),
+                    4,  # the consumer's max_concurrent_requests
+                    probe,
+                    within_s=20,
+                    problem="the calls never took the slots",
+                )
+            with Coordinator.from_addresses(addresses, identity=identity) as fed:
+                fed.clients["shenzhen"].busy_retries = 0  # refused at once, while still held
+                result = fed.train(
+                    SPEC, rounds=3, target_epsilon=2.0, min_nodes=1, on_round=release, **TRAINING
+                )
+        finally:
+            until.set()
+    first, *later = result.history
+    assert first.answered == ("hong-kong",)
+    assert "too many concurrent requests" in dict(first.failures)["shenzhen"]
+    joined = [n for r in later for n in r.nodes if n.node == "shenzhen"]
+    assert joined, "shenzhen never joined after its slots were freed"
+    assert all(n.receipt.get("node_key", "").startswith("-----BEGIN") for n in joined)
 
 
 def test_checkpoint_then_resume_continues_the_same_job(
