@@ -40,6 +40,15 @@ __all__ = ["CONSUMER_HEADER", "ChunkSink", "NodeClient"]
 
 CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Each stream from a node may run at most this far ahead of what the coordinator has read.
+# gRPC's default flow control probes the bandwidth-delay product and grows the receive
+# window (to 64 MiB per stream and more, seen with GRPC_TRACE=flowctl) while a node sends
+# faster than the coordinator reads. With 8 nodes streaming 100M-parameter updates to a
+# CPU-starved coordinator, gRPC then held up to 1.2 GB of received, unread chunks, and the
+# coordinator's peak varied from 3.7 to 8.2 model sizes between runs. A fixed window bounds
+# that to this much per node; at 2 nodes x 100M it cost no round time we could measure
+# (benchmarks/README.md).
+RECEIVE_WINDOW_BYTES = 16 * 1024 * 1024
 BUSY_RETRIES = 3
 BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
 # A retry is made only with at least this much of the call's time left after the wait
@@ -93,6 +102,8 @@ class NodeClient:
         self.busy_retries = busy_retries
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         ]
         if identity is not None:
             options.append(("grpc.ssl_target_name_override", name))

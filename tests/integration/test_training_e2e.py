@@ -38,6 +38,7 @@ from federation import (
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator, NodeClient
+from federation.coordinator.client import RECEIVE_WINDOW_BYTES
 from federation.coordinator.training import RoundRecord, TrainingResult, load_model
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
@@ -170,6 +171,54 @@ def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> N
     assert trained_fed.identity is not None
     verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
     assert [failure for _, failure in verdicts] == [None, None]
+
+
+def test_a_slow_coordinator_holds_the_node_back_instead_of_buffering_its_update(
+    tmp_path: Path,
+) -> None:
+    # The coordinator lets each node's stream run at most RECEIVE_WINDOW_BYTES ahead of what
+    # it has read, so its memory stays bounded however slowly it reads. Here it stops reading
+    # a 67 MB update at the 5th chunk for STALL_S with more than 3 windows still to come: the
+    # node cannot finish sending (its log's "released" time) until the coordinator reads on.
+    # With a window as big as the update, the node would be done in a fraction of STALL_S.
+    stall_s, stall_at = 2.0, 5
+    spec = ModelSpec("mlp", "credit", FEATURES, "defaulted", hidden=(4096, 4096))
+    weights = initial_arrays(spec, input_dim=input_dim(spec, CREDIT_SCHEMA), seed=1)
+    total = sum(a.nbytes for a in weights.values())
+    assert total - stall_at * wire.CHUNK_BYTES > 3 * RECEIVE_WINDOW_BYTES
+    local = LocalFederation.synthetic(
+        nodes=["hong-kong"],
+        rows=2000,
+        epsilon=50.0,
+        max_epsilon_per_release=10.0,
+        workdir=tmp_path,
+    )
+    fed = local.start()
+    stalls: list[float] = []
+    try:
+        for round_index in range(2):  # the second on a connection that has carried one
+            chunks = 0
+
+            def sink(name: str, offset: int, values: npt.NDArray[np.float32]) -> None:
+                nonlocal chunks
+                chunks += 1
+                if chunks == stall_at:
+                    started = time.monotonic()
+                    time.sleep(stall_s)
+                    stalls.append(time.monotonic() - started)
+
+            config = dataclasses.replace(
+                _RAW_CONFIG, spec=spec, round=round_index, sample_rate=0.002, job_id="slow-reader"
+            )
+            fed.clients["hong-kong"].train(config, weights, on_result=lambda _: sink)
+            assert chunks * wire.CHUNK_BYTES >= total
+        log = local.processes["hong-kong"].log_path.read_text()
+    finally:
+        local.stop()
+    assert len(stalls) == 2
+    released = [float(s) for s in re.findall(r"released ([0-9.]+)s", log)]
+    assert len(released) == 2, log[-2000:]
+    assert min(released) >= 0.75 * stall_s, f"the node finished sending while unread: {released}"
 
 
 # ---------------------------------------------------------------- refusals over the raw stub
