@@ -39,6 +39,7 @@ Usage::
     .venv/bin/python benchmarks/training.py                       # 1M..550M x 2 nodes, 8 x 100M
     .venv/bin/python benchmarks/training.py --sizes 1M,10M --no-sweep
     .venv/bin/python benchmarks/training.py --quick               # 1M x 2 nodes, smoke test
+    .venv/bin/python benchmarks/training.py --sizes 100M --nodes 8 --window-ab 3
 
 The 550M model (2.2 GB of float32, past gRPC's 2 GB message cap) uses ``wide-mlp``, which
 ``LocalFederation(allowed_models=[...])`` allows for this benchmark only. Sizes whose
@@ -177,9 +178,17 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
 # ---------------------------------------------------------------- one configuration (child)
 
 
-def run_child(size: str, nodes: int, rounds: int) -> dict[str, Any]:
-    """Run one configuration in this process; return its measurements."""
+def run_child(size: str, nodes: int, rounds: int, *, adaptive: bool = False) -> dict[str, Any]:
+    """Run one configuration in this process; return its measurements.
+
+    ``adaptive``: the coordinator's channels use gRPC's adaptive receive window instead
+    of the fixed one (``RECEIVE_WINDOW_BYTES``), for ``--window-ab``.
+    """
     from federation.architectures import parameter_count
+    from federation.coordinator import client
+
+    if adaptive:
+        client.RECEIVE_WINDOW_BYTES = None
     from federation.local import LocalFederation
     from federation.models import ModelSpec
 
@@ -264,9 +273,9 @@ def _estimate_bytes(
     return nodes * (node_factor * model + BASE_BYTES) + coordinator_factor * model + BASE_BYTES
 
 
-def _run(size: str, nodes: int, rounds: int) -> dict[str, Any] | None:
+def _run(size: str, nodes: int, rounds: int, *, adaptive: bool = False) -> dict[str, Any] | None:
     command = [sys.executable, __file__, "--child", size, "--nodes", str(nodes)]
-    command += ["--rounds", str(rounds)]
+    command += ["--rounds", str(rounds)] + (["--adaptive-window"] if adaptive else [])
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -316,10 +325,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure Flower 1.42 at 100M parameters with this interpreter (one with "
         "flwr==1.42.0 and torch: `make bench-flower` makes .venv-flower) and print the ratios",
     )
+    parser.add_argument(
+        "--window-ab",
+        type=int,
+        metavar="PAIRS",
+        help="instead of the table: run the first of --sizes with --nodes nodes PAIRS times "
+        "with gRPC's adaptive receive window at the coordinator and PAIRS times with the "
+        "fixed one, interleaved, and print the means",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--adaptive-window", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child, args.nodes, args.rounds)), flush=True)
+        measured = run_child(args.child, args.nodes, args.rounds, adaptive=args.adaptive_window)
+        print(json.dumps(measured), flush=True)
+        return 0
+    if args.window_ab:
+        window_ab(args.sizes.split(",")[0], args.nodes, args.rounds, args.window_ab)
         return 0
     sizes = ["1M"] if args.quick else args.sizes.split(",")
     print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
@@ -418,6 +440,36 @@ def flower(python: str, results: list[dict[str, Any]], clients: int) -> None:
         f"load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+
+
+def window_ab(size: str, nodes: int, rounds: int, pairs: int) -> None:
+    """The coordinator's fixed receive window against gRPC's adaptive one, interleaved."""
+    print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"# {size} x {nodes} nodes, {pairs} pairs, load {os.getloadavg()[0]:.1f}")
+    print(f"{'window':>8} {'round s':>8} {'coord cpu':>9} {'coord GB':>8} {'(xmodel)':>8}")
+    runs: dict[str, list[dict[str, Any]]] = {"adaptive": [], "fixed": []}
+    for _ in range(pairs):
+        for name in runs:
+            result = _run(size, nodes, rounds, adaptive=name == "adaptive")
+            if result is None:
+                continue
+            runs[name].append(result)
+            peak = result["coordinator_peak"]
+            print(
+                f"{name:>8} {result['round_s']:>8.2f} {result['coordinator_cpu_s']:>9.2f} "
+                f"{_gb(peak):>8} {peak / result['model_bytes']:>7.1f}x",
+                flush=True,
+            )
+    for name, results in runs.items():
+        if not results:
+            continue
+        peaks = [r["coordinator_peak"] / r["model_bytes"] for r in results]
+        print(
+            f"# {name}: round {statistics.fmean(r['round_s'] for r in results):.2f} s (mean), "
+            f"coordinator peak {min(peaks):.1f}-{max(peaks):.1f} model sizes",
+            flush=True,
+        )
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def sweep(results: list[dict[str, Any]]) -> None:

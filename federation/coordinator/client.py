@@ -47,8 +47,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # CPU-starved coordinator, gRPC then held up to 1.2 GB of received, unread chunks, and the
 # coordinator's peak varied from 3.7 to 8.2 model sizes between runs. A fixed window bounds
 # that to this much per node; at 2 nodes x 100M it cost no round time we could measure
-# (benchmarks/README.md).
-RECEIVE_WINDOW_BYTES = 16 * 1024 * 1024
+# (README, "Training benchmarks"). Read when a NodeClient is made; None restores gRPC's
+# adaptive window (``benchmarks/training.py --window-ab`` compares the two).
+RECEIVE_WINDOW_BYTES: int | None = 16 * 1024 * 1024
 BUSY_RETRIES = 3
 BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
 # A retry is made only with at least this much of the call's time left after the wait
@@ -102,9 +103,12 @@ class NodeClient:
         self.busy_retries = busy_retries
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         ]
+        if RECEIVE_WINDOW_BYTES is not None:
+            options += [
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+            ]
         if identity is not None:
             options.append(("grpc.ssl_target_name_override", name))
             self._channel = grpc.secure_channel(
