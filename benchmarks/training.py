@@ -185,10 +185,7 @@ def run_child(size: str, nodes: int, rounds: int, *, adaptive: bool = False) -> 
     of the fixed one (``RECEIVE_WINDOW_BYTES``), for ``--window-ab``.
     """
     from federation.architectures import parameter_count
-    from federation.coordinator import client
-
-    if adaptive:
-        client.RECEIVE_WINDOW_BYTES = None
+    from federation.coordinator import NodeClient
     from federation.local import LocalFederation
     from federation.models import ModelSpec
 
@@ -203,6 +200,12 @@ def run_child(size: str, nodes: int, rounds: int, *, adaptive: bool = False) -> 
         allowed_models=["logistic", "mlp", "wide-mlp"],
     )
     fed = local.start()
+    if adaptive:
+        for name, old in list(fed.clients.items()):
+            fed.clients[name] = NodeClient(
+                name, old.address, identity=local.identity, receive_window_bytes=None
+            )
+            old.close()
     try:
         pids: list[int | str] = ["self", *(p.process.pid for p in local.processes.values())]
         started = time.perf_counter()
@@ -340,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = run_child(args.child, args.nodes, args.rounds, adaptive=args.adaptive_window)
         print(json.dumps(measured), flush=True)
         return 0
-    if args.window_ab:
+    if args.window_ab is not None:
+        if args.window_ab < 1:
+            parser.error("--window-ab needs at least 1 pair")
         window_ab(args.sizes.split(",")[0], args.nodes, args.rounds, args.window_ab)
         return 0
     sizes = ["1M"] if args.quick else args.sizes.split(",")
@@ -443,15 +448,20 @@ def flower(python: str, results: list[dict[str, Any]], clients: int) -> None:
 
 
 def window_ab(size: str, nodes: int, rounds: int, pairs: int) -> None:
-    """The coordinator's fixed receive window against gRPC's adaptive one, interleaved."""
+    """The coordinator's fixed receive window against gRPC's adaptive one, interleaved.
+
+    Pairs alternate their order (ABBA...), so drift in the machine's speed cancels out.
+    """
     print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"# {size} x {nodes} nodes, {pairs} pairs, load {os.getloadavg()[0]:.1f}")
     print(f"{'window':>8} {'round s':>8} {'coord cpu':>9} {'coord GB':>8} {'(xmodel)':>8}")
     runs: dict[str, list[dict[str, Any]]] = {"adaptive": [], "fixed": []}
-    for _ in range(pairs):
-        for name in runs:
+    for pair in range(pairs):
+        order = ["adaptive", "fixed"] if pair % 2 == 0 else ["fixed", "adaptive"]
+        for name in order:
             result = _run(size, nodes, rounds, adaptive=name == "adaptive")
             if result is None:
+                print(f"{name:>8} failed (see stderr)", flush=True)
                 continue
             runs[name].append(result)
             peak = result["coordinator_peak"]
@@ -464,9 +474,12 @@ def window_ab(size: str, nodes: int, rounds: int, pairs: int) -> None:
         if not results:
             continue
         peaks = [r["coordinator_peak"] / r["model_bytes"] for r in results]
+        round_s = statistics.fmean(r["round_s"] for r in results)
+        cpu_s = statistics.fmean(r["coordinator_cpu_s"] for r in results)
         print(
-            f"# {name}: round {statistics.fmean(r['round_s'] for r in results):.2f} s (mean), "
-            f"coordinator peak {min(peaks):.1f}-{max(peaks):.1f} model sizes",
+            f"# {name}: {len(results)} runs, round {round_s:.2f} s and coordinator CPU "
+            f"{cpu_s:.2f} s (means), coordinator peak {min(peaks):.1f}-{max(peaks):.1f} "
+            "model sizes",
             flush=True,
         )
     print(f"# load average at the end: {os.getloadavg()[0]:.1f}")

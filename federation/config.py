@@ -4,6 +4,7 @@
 
     [coordinator]
     timeout_s = 30            # deadline of each call to a node
+    receive_window_mib = 16   # how far a node's update may stream ahead of what we have read
     consumer = "acme-ai"      # only for plaintext (loopback) nodes; TLS uses the certificate
 
     [tls]                     # mutual TLS (production)
@@ -54,6 +55,7 @@ class CoordinatorConfig:
     timeout_s: float = 30.0
     consumer: str | None = None
     tls: TlsFiles | None = None
+    receive_window_mib: int = 16  # see NodeClient's receive_window_bytes
 
 
 def load_coordinator_config(path: Path) -> CoordinatorConfig:
@@ -77,7 +79,13 @@ def parse_coordinator_config(
     """Check a coordinator config already parsed from TOML."""
     _known(data, {"coordinator", "tls", "nodes"}, "", source)
     section = _table(data.get("coordinator", {}), "coordinator", source)
-    _known(section, {"timeout_s", "consumer"}, "coordinator", source)
+    _known(section, {"timeout_s", "consumer", "receive_window_mib"}, "coordinator", source)
+    window = section.get("receive_window_mib", 16)
+    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= 2047:
+        raise ConfigError(
+            f"{source}: coordinator.receive_window_mib: must be a whole number of MiB from "
+            f"2 to 2047; got {window!r}"
+        )
     timeout = section.get("timeout_s", 30.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise ConfigError(f"{source}: coordinator.timeout_s: must be a number; got {timeout!r}")
@@ -115,7 +123,11 @@ def parse_coordinator_config(
             paths[key] = (base_dir / value).resolve()
         tls = TlsFiles(ca=paths["ca"], cert=paths["cert"], key=paths["key"])
     return CoordinatorConfig(
-        nodes=tuple(nodes), timeout_s=float(timeout), consumer=consumer, tls=tls
+        nodes=tuple(nodes),
+        timeout_s=float(timeout),
+        consumer=consumer,
+        tls=tls,
+        receive_window_mib=window,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from federation import pki
 from federation.config import CoordinatorConfig, load_coordinator_config
 from federation.coordinator.analytics import Estimate, GroupResult, NodeSpend, QueryResult, combine
-from federation.coordinator.client import NodeClient
+from federation.coordinator.client import RECEIVE_WINDOW_BYTES, NodeClient
 from federation.errors import (
     FederationError,
     InvalidRequestError,
@@ -86,6 +86,7 @@ class Coordinator:
             identity=identity,
             consumer=config.consumer,
             timeout_s=config.timeout_s,
+            receive_window_bytes=config.receive_window_mib * 1024 * 1024,
         )
 
     @classmethod
@@ -96,10 +97,21 @@ class Coordinator:
         identity: pki.Identity | None = None,
         consumer: str | None = None,
         timeout_s: float = 30.0,
+        receive_window_bytes: int | None = RECEIVE_WINDOW_BYTES,
     ) -> Coordinator:
-        """Connect to ``{node name: "host:port"}``; TLS when ``identity`` is given."""
+        """Connect to ``{node name: "host:port"}``; TLS when ``identity`` is given.
+
+        ``receive_window_bytes``: see ``NodeClient``.
+        """
         clients = [
-            NodeClient(name, address, identity=identity, consumer=consumer, timeout_s=timeout_s)
+            NodeClient(
+                name,
+                address,
+                identity=identity,
+                consumer=consumer,
+                timeout_s=timeout_s,
+                receive_window_bytes=receive_window_bytes,
+            )
             for name, address in addresses.items()
         ]
         return cls(clients)

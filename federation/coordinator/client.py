@@ -36,20 +36,17 @@ from federation.errors import (
 )
 from federation.releases import NodeDescription, Release
 
-__all__ = ["CONSUMER_HEADER", "ChunkSink", "NodeClient"]
+__all__ = ["CONSUMER_HEADER", "RECEIVE_WINDOW_BYTES", "ChunkSink", "NodeClient"]
 
 CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Each stream from a node may run at most this far ahead of what the coordinator has read.
-# gRPC's default flow control probes the bandwidth-delay product and grows the receive
-# window (to 64 MiB per stream and more, seen with GRPC_TRACE=flowctl) while a node sends
-# faster than the coordinator reads. With 8 nodes streaming 100M-parameter updates to a
-# CPU-starved coordinator, gRPC then held up to 1.2 GB of received, unread chunks, and the
-# coordinator's peak varied from 3.7 to 8.2 model sizes between runs. A fixed window bounds
-# that to this much per node; at 2 nodes x 100M it cost no round time we could measure
-# (README, "Training benchmarks"). Read when a NodeClient is made; None restores gRPC's
-# adaptive window (``benchmarks/training.py --window-ab`` compares the two).
-RECEIVE_WINDOW_BYTES: int | None = 16 * 1024 * 1024
+# How far (bytes) each node's stream may run ahead of what the coordinator has read: a
+# fixed HTTP/2 receive window instead of gRPC's adaptive one. The adaptive window grows with
+# the measured link (BDP probing) and, when nodes send faster than a busy coordinator reads,
+# lets gRPC hold many model-sized chunks that nobody has read yet; see the README's
+# "Training benchmarks" for what that did to the coordinator's memory at 8 nodes.
+RECEIVE_WINDOW_BYTES = 16 * 1024 * 1024
+_MAX_WINDOW_BYTES = 2**31 - 1  # HTTP/2's largest window
 BUSY_RETRIES = 3
 BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
 # A retry is made only with at least this much of the call's time left after the wait
@@ -79,6 +76,7 @@ class NodeClient:
         consumer: str | None = None,
         timeout_s: float = 30.0,
         busy_retries: int = BUSY_RETRIES,
+        receive_window_bytes: int | None = RECEIVE_WINDOW_BYTES,
     ) -> None:
         """Open a channel to ``address``.
 
@@ -90,24 +88,43 @@ class NodeClient:
             timeout_s: deadline of each call, retries included.
             busy_retries: how often Describe and Analyze retry a ``NodeBusyError``
                 (0: never; see the module docstring).
+            receive_window_bytes: how far the node's update stream may run ahead of what
+                this client has read, so about the most of it held here unread. It also
+                caps the node's upload at about this much per round trip: the default
+                16 MiB allows ~0.9 Gbit/s at 150 ms. Raise it for long, fast links. None:
+                gRPC's adaptive window, which grows with the link and has no fixed bound.
 
         Raises:
-            InvalidRequestError: ``busy_retries`` is negative.
+            InvalidRequestError: ``busy_retries`` is negative, or ``receive_window_bytes``
+                is neither None nor a whole number of bytes from one chunk
+                (``wire.CHUNK_BYTES``) to 2**31 - 1.
         """
         if busy_retries < 0:
             raise InvalidRequestError(f"busy_retries must be >= 0; got {busy_retries}")
+        if receive_window_bytes is not None and (
+            isinstance(receive_window_bytes, bool)
+            or not isinstance(receive_window_bytes, int)
+            or not wire.CHUNK_BYTES <= receive_window_bytes <= _MAX_WINDOW_BYTES
+        ):
+            raise InvalidRequestError(
+                f"receive_window_bytes must be None or {wire.CHUNK_BYTES}-{_MAX_WINDOW_BYTES}; "
+                f"got {receive_window_bytes!r}"
+            )
         self.name = name
         self.address = address
         self._identity = identity
         self.timeout_s = timeout_s
         self.busy_retries = busy_retries
+        self.receive_window_bytes = receive_window_bytes
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        if RECEIVE_WINDOW_BYTES is not None:
+        if receive_window_bytes is not None:
+            # Without BDP probing the window stays at lookahead_bytes (a message longer than
+            # it still arrives: gRPC widens the window for a message being read).
             options += [
                 ("grpc.http2.bdp_probe", 0),
-                ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+                ("grpc.http2.lookahead_bytes", receive_window_bytes),
             ]
         if identity is not None:
             options.append(("grpc.ssl_target_name_override", name))

@@ -137,6 +137,25 @@ def test_a_client_refuses_a_negative_retry_count() -> None:
         NodeClient(NODE, ADDRESS, busy_retries=-1)
 
 
+@pytest.mark.parametrize("window", [0, 1024 * 1024, 2**31, True, 16.0 * 2**20, "16MiB"])
+def test_a_client_refuses_a_receive_window_it_cannot_use(window: object) -> None:
+    # Under one chunk, every chunk would stall on a window update; past 2**31 - 1, HTTP/2
+    # cannot say it.
+    with pytest.raises(InvalidRequestError, match="receive_window_bytes must be None or"):
+        NodeClient(NODE, ADDRESS, receive_window_bytes=window)  # type: ignore[arg-type]
+
+
+def test_a_client_keeps_its_receive_window_or_none_for_grpcs_adaptive_one() -> None:
+    fixed = NodeClient(NODE, ADDRESS)
+    adaptive = NodeClient(NODE, ADDRESS, receive_window_bytes=None)
+    try:
+        assert fixed.receive_window_bytes == client_module.RECEIVE_WINDOW_BYTES == 16 * 2**20
+        assert adaptive.receive_window_bytes is None
+    finally:
+        fixed.close()
+        adaptive.close()
+
+
 class _Busy(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     """A RESOURCE_EXHAUSTED status marked busy, as a node's concurrency limit answers."""
 

@@ -1,0 +1,33 @@
+"""The coordinator's ``federation.toml``: what it accepts, what it refuses, what it sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from federation.config import ConfigError, parse_coordinator_config
+from federation.coordinator import Coordinator
+
+NODES = [{"name": "hong-kong", "address": "127.0.0.1:5001"}]
+
+
+def _parse(coordinator: dict[str, object]) -> object:
+    data = {"coordinator": coordinator, "nodes": NODES}
+    return parse_coordinator_config(data, base_dir=Path("."))
+
+
+def test_the_receive_window_defaults_to_16_mib_and_reaches_every_client() -> None:
+    config = parse_coordinator_config({"nodes": NODES}, base_dir=Path("."))
+    assert config.receive_window_mib == 16
+    wider = parse_coordinator_config(
+        {"coordinator": {"receive_window_mib": 64}, "nodes": NODES}, base_dir=Path(".")
+    )
+    with Coordinator.from_coordinator_config(wider) as fed:
+        assert fed.clients["hong-kong"].receive_window_bytes == 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("window", [0, 1, 2048, 16.5, True, "16"])
+def test_a_receive_window_out_of_range_is_a_config_error_naming_the_key(window: object) -> None:
+    with pytest.raises(ConfigError, match="coordinator.receive_window_mib: must be a whole"):
+        _parse({"receive_window_mib": window})
