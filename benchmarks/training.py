@@ -346,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.window_ab is not None:
         if args.window_ab < 1:
             parser.error("--window-ab needs at least 1 pair")
+        architecture, hidden = SIZES[args.sizes.split(",")[0]]
+        params = sum(a * b + b for a, b in zip((3, *hidden), (*hidden, 1), strict=False))
+        need = _estimate_bytes(params, args.nodes, 4.0, 3.0)
+        if need > 0.85 * _mem_available_bytes():
+            parser.error(f"--window-ab: this configuration needs about {_gb(need)} GB")
         window_ab(args.sizes.split(",")[0], args.nodes, args.rounds, args.window_ab)
         return 0
     sizes = ["1M"] if args.quick else args.sizes.split(",")

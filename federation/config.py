@@ -4,7 +4,8 @@
 
     [coordinator]
     timeout_s = 30            # deadline of each call to a node
-    receive_window_mib = 16   # how far a node's update may stream ahead of what we have read
+    receive_window_mib = 16   # how far a node's update may stream ahead of what we have
+                              # read (4-2047; default 16; see NodeClient)
     consumer = "acme-ai"      # only for plaintext (loopback) nodes; TLS uses the certificate
 
     [tls]                     # mutual TLS (production)
@@ -26,6 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from federation.errors import ConfigError
+
+# How far (MiB) each node's update stream may run ahead of what the coordinator has read;
+# the default of NodeClient's ``receive_window_bytes``. gRPC's adaptive window (None) is
+# for the Python API only.
+RECEIVE_WINDOW_MIB = 16
+MIN_RECEIVE_WINDOW_MIB = 4  # two 2 MiB chunks: under one message, every chunk would wait
+MAX_RECEIVE_WINDOW_MIB = 2047  # HTTP/2's largest window is 2**31 - 1 bytes
 
 __all__ = ["CoordinatorConfig", "NodeAddress", "TlsFiles", "load_coordinator_config"]
 
@@ -55,7 +63,7 @@ class CoordinatorConfig:
     timeout_s: float = 30.0
     consumer: str | None = None
     tls: TlsFiles | None = None
-    receive_window_mib: int = 16  # see NodeClient's receive_window_bytes
+    receive_window_mib: int = RECEIVE_WINDOW_MIB  # see NodeClient's receive_window_bytes
 
 
 def load_coordinator_config(path: Path) -> CoordinatorConfig:
@@ -80,11 +88,15 @@ def parse_coordinator_config(
     _known(data, {"coordinator", "tls", "nodes"}, "", source)
     section = _table(data.get("coordinator", {}), "coordinator", source)
     _known(section, {"timeout_s", "consumer", "receive_window_mib"}, "coordinator", source)
-    window = section.get("receive_window_mib", 16)
-    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= 2047:
+    window = section.get("receive_window_mib", RECEIVE_WINDOW_MIB)
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, int)
+        or not MIN_RECEIVE_WINDOW_MIB <= window <= MAX_RECEIVE_WINDOW_MIB
+    ):
         raise ConfigError(
             f"{source}: coordinator.receive_window_mib: must be a whole number of MiB from "
-            f"2 to 2047; got {window!r}"
+            f"{MIN_RECEIVE_WINDOW_MIB} to {MAX_RECEIVE_WINDOW_MIB}; got {window!r}"
         )
     timeout = section.get("timeout_s", 30.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from federation import pki, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation.config import RECEIVE_WINDOW_MIB
 from federation.coordinator._diagnose import error_for_status
 from federation.errors import (
     REFUSAL_KEY,
@@ -45,7 +46,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # the measured link (BDP probing) and, when nodes send faster than a busy coordinator reads,
 # lets gRPC hold many model-sized chunks that nobody has read yet; see the README's
 # "Training benchmarks" for what that did to the coordinator's memory at 8 nodes.
-RECEIVE_WINDOW_BYTES = 16 * 1024 * 1024
+RECEIVE_WINDOW_BYTES = RECEIVE_WINDOW_MIB * 1024 * 1024
+_MIN_WINDOW_BYTES = 2 * wire.CHUNK_BYTES  # a chunk's message is a bit over one chunk
 _MAX_WINDOW_BYTES = 2**31 - 1  # HTTP/2's largest window
 BUSY_RETRIES = 3
 BUSY_BACKOFF_S = 0.2  # the first wait before retrying a busy node; each next one is 3x
@@ -96,18 +98,18 @@ class NodeClient:
 
         Raises:
             InvalidRequestError: ``busy_retries`` is negative, or ``receive_window_bytes``
-                is neither None nor a whole number of bytes from one chunk
-                (``wire.CHUNK_BYTES``) to 2**31 - 1.
+                is neither None nor a whole number of bytes from two chunks
+                (``2 * wire.CHUNK_BYTES``) to 2**31 - 1.
         """
         if busy_retries < 0:
             raise InvalidRequestError(f"busy_retries must be >= 0; got {busy_retries}")
         if receive_window_bytes is not None and (
             isinstance(receive_window_bytes, bool)
             or not isinstance(receive_window_bytes, int)
-            or not wire.CHUNK_BYTES <= receive_window_bytes <= _MAX_WINDOW_BYTES
+            or not _MIN_WINDOW_BYTES <= receive_window_bytes <= _MAX_WINDOW_BYTES
         ):
             raise InvalidRequestError(
-                f"receive_window_bytes must be None or {wire.CHUNK_BYTES}-{_MAX_WINDOW_BYTES}; "
+                f"receive_window_bytes must be None or {_MIN_WINDOW_BYTES}-{_MAX_WINDOW_BYTES}; "
                 f"got {receive_window_bytes!r}"
             )
         self.name = name

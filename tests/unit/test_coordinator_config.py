@@ -25,9 +25,14 @@ def test_the_receive_window_defaults_to_16_mib_and_reaches_every_client() -> Non
     )
     with Coordinator.from_coordinator_config(wider) as fed:
         assert fed.clients["hong-kong"].receive_window_bytes == 64 * 1024 * 1024
+    narrowest = parse_coordinator_config(
+        {"coordinator": {"receive_window_mib": 4}, "nodes": NODES}, base_dir=Path(".")
+    )
+    with Coordinator.from_coordinator_config(narrowest) as fed:
+        assert fed.clients["hong-kong"].receive_window_bytes == 4 * 1024 * 1024
 
 
-@pytest.mark.parametrize("window", [0, 1, 2048, 16.5, True, "16"])
+@pytest.mark.parametrize("window", [0, 3, 2048, 16.5, True, "16"])
 def test_a_receive_window_out_of_range_is_a_config_error_naming_the_key(window: object) -> None:
     with pytest.raises(ConfigError, match="coordinator.receive_window_mib: must be a whole"):
         _parse({"receive_window_mib": window})

@@ -137,10 +137,10 @@ def test_a_client_refuses_a_negative_retry_count() -> None:
         NodeClient(NODE, ADDRESS, busy_retries=-1)
 
 
-@pytest.mark.parametrize("window", [0, 1024 * 1024, 2**31, True, 16.0 * 2**20, "16MiB"])
+@pytest.mark.parametrize("window", [0, 2 * 2**20, 2**31, True, 16.0 * 2**20, "16MiB"])
 def test_a_client_refuses_a_receive_window_it_cannot_use(window: object) -> None:
-    # Under one chunk, every chunk would stall on a window update; past 2**31 - 1, HTTP/2
-    # cannot say it.
+    # Under two chunks, a chunk's message (a bit over one chunk) would not fit and every
+    # chunk would wait for a window update; past 2**31 - 1, HTTP/2 cannot say it.
     with pytest.raises(InvalidRequestError, match="receive_window_bytes must be None or"):
         NodeClient(NODE, ADDRESS, receive_window_bytes=window)  # type: ignore[arg-type]
 
