@@ -25,6 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from federation.errors import ConfigError
 
@@ -34,6 +35,12 @@ from federation.errors import ConfigError
 RECEIVE_WINDOW_MIB = 16
 MIN_RECEIVE_WINDOW_MIB = 4  # two 2 MiB chunks: under one message, every chunk would wait
 MAX_RECEIVE_WINDOW_MIB = 2047  # HTTP/2's largest window is 2**31 - 1 bytes
+
+
+def whole_number_in(value: object, low: int, high: int) -> TypeGuard[int]:
+    """Whether ``value`` is an int (a bool is not) from ``low`` to ``high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
 
 __all__ = ["CoordinatorConfig", "NodeAddress", "TlsFiles", "load_coordinator_config"]
 
@@ -89,11 +96,7 @@ def parse_coordinator_config(
     section = _table(data.get("coordinator", {}), "coordinator", source)
     _known(section, {"timeout_s", "consumer", "receive_window_mib"}, "coordinator", source)
     window = section.get("receive_window_mib", RECEIVE_WINDOW_MIB)
-    if (
-        isinstance(window, bool)
-        or not isinstance(window, int)
-        or not MIN_RECEIVE_WINDOW_MIB <= window <= MAX_RECEIVE_WINDOW_MIB
-    ):
+    if not whole_number_in(window, MIN_RECEIVE_WINDOW_MIB, MAX_RECEIVE_WINDOW_MIB):
         raise ConfigError(
             f"{source}: coordinator.receive_window_mib: must be a whole number of MiB from "
             f"{MIN_RECEIVE_WINDOW_MIB} to {MAX_RECEIVE_WINDOW_MIB}; got {window!r}"

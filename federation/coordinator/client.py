@@ -26,7 +26,7 @@ import numpy.typing as npt
 from federation import pki, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
-from federation.config import RECEIVE_WINDOW_MIB
+from federation.config import RECEIVE_WINDOW_MIB, whole_number_in
 from federation.coordinator._diagnose import error_for_status
 from federation.errors import (
     REFUSAL_KEY,
@@ -103,10 +103,8 @@ class NodeClient:
         """
         if busy_retries < 0:
             raise InvalidRequestError(f"busy_retries must be >= 0; got {busy_retries}")
-        if receive_window_bytes is not None and (
-            isinstance(receive_window_bytes, bool)
-            or not isinstance(receive_window_bytes, int)
-            or not _MIN_WINDOW_BYTES <= receive_window_bytes <= _MAX_WINDOW_BYTES
+        if receive_window_bytes is not None and not whole_number_in(
+            receive_window_bytes, _MIN_WINDOW_BYTES, _MAX_WINDOW_BYTES
         ):
             raise InvalidRequestError(
                 f"receive_window_bytes must be None or {_MIN_WINDOW_BYTES}-{_MAX_WINDOW_BYTES}; "
