@@ -20,7 +20,8 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
 - **floor cpu**: the CPU seconds of work no private, authenticated round can skip, measured in
   the same child on the same tensors: AES-128-GCM encryption and decryption of every byte
   sent each way (what TLS must do at least: the cheapest cipher TLS 1.3 may negotiate),
-  SHA-256 of each update at the node and at the coordinator (the signed receipt), and one
+  the BLAKE3 digest of each update at the node and at the coordinator (the signed receipt;
+  ``federation.training.tensor_digests``), and one
   Gaussian draw per parameter per node (the DP noise). On a machine with c cores the
   round cannot take less than floor / c seconds; **cpu/floor** compares it with what
   coordinator and nodes actually used.
@@ -149,9 +150,9 @@ def _seal_and_open(array: npt.NDArray[np.float32], sealed: bytearray, opened: by
 
 def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int) -> float:
     """CPU seconds of the work a private, authenticated round cannot skip (see the docstring)."""
-    import hashlib
-
     import torch
+
+    from federation.training import tensor_digests
 
     # One thread: process_time would also count the spin-waits of torch's worker threads.
     threads = torch.get_num_threads()
@@ -166,10 +167,9 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
             _seal_and_open(array, sealed, opened)  # weights out to the node
             for start in range(0, array.size, noise.numel()):  # the node's DP noise
                 noise[: min(noise.numel(), array.size - start)].normal_(generator=generator)
-            data = np.ascontiguousarray(array).data
-            hashlib.sha256(data).digest()  # the node's receipt
+            tensor_digests({"update": array})  # the node's receipt
             _seal_and_open(array, sealed, opened)  # the update back
-            hashlib.sha256(data).digest()  # the coordinator checks the receipt
+            tensor_digests({"update": array})  # the coordinator checks the receipt
     used = time.process_time() - started
     torch.set_num_threads(threads)
     return used

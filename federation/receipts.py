@@ -67,7 +67,6 @@ __all__ = [
     "receipt_message",
     "receipt_to_dict",
     "release_payload",
-    "tensor_sha256",
     "verify_receipt",
     "verify_records",
     "verify_signature",
@@ -105,11 +104,6 @@ def canonical_json(value: object) -> bytes:
 def payload_sha256(payload: Mapping[str, object]) -> str:
     """Return the hex SHA-256 of ``canonical_json(payload)``: a receipt's payload digest."""
     return hashlib.sha256(canonical_json(payload)).hexdigest()
-
-
-def tensor_sha256(data: bytes) -> str:
-    """Return the hex SHA-256 of a tensor's raw little-endian bytes (for training payloads)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def analyze_payload(

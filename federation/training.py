@@ -2,13 +2,21 @@
 
 A node releases, for each round, a ``TrainResult`` and a DP model update. Its receipt
 carries ``payload_sha256`` = SHA-256 of ``receipts.canonical_json(train_payload(...))``:
-the result's DP numbers plus the SHA-256 of each update tensor's raw little-endian bytes,
-so a coordinator that hashed the update as it streamed in can check the receipt offline.
+the result's DP numbers plus the BLAKE3 digest of each update tensor's raw little-endian
+bytes, so a coordinator that hashed the update as it streamed in can check the receipt
+offline.
+
+Update tensors are hashed with BLAKE3 (256-bit output, the same 128-bit collision
+resistance as SHA-256) because they are the one large thing a receipt covers: hundreds of
+MB per node per round, hashed by the node before it sends and by the coordinator as it
+receives. BLAKE3 runs at ~4.4 GB/s on one core here against SHA-256's ~1.7 GB/s with the
+CPU's SHA extensions. Payload version 1 (earlier receipts) carried ``"sha256"`` per tensor;
+version 2 carries ``"blake3"``. Everything small (payload digests, the audit chain,
+signatures) stays SHA-256.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -18,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from blake3 import blake3
 
 from federation.errors import InvalidRequestError
-from federation.receipts import RECEIPT_VERSION
 from federation.releases import BudgetStatus, NoiseInfo, Receipt
 
 if TYPE_CHECKING:
@@ -29,11 +37,14 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainConfig",
     "TrainMetric",
+    "TRAIN_PAYLOAD_VERSION",
     "TrainResult",
     "tensor_digests",
+    "tensor_hasher",
     "train_payload",
 ]
 
+TRAIN_PAYLOAD_VERSION = 2  # 1: tensors hashed with SHA-256 ("sha256"); 2: BLAKE3 ("blake3")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -120,14 +131,21 @@ class TrainResult:
     job_epsilon: float
 
 
-def tensor_digests(arrays: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, str]:
-    """Return the hex SHA-256 of each tensor's raw little-endian C-order bytes.
+def tensor_hasher() -> blake3:
+    """Return a fresh hasher for one update tensor; feed it the raw little-endian bytes."""
+    return blake3()
 
-    Tensors hash in parallel threads (``hashlib`` releases the GIL on large buffers).
+
+def tensor_digests(arrays: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, str]:
+    """Return the hex BLAKE3 digest of each tensor's raw little-endian C-order bytes.
+
+    Tensors hash in parallel threads (``blake3`` releases the GIL on large buffers).
     """
 
     def digest(array: npt.NDArray[np.float32]) -> str:
-        return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").data).hexdigest()
+        hasher = tensor_hasher()
+        hasher.update(np.ascontiguousarray(array, dtype="<f4").view(np.uint8).data)
+        return hasher.hexdigest()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(arrays, pool.map(digest, arrays.values()), strict=True))
@@ -155,7 +173,7 @@ def train_payload(
     Everything in it is DP or public: the result's numbers and the update's digests.
     """
     return {
-        "version": RECEIPT_VERSION,
+        "version": TRAIN_PAYLOAD_VERSION,
         "operation": "train",
         "job_id": job_id,
         "round": int(round),
@@ -170,7 +188,7 @@ def train_payload(
             for m in result.metrics
         ],
         "update": [
-            {"name": name, "dtype": "float32", "shape": list(shapes[name]), "sha256": digests[name]}
+            {"name": name, "dtype": "float32", "shape": list(shapes[name]), "blake3": digests[name]}
             for name in shapes
         ],
     }

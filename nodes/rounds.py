@@ -179,7 +179,7 @@ def round_result(
 
 def round_payload(plan: TrainPlan, result: TrainResult, update: LocalUpdate) -> dict[str, object]:
     """The released values a round's receipt signs: the result's DP numbers and the
-    SHA-256 of each update tensor (``federation.training.train_payload``)."""
+    BLAKE3 digest of each update tensor (``federation.training.train_payload``)."""
     return train_payload(
         result,
         job_id=plan.job_id,

@@ -18,7 +18,6 @@ long as ``min_nodes`` nodes completed the round. A checkpoint is written after e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -65,7 +64,7 @@ from federation.models import (
     input_dim,
     state_shapes,
 )
-from federation.training import TrainConfig, TrainResult, train_payload
+from federation.training import TrainConfig, TrainResult, tensor_hasher, train_payload
 
 if TYPE_CHECKING:
     from federation.coordinator import Coordinator, NodeClient
@@ -427,10 +426,10 @@ class _HashingSink:
 
     def __init__(self, contribution: Contribution, weights: Arrays) -> None:
         self.contribution = contribution
-        self._hashes = {name: hashlib.sha256() for name in weights}
+        self._hashes = {name: tensor_hasher() for name in weights}
 
     def __call__(self, name: str, offset: int, values: npt.NDArray[np.float32]) -> None:
-        self._hashes[name].update(values.data)
+        self._hashes[name].update(values.view(np.uint8).data)
         self.contribution(name, offset, values)
 
     def digests(self) -> dict[str, str]:

@@ -153,8 +153,8 @@ def test_training_reaches_a_useful_model_and_saves_it(
 
 
 def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> None:
-    # ~4.2M parameters (17 MB, 8 chunks per tensor): the node signs the SHA-256 of every
-    # tensor it sends; the coordinator hashes what it receives; the receipt must verify.
+    # ~4.2M parameters (17 MB, 8 chunks per tensor): the node signs the BLAKE3 digest of
+    # every tensor it sends; the coordinator hashes what it receives; the receipt must verify.
     spec = ModelSpec("mlp", "credit", FEATURES, "defaulted", hidden=(2048, 2048))
     fed = _fed(trained_fed)
     result = fed.train(spec, rounds=1, target_epsilon=2.0, **{**TRAINING, "local_steps": 1})
