@@ -50,6 +50,12 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     t.add_argument("--checkpoint-dir", type=Path, help="checkpoint after every round here")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    t.add_argument(
+        "--tensor-digest",
+        choices=["blake3", "sha256"],
+        default="blake3",
+        help="hash the receipts commit to each update with (sha256: where a FIPS hash is required)",
+    )
     t.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print one JSON object")
@@ -93,6 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
             metrics_epsilon=args.metrics_epsilon,
             progress=not args.no_progress and not args.json,
             seed=args.seed,
+            tensor_digest=args.tensor_digest,
         )
     sidecar = result.save(args.out)
     if args.json:

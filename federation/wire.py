@@ -44,7 +44,13 @@ from federation.releases import (
     Release,
 )
 from federation.schema import Column, ColumnType, DatasetSchema
-from federation.training import TrainConfig, TrainMetric, TrainResult
+from federation.training import (
+    LEGACY_TENSOR_DIGEST,
+    TrainConfig,
+    TrainMetric,
+    TrainResult,
+    check_tensor_digest,
+)
 
 if TYPE_CHECKING:
     from federation.models import ModelSpec
@@ -977,6 +983,7 @@ def train_config_to_proto(
         job_id=config.job_id,
         metrics_epsilon=config.metrics_epsilon,
         tensors=[tensor_header_to_proto(h) for h in tensors],
+        tensor_digest=config.tensor_digest,
     )
 
 
@@ -1004,6 +1011,7 @@ def train_config_from_proto(
         clip_norm=msg.clip_norm,
         job_id=msg.job_id,
         metrics_epsilon=msg.metrics_epsilon,
+        tensor_digest=check_tensor_digest(msg.tensor_digest or LEGACY_TENSOR_DIGEST),
     )
     return config, tuple(tensor_header_from_proto(h) for h in msg.tensors)
 
@@ -1062,6 +1070,7 @@ def train_result_to_proto(
         ],
         tensors=[tensor_header_to_proto(h) for h in tensors],
         job_epsilon=result.job_epsilon,
+        tensor_digest=result.tensor_digest,
     )
 
 
@@ -1095,6 +1104,7 @@ def train_result_from_proto(
             for m in msg.metrics
         ),
         job_epsilon=msg.job_epsilon,
+        tensor_digest=check_tensor_digest(msg.tensor_digest or LEGACY_TENSOR_DIGEST),
     )
     return result, tuple(tensor_header_from_proto(h) for h in msg.tensors)
 

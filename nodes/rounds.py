@@ -23,6 +23,7 @@ from federation.privacy import Spend
 from federation.releases import Receipt
 from federation.schema import DatasetSchema
 from federation.training import (
+    TensorDigest,
     TrainConfig,
     TrainMetric,
     TrainResult,
@@ -150,9 +151,17 @@ def round_details(plan: TrainPlan) -> dict[str, object]:
 
 
 def round_result(
-    plan: TrainPlan, update: LocalUpdate, record: ChargeRecord, *, node_name: str
+    plan: TrainPlan,
+    update: LocalUpdate,
+    record: ChargeRecord,
+    *,
+    node_name: str,
+    tensor_digest: TensorDigest,
 ) -> TrainResult:
     """What the node releases for a round besides the update: all DP or public.
+
+    ``tensor_digest`` is the hash the coordinator asked for (``TrainConfig.tensor_digest``):
+    the receipt commits to the update with the one the coordinator computes as it arrives.
 
     The receipt is a draft (unsigned); the servicer swaps in the signed one that
     ``Ledger.record_release`` returns for ``round_payload``'s digest.
@@ -174,18 +183,19 @@ def round_result(
         ),
         metrics=tuple(TrainMetric(name, value, noise) for name, value, noise in update.metrics),
         job_epsilon=job_epsilon(plan, rounds=plan.round + 1),
+        tensor_digest=tensor_digest,
     )
 
 
 def round_payload(plan: TrainPlan, result: TrainResult, update: LocalUpdate) -> dict[str, object]:
     """The released values a round's receipt signs: the result's DP numbers and the
-    BLAKE3 digest of each update tensor (``federation.training.train_payload``)."""
+    ``result.tensor_digest`` of each update tensor (``federation.training.train_payload``)."""
     return train_payload(
         result,
         job_id=plan.job_id,
         round=plan.round,
         shapes=plan.shapes,
-        digests=tensor_digests(update.weights),
+        digests=tensor_digests(update.weights, result.tensor_digest),
     )
 
 

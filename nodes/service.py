@@ -261,7 +261,13 @@ class NodeService(pb_grpc.NodeServicer):
             update = trainer.train(plan, weights, rng=self.rng(), in_place=True)
             del weights
             trained = time.monotonic()
-            result = rounds.round_result(plan, update, record, node_name=self.config.name)
+            result = rounds.round_result(
+                plan,
+                update,
+                record,
+                node_name=self.config.name,
+                tensor_digest=config.tensor_digest,
+            )
             payload = rounds.round_payload(plan, result, update)
             # Audit, then send: if the release entry cannot be written, nothing is released.
             receipt = self.ledger.record_release(

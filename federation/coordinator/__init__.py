@@ -291,6 +291,7 @@ class Coordinator:
         progress: bool = True,
         seed: int = 0,
         on_round: Callable[[RoundRecord], None] | None = None,
+        tensor_digest: Literal["blake3", "sha256"] = "blake3",
     ) -> TrainingResult:
         """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
 
@@ -322,6 +323,7 @@ class Coordinator:
             progress=progress,
             seed=seed,
             on_round=on_round,
+            tensor_digest=tensor_digest,
         )
 
     # ---------------------------------------------------------------- plumbing

@@ -64,7 +64,15 @@ from federation.models import (
     input_dim,
     state_shapes,
 )
-from federation.training import TrainConfig, TrainResult, tensor_hasher, train_payload
+from federation.training import (
+    DEFAULT_TENSOR_DIGEST,
+    TensorDigest,
+    TrainConfig,
+    TrainResult,
+    check_tensor_digest,
+    tensor_hasher,
+    train_payload,
+)
 
 if TYPE_CHECKING:
     from federation.coordinator import Coordinator, NodeClient
@@ -171,6 +179,9 @@ class _Job:
     optimizer: ServerOptimizer
     weights: Arrays
     history: list[RoundRecord] = field(default_factory=list)
+    # Not part of ``config``: each round's receipts name their own digest, so a resumed job
+    # may use another one (and checkpoints from before it existed still resume).
+    tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST
 
 
 def train(
@@ -194,6 +205,7 @@ def train(
     progress: bool = True,
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
+    tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
 ) -> TrainingResult:
     """Train ``spec`` across the coordinator's nodes with DP-SGD at each node.
 
@@ -220,6 +232,10 @@ def train(
         seed: seed of the initial weights.
         on_round: called with each round's record once the round (and its checkpoint)
             is done, e.g. to plot live in a notebook; an exception it raises stops the run.
+        tensor_digest: the hash each node's receipt commits to its update with, and the
+            coordinator computes as the update arrives: ``"blake3"`` (fast) or ``"sha256"``
+            (where auditors require a FIPS hash). A node from before this option hashes with
+            SHA-256 whatever is asked, and says so; the coordinator follows it.
 
     Returns:
         The global model and the per-round history.
@@ -231,6 +247,7 @@ def train(
         BudgetExhaustedError, NodeBusyError, PolicyError: a refusal left fewer than
             ``min_nodes`` nodes.
     """
+    check_tensor_digest(tensor_digest)
     _check_arguments(
         rounds=rounds,
         round_timeout_s=round_timeout_s,
@@ -271,6 +288,7 @@ def train(
         )
     job.min_nodes = len(job.names) if min_nodes is None else min_nodes
     job.round_timeout_s = round_timeout_s
+    job.tensor_digest = tensor_digest
     _run(coordinator, job, directory, progress=progress, on_round=on_round)
     model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
     return TrainingResult(
@@ -339,7 +357,12 @@ def _round(
     started = time.monotonic()
     total.reset()
     config = TrainConfig(
-        spec=job.spec, round=round_index, total_rounds=job.rounds, job_id=job.job_id, **job.config
+        spec=job.spec,
+        round=round_index,
+        total_rounds=job.rounds,
+        job_id=job.job_id,
+        tensor_digest=job.tensor_digest,
+        **job.config,
     )
     # A node not described yet (say, unreachable when the job started) is described and its
     # schema checked before it is sent weights; one that still cannot be misses the round.
@@ -401,7 +424,10 @@ def _train_node(
 
     def on_result(result: TrainResult) -> _HashingSink:
         nonlocal sink
-        sink = _HashingSink(total.contribution(max(1.0, result.noisy_examples)), weights)
+        contribution = total.contribution(max(1.0, result.noisy_examples))
+        # The node's TrainResult names the digest its receipt used (what we asked for, or
+        # SHA-256 from a node that predates the choice): hash the update with that one.
+        sink = _HashingSink(contribution, weights, result.tensor_digest)
         return sink
 
     try:
@@ -424,9 +450,9 @@ class _HashingSink:
     """Adds chunks to the running sum and hashes each tensor as it streams in, so the
     node's receipt can be checked against the update that actually arrived."""
 
-    def __init__(self, contribution: Contribution, weights: Arrays) -> None:
+    def __init__(self, contribution: Contribution, weights: Arrays, digest: TensorDigest) -> None:
         self.contribution = contribution
-        self._hashes = {name: tensor_hasher() for name in weights}
+        self._hashes = {name: tensor_hasher(digest) for name in weights}
 
     def __call__(self, name: str, offset: int, values: npt.NDArray[np.float32]) -> None:
         self._hashes[name].update(values.view(np.uint8).data)
@@ -446,6 +472,16 @@ def _node_round(
     payload = train_payload(
         result, job_id=config.job_id, round=config.round, shapes=shapes, digests=digests
     )
+    if receipts.payload_sha256(payload) != result.receipt.payload_sha256:
+        # Not dropped: the update is already in the sum and its DP cost was charged. But
+        # the history must not look fine while its receipt will fail verification.
+        log.warning(
+            "node %s round %d: the receipt does not match the update that arrived (%s "
+            "digests and DP numbers); `federation receipts verify` will report it",
+            node,
+            config.round,
+            result.tensor_digest,
+        )
     record = receipts.ReceiptRecord(node=node, receipt=result.receipt, released=payload)
     return NodeRound(
         node=node,

@@ -167,6 +167,27 @@ def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> N
         released = node.receipt["released"]
         assert isinstance(released, dict)
         assert [u["shape"] for u in released["update"]] == [list(t.shape) for t in state.values()]
+        assert released["version"] == 2
+        assert all(len(str(u["blake3"])) == 64 for u in released["update"])
+    records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in record.nodes]
+    assert trained_fed.identity is not None
+    verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
+    assert [failure for _, failure in verdicts] == [None, None]
+
+
+def test_a_coordinator_may_ask_for_sha256_digests_and_the_receipts_verify(
+    trained_fed: LocalFederation,
+) -> None:
+    fed = _fed(trained_fed)
+    result = fed.train(
+        SPEC, rounds=1, target_epsilon=2.0, tensor_digest="sha256", **{**TRAINING, "local_steps": 1}
+    )
+    (record,) = result.history
+    for node in record.nodes:
+        released = node.receipt["released"]
+        assert isinstance(released, dict)
+        assert released["version"] == 1
+        assert all(set(u) == {"name", "dtype", "shape", "sha256"} for u in released["update"])
     records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in record.nodes]
     assert trained_fed.identity is not None
     verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
@@ -242,13 +263,20 @@ _RAW_CONFIG = TrainConfig(
 
 
 def _raw_train(
-    local: LocalFederation, node: str, weights: dict[str, npt.NDArray[np.float32]]
+    local: LocalFederation,
+    node: str,
+    weights: dict[str, npt.NDArray[np.float32]],
+    *,
+    tensor_digest: str | None = None,
 ) -> grpc.RpcError:
     """Send one Train stream through the generated stub; return the error it ends with."""
     assert local.identity is not None
     config = _RAW_CONFIG
     headers = wire.tensor_headers(weights)
-    messages = [pb.TrainRequest(config=wire.train_config_to_proto(config, tensors=headers))]
+    config_msg = wire.train_config_to_proto(config, tensors=headers)
+    if tensor_digest is not None:
+        config_msg.tensor_digest = tensor_digest
+    messages = [pb.TrainRequest(config=config_msg)]
     messages += [pb.TrainRequest(chunk=c) for c in wire.iter_tensor_chunks(weights)]
     channel = grpc.secure_channel(
         local.processes[node].address,
@@ -275,6 +303,17 @@ def test_shape_mismatch_is_invalid_argument_and_charges_nothing(
     error = _raw_train(trained_fed, "hong-kong", weights)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "'0.weight' must have shape [16, 6]" in (error.details() or "")
+    assert releases(fed) == before
+
+
+def test_an_unknown_tensor_digest_is_invalid_argument_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    error = _raw_train(trained_fed, "hong-kong", _good_weights(), tensor_digest="md5")
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor_digest must be one of blake3, sha256; got 'md5'" in (error.details() or "")
     assert releases(fed) == before
 
 

@@ -1,38 +1,186 @@
-"""The digest a training receipt commits to for each update tensor (federation.training)."""
+"""The digest a training receipt commits to for each update tensor, and how the node and
+the coordinator agree on it (federation.training, federation.wire, the coordinator's sink)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
+import pytest
 
-from federation.training import TRAIN_PAYLOAD_VERSION, tensor_digests, tensor_hasher
+from federation import receipts, wire
+from federation._proto.v1 import node_pb2 as pb
+from federation.coordinator._aggregate import RunningSum
+from federation.coordinator.client import NodeClient
+from federation.coordinator.training import _train_node
+from federation.errors import InvalidRequestError
+from federation.models import ModelSpec
+from federation.queries import Mechanism
+from federation.releases import BudgetStatus, NoiseInfo, Receipt
+from federation.training import (
+    TensorDigest,
+    TrainConfig,
+    TrainResult,
+    payload_version,
+    tensor_digests,
+    tensor_hasher,
+    train_payload,
+)
 
-# BLAKE3's published test vector for the empty input (BLAKE3-team/BLAKE3, test_vectors.json):
-# pins the algorithm, so a verifier in another language knows what to recompute.
-_BLAKE3_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+# Published known answers for the empty input: BLAKE3 (BLAKE3-team/BLAKE3 test_vectors.json)
+# and SHA-256 (FIPS 180-4). They pin the algorithms a verifier in another language recomputes.
+_EMPTY = {
+    "blake3": "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+    "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+}
+DIGESTS: tuple[TensorDigest, ...] = ("blake3", "sha256")
 
 
-def test_an_empty_tensor_digests_to_blake3_of_no_bytes() -> None:
-    assert tensor_digests({"w": np.zeros((0, 3), np.float32)}) == {"w": _BLAKE3_EMPTY}
-    assert TRAIN_PAYLOAD_VERSION == 2  # the version whose update entries say "blake3"
+@pytest.mark.parametrize("digest", DIGESTS)
+def test_an_empty_tensor_digests_to_the_published_answer(digest: TensorDigest) -> None:
+    assert tensor_digests({"w": np.zeros((0, 3), np.float32)}, digest) == {"w": _EMPTY[digest]}
 
 
-def test_a_tensor_digests_its_little_endian_c_order_bytes_however_it_is_laid_out() -> None:
+def test_payload_versions_name_the_digest_of_their_update_entries() -> None:
+    assert (payload_version("sha256"), payload_version("blake3")) == (1, 2)
+
+
+@pytest.mark.parametrize("digest", DIGESTS)
+def test_a_tensor_digests_its_little_endian_c_order_bytes_however_it_is_laid_out(
+    digest: TensorDigest,
+) -> None:
     values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
-    expected = tensor_hasher()
-    expected.update(values.astype("<f4").tobytes(order="C"))
+    raw = values.astype("<f4").tobytes(order="C")
+    expected = hashlib.sha256(raw) if digest == "sha256" else tensor_hasher("blake3")
+    if digest == "blake3":
+        expected.update(memoryview(raw))
     strided = np.asfortranarray(values)  # same values, another memory order
     big_endian = values.astype(">f4")
-    digests = tensor_digests({"c": values, "f": strided, "be": big_endian})
+    digests = tensor_digests({"c": values, "f": strided, "be": big_endian}, digest)
     assert set(digests.values()) == {expected.hexdigest()}
 
 
-def test_hashing_in_chunks_as_the_coordinator_does_equals_hashing_the_whole_tensor() -> None:
+def test_one_changed_ulp_changes_the_digest() -> None:
     values = np.random.default_rng(1).standard_normal(300_001).astype(np.float32)
-    raw = memoryview(values.view(np.uint8))
-    streamed = tensor_hasher()
-    for start in range(0, len(raw), 65_536):  # the coordinator's sink sees chunk by chunk
-        streamed.update(raw[start : start + 65_536])
-    assert tensor_digests({"w": values})["w"] == streamed.hexdigest()
     changed = values.copy()
-    changed[-1] = np.nextafter(changed[-1], np.float32(np.inf))  # one ulp, last element
-    assert tensor_digests({"w": changed})["w"] != streamed.hexdigest()
+    changed[-1] = np.nextafter(changed[-1], np.float32(np.inf))
+    assert tensor_digests({"w": values}) != tensor_digests({"w": changed})
+
+
+# ---------------------------------------------------------------- agreeing on the digest
+
+
+def test_a_config_or_result_without_a_digest_comes_from_an_older_peer_that_used_sha256() -> None:
+    spec = ModelSpec("logistic", "credit", ("a",), "y")
+    config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job")
+    msg = wire.train_config_to_proto(config, tensors=())
+    assert msg.tensor_digest == "blake3"
+    msg.ClearField("tensor_digest")  # what a coordinator before payload version 2 sends
+    assert wire.train_config_from_proto(msg)[0].tensor_digest == "sha256"
+    result_msg = wire.train_result_to_proto(_result("blake3"), tensors=())
+    result_msg.ClearField("tensor_digest")  # what a node before payload version 2 sends
+    assert wire.train_result_from_proto(result_msg)[0].tensor_digest == "sha256"
+
+
+def test_an_unknown_digest_is_refused_as_a_bad_request() -> None:
+    spec = ModelSpec("logistic", "credit", ("a",), "y")
+    config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job")
+    msg = wire.train_config_to_proto(config, tensors=())
+    msg.tensor_digest = "md5"
+    with pytest.raises(InvalidRequestError, match="tensor_digest must be one of blake3, sha256"):
+        wire.train_config_from_proto(msg)
+    with pytest.raises(InvalidRequestError, match="tensor_digest"):
+        dataclasses.replace(config, tensor_digest="md5")  # type: ignore[arg-type]
+
+
+def _result(digest: TensorDigest) -> TrainResult:
+    noise = NoiseInfo(mechanism=Mechanism.GAUSSIAN, scale=3.0, sensitivity=1.0, granularity=0.0)
+    return TrainResult(
+        noisy_examples=1234.0,
+        examples_noise=noise,
+        noise_multiplier=1.1,
+        sample_rate=0.01,
+        steps=5,
+        cost_epsilon=0.3,
+        cost_delta=1e-7,
+        budget=BudgetStatus(10.0, 1e-6, 0.3, 9.7, 1, 2.0),
+        receipt=Receipt(id="r1", node_name="hong-kong", consumer="c", issued_at=1.5),
+        metrics=(),
+        job_epsilon=0.3,
+        tensor_digest=digest,
+    )
+
+
+class _StreamedNode:
+    """Stands in for a NodeClient: answers ``train`` with the byte frames a node sends,
+    read through the client's own reader, after hashing the update with ``digest``."""
+
+    name = "hong-kong"
+
+    def __init__(self, digest: TensorDigest, update: dict[str, npt.NDArray[np.float32]]) -> None:
+        self.digest, self.update = digest, update
+        self.asked: TensorDigest | None = None
+
+    def train(
+        self,
+        config: TrainConfig,
+        weights: dict[str, npt.NDArray[np.float32]],
+        *,
+        on_result: Callable[[TrainResult], Any],
+        timeout_s: float,
+    ) -> TrainResult:
+        self.asked = config.tensor_digest
+        result = _result(self.digest)  # the node signs what it hashed, and says which
+        shapes = {n: a.shape for n, a in self.update.items()}
+        payload = train_payload(
+            result,
+            job_id=config.job_id,
+            round=config.round,
+            shapes=shapes,
+            digests=tensor_digests(self.update, self.digest),
+        )
+        receipt = dataclasses.replace(
+            result.receipt, payload_sha256=receipts.payload_sha256(payload)
+        )
+        frames: Iterator[bytes] = wire.train_response_frames(
+            dataclasses.replace(result, receipt=receipt), self.update, chunk_bytes=4096
+        )
+        headers = wire.tensor_headers(weights)
+        reader = SimpleNamespace(name=self.name)
+        return NodeClient._read_update(reader, frames, headers, on_result)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("node_digest", DIGESTS)
+def test_the_coordinator_hashes_the_update_with_the_digest_the_node_announced(
+    node_digest: TensorDigest,
+) -> None:
+    # The coordinator asks for BLAKE3. A current node uses it; one from before payload
+    # version 2 hashes with SHA-256 and its result says so. Either way the coordinator's
+    # digests of what arrived (over several chunks per tensor) reproduce the signed payload.
+    rng = np.random.default_rng(2)
+    update = {
+        "w": rng.standard_normal((64, 33)).astype(np.float32),
+        "b": rng.standard_normal(64).astype(np.float32),
+    }
+    weights = {n: np.zeros_like(a) for n, a in update.items()}
+    spec = ModelSpec("logistic", "credit", ("a",), "y")
+    config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job")
+    node = _StreamedNode(node_digest, update)
+    total = RunningSum({n: a.shape for n, a in weights.items()})
+    round_ = _train_node(node, config, weights, total, 60.0, "")  # type: ignore[arg-type]
+    assert node.asked == "blake3"
+    released = round_.receipt["released"]
+    assert isinstance(released, dict)
+    assert released["version"] == payload_version(node_digest)
+    assert [u[node_digest] for u in released["update"]] == list(
+        tensor_digests(update, node_digest).values()
+    )
+    signed = round_.receipt["receipt"]
+    assert isinstance(signed, dict)
+    assert receipts.payload_sha256(released) == signed["payload_sha256"]
+    assert pb.TrainResult().tensor_digest == ""  # the field older peers leave unset

@@ -332,7 +332,7 @@ class ModelSpec(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., hidden: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors")
+    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors", "tensor_digest")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +345,7 @@ class TrainConfig(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_EPSILON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     round: int
     total_rounds: int
@@ -357,7 +358,8 @@ class TrainConfig(_message.Message):
     job_id: str
     metrics_epsilon: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+    tensor_digest: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., tensor_digest: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("config", "chunk")
@@ -378,7 +380,7 @@ class Metric(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., noise: _Optional[_Union[Noise, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("noisy_examples", "examples_noise", "noise_multiplier", "sample_rate", "steps", "cost", "budget", "receipt", "metrics", "tensors", "job_epsilon")
+    __slots__ = ("noisy_examples", "examples_noise", "noise_multiplier", "sample_rate", "steps", "cost", "budget", "receipt", "metrics", "tensors", "job_epsilon", "tensor_digest")
     NOISY_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_NOISE_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +392,7 @@ class TrainResult(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     JOB_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DIGEST_FIELD_NUMBER: _ClassVar[int]
     noisy_examples: float
     examples_noise: Noise
     noise_multiplier: float
@@ -401,7 +404,8 @@ class TrainResult(_message.Message):
     metrics: _containers.RepeatedCompositeFieldContainer[Metric]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     job_epsilon: float
-    def __init__(self, noisy_examples: _Optional[float] = ..., examples_noise: _Optional[_Union[Noise, _Mapping]] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., job_epsilon: _Optional[float] = ...) -> None: ...
+    tensor_digest: str
+    def __init__(self, noisy_examples: _Optional[float] = ..., examples_noise: _Optional[_Union[Noise, _Mapping]] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., job_epsilon: _Optional[float] = ..., tensor_digest: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("result", "chunk")
