@@ -224,7 +224,13 @@ def _drive(args: argparse.Namespace) -> int:
             common += ["--tls", str(work)]
         me = [sys.executable, __file__]
         result = work / "result.json"
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        # Flower's processes get the OpenMP wait policy our nodes run with (nodes/__main__.py),
+        # so that setting is not part of the difference measured.
+        env = {
+            **os.environ,
+            "PYTHONWARNINGS": "ignore",
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        }
         server = subprocess.Popen(
             [*me, "server", *common, "--clients", str(args.clients), "--rounds", str(args.rounds),
              "--result", str(result)],
