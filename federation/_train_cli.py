@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from federation.errors import InvalidRequestError
+from federation.training import DEFAULT_TENSOR_DIGEST, TENSOR_DIGESTS
 
 if TYPE_CHECKING:
     from federation.coordinator.training import TrainingResult
@@ -52,8 +53,8 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     t.add_argument(
         "--tensor-digest",
-        choices=["blake3", "sha256"],
-        default="blake3",
+        choices=TENSOR_DIGESTS,
+        default=DEFAULT_TENSOR_DIGEST,
         help="hash the receipts commit to each update with (sha256: where a FIPS hash is required)",
     )
     t.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")

@@ -166,7 +166,7 @@ def check_tensor_digest(name: str) -> TensorDigest:
         if name == known:
             return known
     raise InvalidRequestError(
-        f"tensor_digest must be one of {', '.join(TENSOR_DIGESTS)}; got {name[:32]!r}"
+        f"tensor_digest must be one of {', '.join(TENSOR_DIGESTS)}; got {str(name)[:32]!r}"
     )
 
 
@@ -185,7 +185,9 @@ class TensorHasher(Protocol):
 
 def tensor_hasher(digest: TensorDigest = DEFAULT_TENSOR_DIGEST) -> TensorHasher:
     """Return a fresh hasher for one update tensor; feed it the raw little-endian bytes."""
-    return blake3() if digest == "blake3" else hashlib.sha256()
+    if digest == "blake3":
+        return blake3()
+    return hashlib.sha256()
 
 
 def tensor_digests(

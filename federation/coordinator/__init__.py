@@ -26,6 +26,7 @@ from federation.queries import Count, Mechanism, Query
 from federation.receipts import release_payload
 from federation.releases import Budgets, NodeDescription, Release
 from federation.schema import DatasetSchema, check_compatible
+from federation.training import DEFAULT_TENSOR_DIGEST, TensorDigest
 from federation.wire import AnalyzeRequest
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ class Coordinator:
         progress: bool = True,
         seed: int = 0,
         on_round: Callable[[RoundRecord], None] | None = None,
-        tensor_digest: Literal["blake3", "sha256"] = "blake3",
+        tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
     ) -> TrainingResult:
         """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
 

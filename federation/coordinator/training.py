@@ -66,6 +66,7 @@ from federation.models import (
 )
 from federation.training import (
     DEFAULT_TENSOR_DIGEST,
+    LEGACY_TENSOR_DIGEST,
     TensorDigest,
     TrainConfig,
     TrainResult,
@@ -235,7 +236,8 @@ def train(
         tensor_digest: the hash each node's receipt commits to its update with, and the
             coordinator computes as the update arrives: ``"blake3"`` (fast) or ``"sha256"``
             (where auditors require a FIPS hash). A node from before this option hashes with
-            SHA-256 whatever is asked, and says so; the coordinator follows it.
+            SHA-256 whatever is asked, and the coordinator follows it; a node that answers
+            with any other digest is dropped from the round before its update is summed.
 
     Returns:
         The global model and the per-round history.
@@ -424,9 +426,16 @@ def _train_node(
 
     def on_result(result: TrainResult) -> _HashingSink:
         nonlocal sink
+        # The node's TrainResult names the digest its receipt used: what we asked for, or
+        # SHA-256 from a node that predates the choice (it sends no name). Anything else
+        # would give the job receipts its owner did not choose: drop the node before a
+        # byte of its update reaches the sum.
+        if result.tensor_digest not in (config.tensor_digest, LEGACY_TENSOR_DIGEST):
+            raise InvalidRequestError(
+                f"it committed to its update with {result.tensor_digest}; this job asked "
+                f"for {config.tensor_digest}"
+            )
         contribution = total.contribution(max(1.0, result.noisy_examples))
-        # The node's TrainResult names the digest its receipt used (what we asked for, or
-        # SHA-256 from a node that predates the choice): hash the update with that one.
         sink = _HashingSink(contribution, weights, result.tensor_digest)
         return sink
 
@@ -473,8 +482,8 @@ def _node_round(
         result, job_id=config.job_id, round=config.round, shapes=shapes, digests=digests
     )
     if receipts.payload_sha256(payload) != result.receipt.payload_sha256:
-        # Not dropped: the update is already in the sum and its DP cost was charged. But
-        # the history must not look fine while its receipt will fail verification.
+        # Not dropped: the update is already in the sum and its DP cost was charged. Say
+        # so now rather than when someone verifies the history's receipts.
         log.warning(
             "node %s round %d: the receipt does not match the update that arrived (%s "
             "digests and DP numbers); `federation receipts verify` will report it",

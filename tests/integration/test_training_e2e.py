@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator, NodeClient
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES
-from federation.coordinator.training import RoundRecord, TrainingResult, load_model
+from federation.coordinator.training import NodeRound, RoundRecord, TrainingResult, load_model
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
 from federation.metrics import roc_auc
@@ -152,6 +152,14 @@ def test_training_reaches_a_useful_model_and_saves_it(
             assert torch.equal(tensor, result.model.state_dict()[name])
 
 
+def _assert_receipts_verify(local: LocalFederation, nodes: Sequence[NodeRound]) -> None:
+    """Each node's receipt is signed by a CA-issued key over the update that arrived."""
+    records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in nodes]
+    assert local.identity is not None
+    verdicts = receipts.verify_records(records, ca_pem=local.identity.ca_pem)
+    assert [failure for _, failure in verdicts] == [None] * len(nodes)
+
+
 def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> None:
     # ~4.2M parameters (17 MB, 8 chunks per tensor): the node signs the BLAKE3 digest of
     # every tensor it sends; the coordinator hashes what it receives; the receipt must verify.
@@ -169,10 +177,7 @@ def test_large_model_update_arrives_bit_exact(trained_fed: LocalFederation) -> N
         assert [u["shape"] for u in released["update"]] == [list(t.shape) for t in state.values()]
         assert released["version"] == 2
         assert all(len(str(u["blake3"])) == 64 for u in released["update"])
-    records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in record.nodes]
-    assert trained_fed.identity is not None
-    verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
-    assert [failure for _, failure in verdicts] == [None, None]
+    _assert_receipts_verify(trained_fed, record.nodes)
 
 
 def test_a_coordinator_may_ask_for_sha256_digests_and_the_receipts_verify(
@@ -188,10 +193,7 @@ def test_a_coordinator_may_ask_for_sha256_digests_and_the_receipts_verify(
         assert isinstance(released, dict)
         assert released["version"] == 1
         assert all(set(u) == {"name", "dtype", "shape", "sha256"} for u in released["update"])
-    records = [receipts.ReceiptRecord.from_dict(n.receipt) for n in record.nodes]
-    assert trained_fed.identity is not None
-    verdicts = receipts.verify_records(records, ca_pem=trained_fed.identity.ca_pem)
-    assert [failure for _, failure in verdicts] == [None, None]
+    _assert_receipts_verify(trained_fed, record.nodes)
 
 
 def test_a_slow_coordinator_holds_the_node_back_instead_of_buffering_its_update(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -17,8 +19,8 @@ from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation.coordinator._aggregate import RunningSum
 from federation.coordinator.client import NodeClient
-from federation.coordinator.training import _train_node
-from federation.errors import InvalidRequestError
+from federation.coordinator.training import NodeRound, _train_node
+from federation.errors import FederationError, InvalidRequestError
 from federation.models import ModelSpec
 from federation.queries import Mechanism
 from federation.releases import BudgetStatus, NoiseInfo, Receipt
@@ -28,7 +30,6 @@ from federation.training import (
     TrainResult,
     payload_version,
     tensor_digests,
-    tensor_hasher,
     train_payload,
 )
 
@@ -56,9 +57,7 @@ def test_a_tensor_digests_its_little_endian_c_order_bytes_however_it_is_laid_out
 ) -> None:
     values = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
     raw = values.astype("<f4").tobytes(order="C")
-    expected = hashlib.sha256(raw) if digest == "sha256" else tensor_hasher("blake3")
-    if digest == "blake3":
-        expected.update(memoryview(raw))
+    expected = hashlib.sha256(raw) if digest == "sha256" else blake3.blake3(raw)
     strided = np.asfortranarray(values)  # same values, another memory order
     big_endian = values.astype(">f4")
     digests = tensor_digests({"c": values, "f": strided, "be": big_endian}, digest)
@@ -117,13 +116,22 @@ def _result(digest: TensorDigest) -> TrainResult:
 
 
 class _StreamedNode:
-    """Stands in for a NodeClient: answers ``train`` with the byte frames a node sends,
-    read through the client's own reader, after hashing the update with ``digest``."""
+    """Stands in for a NodeClient: answers ``train`` with the byte frames a node sends, read
+    through the client's own reader, after hashing the update with ``digest``. ``legacy``:
+    the result names no digest, as a node from before payload version 2 sends it;
+    ``tamper``: the signed payload digest is not the one of the update sent."""
 
     name = "hong-kong"
 
-    def __init__(self, digest: TensorDigest, update: dict[str, npt.NDArray[np.float32]]) -> None:
-        self.digest, self.update = digest, update
+    def __init__(
+        self,
+        digest: TensorDigest,
+        update: dict[str, npt.NDArray[np.float32]],
+        *,
+        legacy: bool = False,
+        tamper: bool = False,
+    ) -> None:
+        self.digest, self.update, self.legacy, self.tamper = digest, update, legacy, tamper
         self.asked: TensorDigest | None = None
 
     def train(
@@ -140,40 +148,63 @@ class _StreamedNode:
         payload = train_payload(
             result,
             job_id=config.job_id,
-            round=config.round,
+            round=config.round + int(self.tamper),
             shapes=shapes,
             digests=tensor_digests(self.update, self.digest),
         )
         receipt = dataclasses.replace(
             result.receipt, payload_sha256=receipts.payload_sha256(payload)
         )
-        frames: Iterator[bytes] = wire.train_response_frames(
-            dataclasses.replace(result, receipt=receipt), self.update, chunk_bytes=4096
+        headers = wire.tensor_headers(self.update)
+        result_msg = wire.train_result_to_proto(
+            dataclasses.replace(result, receipt=receipt), tensors=headers
         )
-        headers = wire.tensor_headers(weights)
+        if self.legacy:
+            result_msg.ClearField("tensor_digest")
+        frames: Iterator[bytes] = itertools.chain(
+            [pb.TrainResponse(result=result_msg).SerializeToString()],
+            wire.iter_chunk_frames(self.update, chunk_bytes=4096),
+        )
         reader = SimpleNamespace(name=self.name)
         return NodeClient._read_update(reader, frames, headers, on_result)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("node_digest", DIGESTS)
-def test_the_coordinator_hashes_the_update_with_the_digest_the_node_announced(
-    node_digest: TensorDigest,
-) -> None:
-    # The coordinator asks for BLAKE3. A current node uses it; one from before payload
-    # version 2 hashes with SHA-256 and its result says so. Either way the coordinator's
-    # digests of what arrived (over several chunks per tensor) reproduce the signed payload.
+def _update() -> dict[str, npt.NDArray[np.float32]]:
     rng = np.random.default_rng(2)
-    update = {
+    return {
         "w": rng.standard_normal((64, 33)).astype(np.float32),
         "b": rng.standard_normal(64).astype(np.float32),
     }
-    weights = {n: np.zeros_like(a) for n, a in update.items()}
+
+
+def _run_round(
+    node: _StreamedNode, asked: TensorDigest
+) -> tuple[NodeRound | tuple[FederationError, bool], RunningSum]:
+    weights = {n: np.zeros_like(a) for n, a in node.update.items()}
     spec = ModelSpec("logistic", "credit", ("a",), "y")
-    config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job")
-    node = _StreamedNode(node_digest, update)
+    config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job", tensor_digest=asked)
     total = RunningSum({n: a.shape for n, a in weights.items()})
-    round_ = _train_node(node, config, weights, total, 60.0, "")  # type: ignore[arg-type]
-    assert node.asked == "blake3"
+    outcome = _train_node(node, config, weights, total, 60.0, "")  # type: ignore[arg-type]
+    assert node.asked == asked
+    return outcome, total
+
+
+@pytest.mark.parametrize(
+    ("asked", "node_digest", "legacy"),
+    [
+        ("blake3", "blake3", False),  # both current, the default
+        ("sha256", "sha256", False),  # both current, SHA-256 asked for
+        ("blake3", "sha256", True),  # a node from before the choice: SHA-256, no name
+    ],
+)
+def test_the_coordinator_hashes_the_update_with_the_digest_the_node_used(
+    asked: TensorDigest, node_digest: TensorDigest, legacy: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Either way the coordinator's digests of what arrived (over several chunks per tensor)
+    # reproduce the payload the node signed, and the round raises no receipt warning.
+    update = _update()
+    round_, _ = _run_round(_StreamedNode(node_digest, update, legacy=legacy), asked)
+    assert isinstance(round_, NodeRound)
     released = round_.receipt["released"]
     assert isinstance(released, dict)
     assert released["version"] == payload_version(node_digest)
@@ -183,4 +214,21 @@ def test_the_coordinator_hashes_the_update_with_the_digest_the_node_announced(
     signed = round_.receipt["receipt"]
     assert isinstance(signed, dict)
     assert receipts.payload_sha256(released) == signed["payload_sha256"]
-    assert pb.TrainResult().tensor_digest == ""  # the field older peers leave unset
+    assert "receipt does not match" not in caplog.text
+
+
+def test_a_node_that_answers_sha256_with_blake3_is_dropped_before_its_update_is_summed() -> None:
+    round_, total = _run_round(_StreamedNode("blake3", _update()), "sha256")
+    assert isinstance(round_, tuple)
+    error, contributed = round_
+    assert "committed to its update with blake3; this job asked for sha256" in str(error)
+    assert not contributed
+    assert all(not s.any() for s in total.sums.values())
+
+
+def test_a_receipt_that_does_not_match_the_update_is_reported_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    round_, _ = _run_round(_StreamedNode("blake3", _update(), tamper=True), "blake3")
+    assert isinstance(round_, NodeRound)  # kept: already summed, and its cost was charged
+    assert "node hong-kong round 0: the receipt does not match the update" in caplog.text
