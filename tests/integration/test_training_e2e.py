@@ -596,6 +596,7 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
             "--features", "age,income,debt_ratio", "--target", "defaulted",
             "--rounds", "2", "--target-epsilon", "1", "--sample-rate", "0.05",
             "--local-steps", "2", "--metrics-epsilon", "0.2", "--server-optimizer", "fedadam",
+            "--tensor-digest", "sha256", "--checkpoint-dir", str(tmp_path / "ckpt"),
             "--out", str(out),
         ],
         capture_output=True, text=True, timeout=300, check=False,
@@ -611,6 +612,11 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
     )
     model = build_model(spec, input_dim=sidecar["input_dim"])
     model.load_state_dict(safetensors.torch.load_file(out))
+    # --tensor-digest reached the nodes: every round's receipts commit with SHA-256.
+    checkpoint = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    released = [n["receipt"]["released"] for r in checkpoint["history"] for n in r["nodes"]]
+    assert len(released) == 4
+    assert all(p["version"] == 1 and "sha256" in p["update"][0] for p in released)
 
 
 # ---------------------------------------------------------------- training device
