@@ -558,8 +558,15 @@ def test_checkpoint_then_resume_continues_the_same_job(
 
     fragile_fed.restart("shenzhen")
     fed = _fed(fragile_fed)
+    # The digest is chosen per run, not per job: the resumed rounds commit with SHA-256.
     result = fed.train(
-        SPEC, rounds=4, target_epsilon=2.0, checkpoint_dir=directory, resume=True, **TRAINING
+        SPEC,
+        rounds=4,
+        target_epsilon=2.0,
+        checkpoint_dir=directory,
+        resume=True,
+        tensor_digest="sha256",
+        **TRAINING,
     )
     assert isinstance(result, TrainingResult)
     assert result.job_id == saved["job_id"]
@@ -569,6 +576,10 @@ def test_checkpoint_then_resume_continues_the_same_job(
     # The job's spend continues where it stopped: the nodes composed every round once.
     last = {n.node: n.job_epsilon for n in result.history[-1].nodes}
     assert last["hong-kong"] <= 2.0 + 1e-9
+    released = [[n.receipt["released"] for n in r.nodes] for r in result.history]
+    versions = [{p["version"] for p in r if isinstance(p, dict)} for r in released]
+    assert versions == [{2}] * done + [{1}] * (4 - done)
+    _assert_receipts_verify(fragile_fed, [n for r in result.history for n in r.nodes])
 
 
 # ---------------------------------------------------------------- the command line
