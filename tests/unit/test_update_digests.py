@@ -14,6 +14,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 import pytest
+from _samples import train_result
 
 from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
@@ -22,8 +23,6 @@ from federation.coordinator.client import NodeClient
 from federation.coordinator.training import NodeRound, _train_node
 from federation.errors import FederationError, InvalidRequestError
 from federation.models import ModelSpec
-from federation.queries import Mechanism
-from federation.releases import BudgetStatus, NoiseInfo, Receipt
 from federation.training import (
     TensorDigest,
     TrainConfig,
@@ -98,21 +97,7 @@ def test_an_unknown_digest_is_refused_as_a_bad_request() -> None:
 
 
 def _result(digest: TensorDigest) -> TrainResult:
-    noise = NoiseInfo(mechanism=Mechanism.GAUSSIAN, scale=3.0, sensitivity=1.0, granularity=0.0)
-    return TrainResult(
-        noisy_examples=1234.0,
-        examples_noise=noise,
-        noise_multiplier=1.1,
-        sample_rate=0.01,
-        steps=5,
-        cost_epsilon=0.3,
-        cost_delta=1e-7,
-        budget=BudgetStatus(10.0, 1e-6, 0.3, 9.7, 1, 2.0),
-        receipt=Receipt(id="r1", node_name="hong-kong", consumer="c", issued_at=1.5),
-        metrics=(),
-        job_epsilon=0.3,
-        tensor_digest=digest,
-    )
+    return train_result(tensor_digest=digest)
 
 
 class _StreamedNode:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 import pytest
+from _samples import GAUSSIAN_NOISE, train_result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -14,8 +15,6 @@ from hypothesis.extra import numpy as hnp
 from federation._proto.v1 import node_pb2 as pb
 from federation.errors import InvalidRequestError
 from federation.models import ModelSpec
-from federation.queries import Mechanism
-from federation.releases import BudgetStatus, NoiseInfo, Receipt
 from federation.training import TrainConfig
 from federation.wire import (
     ChunkView,
@@ -23,7 +22,6 @@ from federation.wire import (
     TensorHeader,
     TensorReader,
     TrainMetric,
-    TrainResult,
     assemble_tensors,
     decode_chunk_frame,
     encode_chunk_frame,
@@ -169,20 +167,7 @@ def test_sender_refuses_other_dtypes_and_odd_chunk_sizes() -> None:
 
 
 def test_train_result_round_trips() -> None:
-    noise = NoiseInfo(mechanism=Mechanism.GAUSSIAN, scale=3.0, sensitivity=1.0, granularity=0.0)
-    result = TrainResult(
-        noisy_examples=1234.0,
-        examples_noise=noise,
-        noise_multiplier=1.1,
-        sample_rate=0.01,
-        steps=5,
-        cost_epsilon=0.3,
-        cost_delta=1e-7,
-        budget=BudgetStatus(10.0, 1e-6, 0.3, 9.7, 1, 2.0),
-        receipt=Receipt(id="r1", node_name="hong-kong", consumer="c", issued_at=1.5),
-        metrics=(TrainMetric("loss", 0.5, noise),),
-        job_epsilon=0.3,
-    )
+    result = train_result(metrics=(TrainMetric("loss", 0.5, GAUSSIAN_NOISE),))
     headers = (_header(), _header("v", (2, 3)))
     msg = pb.TrainResult.FromString(
         train_result_to_proto(result, tensors=headers).SerializeToString()
