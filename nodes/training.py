@@ -37,6 +37,15 @@ is ``|g_i| |a_i|`` and the clipped sum is ``(c * G)^T A``, exact and as cheap as
 backward pass. Other (operator-registered) architectures use ``torch.func`` (``vmap`` of
 ``grad``), also exact.
 
+Two floating-point rules keep a coordinator's weights (finite, but as large as it likes)
+from defeating the clipping or the noise. A record whose gradient or norm overflows
+(inf/NaN) contributes nothing to the sum, so every record's contribution stays finite with
+norm <= ``clip_norm``. And the noise is added to the clipped sum before the sum touches
+the weights: each coordinate's new weight is ``w - step * (sum + noise)`` rounded once,
+a function of the noisy sum (post-processing). Adding the sum and then the noise would
+round ``w - step * sum`` first, and with weights whose float spacing is near ``step *
+clip_norm`` that rounding reveals the un-noised sum.
+
 Records are split once, by a public rule, into training (90%) and held-out (10%) parts:
 a record is held out iff a 64-bit hash of *its own values* is 0 mod 10, so adding or
 removing one record changes one part by that record and nothing else.
@@ -499,13 +508,21 @@ def clip_per_sample(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scale each record's gradient (over all parameters) to L2 norm <= ``clip_norm``.
 
+    A record whose norm is not finite (its gradient overflowed) gets zeros: a record
+    contributes a finite vector of norm <= ``clip_norm`` or nothing.
+
     Returns:
         The clipped per-sample gradients and the per-sample norms before clipping.
     """
     squares = [g.flatten(1).square().sum(1) for g in grads.values()]
     norms = torch.stack(squares).sum(0).sqrt()
     factors = _clip_factors(norms, clip_norm)
-    clipped = {name: g * factors.reshape((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
+    finite = torch.isfinite(norms)
+    clipped: dict[str, torch.Tensor] = {}
+    for name, g in grads.items():
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        # A record whose gradient overflowed contributes zeros (inf * 0 would be NaN).
+        clipped[name] = torch.where(finite.reshape(shape), g * factors.reshape(shape), 0.0)
     return clipped, norms
 
 
@@ -526,6 +543,8 @@ def _ghost_factors(
     Forward and backward are written out (no autograd graph): the logistic loss's
     gradient w.r.t. the logit is sigmoid(z) - y, a ReLU passes it where its input is > 0,
     and a Linear layer passes ``g @ W`` down. Row i of every ``g`` is record i's own.
+
+    A record whose norm is not finite contributes nothing (its rows are zeroed).
 
     Returns:
         ``(layer, scaled, a)`` per Linear layer, whose clipped gradient sum is
@@ -557,6 +576,15 @@ def _ghost_factors(
                 g = torch.ops.aten.threshold_backward(g, a, 0)
         norms = squares.sqrt_()
         factors = _clip_factors(norms, clip_norm).unsqueeze(1)
+        finite = torch.isfinite(norms).unsqueeze(1)
+        if not bool(finite.all()):
+            # A record whose activations or gradient overflowed (inf/NaN, e.g. under huge
+            # weights) contributes nothing: zero its rows, as inf * 0 would be NaN.
+            factors = torch.where(finite, factors, 0.0)
+            pairs = [
+                (layer, torch.where(finite, a, 0.0), torch.where(finite, g, 0.0))
+                for layer, a, g in pairs
+            ]
         scaled = [(layer, g * factors, a) for layer, a, g in pairs]
     return scaled, norms
 
@@ -657,15 +685,42 @@ def _feature_matrix(table: Table, features: tuple[str, ...]) -> npt.NDArray[np.f
     return encode_features(table.columns, features=features, schema=table.schema)
 
 
+# A parameter's clipped gradient sum as rows (the parameter viewed as ``(rows, row_len)``):
+# dense, or a Linear weight's factored ``(scaled, a)`` whose rows ``r`` are
+# ``scaled[:, r].T @ a``.
+_GradientRows = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """Rows ``start:stop`` of parameter ``param`` and the noise-buffer slice that holds them."""
+
+    param: int
+    start: int
+    stop: int
+    target: torch.Tensor  # the parameter's rows, shaped (stop - start, row_len)
+    source: torch.Tensor  # the buffer's slice, same shape
+
+
+def _rows(param: torch.Tensor) -> torch.Tensor:
+    """``param`` viewed as ``(rows, row_len)``: a weight's own rows; a vector's values."""
+    flat = param.detach()
+    if flat.dim() >= 2:
+        return flat.view(flat.shape[0], -1)
+    return flat.view(-1, 1)
+
+
 class _Stepper:
     """DP-SGD steps on one model, updating its parameters in place.
 
     ``param -= step_size * (clipped gradient sum + N(0, sigma^2))``, without a gradient or
-    noise tensor the size of the model: a Linear layer's clipped sum is added as a rank-B
-    ``addmm_`` (B = batch size), and the noise is drawn into a small reused buffer, up to
-    32768 values at a time (several small tensors share a draw), so it never leaves the
-    cache. The noise is the same
-    N(0, sigma^2) per coordinate as Opacus adds; only the memory traffic differs.
+    noise tensor the size of the model. The parameters are cut into row blocks of up to
+    32768 values (several small tensors share a block); per block, the noise is drawn into
+    a small reused buffer, the block's part of the clipped sum is added to it (a Linear
+    layer's as a rank-B ``addmm_``, B = batch size), and the block of weights takes the
+    noisy sum in one add. The noise is the same N(0, sigma^2) per coordinate as Opacus
+    adds, and, as there, it joins the sum before the weights see it (see the module
+    docstring); only the memory traffic differs.
     """
 
     def __init__(
@@ -684,12 +739,14 @@ class _Stepper:
         self.layers = _linear_stack(model)
         named = list(model.named_parameters())
         self.names = [name for name, _ in named]
-        self.flat = [param.detach().view(-1) for _, param in named]
-        first = self.flat[0]
+        self.position = {id(param): i for i, (_, param) in enumerate(named)}
+        rows = [_rows(param) for _, param in named]
+        first = rows[0]
         chunk = _NOISE_CHUNK_CPU if first.device.type == "cpu" else _NOISE_CHUNK_DEVICE
-        size = min(sum(p.numel() for p in self.flat), chunk)
+        # A block holds at least one row, so a row wider than the chunk widens the buffer.
+        size = min(sum(r.numel() for r in rows), max([chunk] + [r.shape[1] for r in rows]))
         self.noise = torch.empty(size, device=first.device, dtype=first.dtype)
-        self.batches = _noise_batches(self.flat, self.noise)
+        self.batches = _noise_batches(rows, self.noise)
         self.n = data.train_x.shape[0]
         # Divide by the expected batch size q * n_dp, where n_dp is this round's released DP
         # count, never the true n: the update's noise spread is lr * sigma / (q * divisor),
@@ -703,55 +760,87 @@ class _Stepper:
         index = torch.from_numpy(poisson_sample(self.n, plan.sample_rate, rng))
         index = index.to(self.data.train_x.device)
         with torch.no_grad():
+            sums = None
             if index.numel():
-                self._add_clipped_sum(self.data.train_x[index], self.data.train_y[index])
-            for noise, targets, sources in self.batches:
+                sums = self._clipped_sum(self.data.train_x[index], self.data.train_y[index])
+            for noise, pieces, targets, sources in self.batches:
                 noise.normal_(0.0, self.sigma, generator=self.generator)
+                if sums is not None:
+                    for piece in pieces:
+                        _add_rows(piece.source, sums[piece.param], piece.start, piece.stop)
                 torch._foreach_add_(targets, sources, alpha=-self.step_size)
 
-    def _add_clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``param -= step_size * clipped gradient sum`` for every parameter."""
-        alpha = -self.step_size
-        if self.layers is not None:
-            pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
-            for layer, scaled, a in pairs:
-                layer.weight.addmm_(scaled.T, a, alpha=alpha)
-                if layer.bias is not None:
-                    layer.bias.add_(scaled.sum(0), alpha=alpha)
-            return
-        sums, _ = clipped_gradient_sum(self.model, x, y, clip_norm=self.plan.clip_norm)
-        for name, flat in zip(self.names, self.flat, strict=True):
-            flat.add_(sums[name].reshape(-1), alpha=alpha)
+    def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> list[_GradientRows]:
+        """The clipped gradient sum of every parameter, as rows, in parameter order."""
+        if self.layers is None:
+            dense, _ = clipped_gradient_sum(self.model, x, y, clip_norm=self.plan.clip_norm)
+            return [_rows(dense[name]) for name in self.names]
+        # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
+        sums: dict[int, _GradientRows] = {}
+        pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
+        for layer, scaled, a in pairs:
+            sums[self.position[id(layer.weight)]] = (scaled, a)
+            if layer.bias is not None:
+                sums[self.position[id(layer.bias)]] = scaled.sum(0).unsqueeze(1)
+        return [sums[i] for i in range(len(self.names))]
+
+
+def _add_rows(out: torch.Tensor, part: _GradientRows, start: int, stop: int) -> None:
+    """``out += rows start:stop`` of a parameter's clipped gradient sum."""
+    if isinstance(part, tuple):
+        scaled, a = part
+        out.addmm_(scaled[:, start:stop].T, a)
+    else:
+        out.add_(part[start:stop])
 
 
 def _noise_batches(
-    flat: list[torch.Tensor], noise: torch.Tensor
-) -> list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
-    """Pack every coordinate of ``flat`` into draws of at most ``noise.numel()`` values.
+    rows: list[torch.Tensor], noise: torch.Tensor
+) -> list[tuple[torch.Tensor, list[_Piece], list[torch.Tensor], list[torch.Tensor]]]:
+    """Pack every row of ``rows`` (parameters as ``(rows, row_len)``) into noise draws.
 
-    Returns ``(buffer part to fill, parameter slices, matching buffer slices)`` per draw:
-    small tensors share one draw (a small model takes one ``normal_`` and one
-    ``_foreach_add_`` per step) and large ones span several. Together the slices cover
-    each coordinate exactly once.
+    Returns, per draw of at most ``noise.numel()`` values: the buffer part to fill, its
+    pieces (whole rows of one parameter each), and the pieces' targets and sources as
+    lists for ``_foreach_add_``. Small tensors share one draw (a small model takes one
+    ``normal_`` and one ``_foreach_add_`` per step) and large ones span several. Together
+    the pieces cover each coordinate exactly once. Every row fits in ``noise``.
     """
     size = noise.numel()
-    batches: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
-    targets: list[torch.Tensor] = []
-    sources: list[torch.Tensor] = []
+    batches: list[tuple[torch.Tensor, list[_Piece], list[torch.Tensor], list[torch.Tensor]]]
+    batches = []
+    pieces: list[_Piece] = []
     filled = 0
-    for tensor in flat:
+
+    def flush() -> None:
+        nonlocal pieces, filled
+        if pieces:
+            batches.append(
+                (
+                    noise[:filled],
+                    pieces,
+                    [p.target for p in pieces],
+                    [p.source for p in pieces],
+                )
+            )
+        pieces, filled = [], 0
+
+    for param, matrix in enumerate(rows):
+        count, width = matrix.shape
+        if matrix.numel() == 0:
+            continue
         start = 0
-        while start < tensor.numel():
-            take = min(tensor.numel() - start, size - filled)
-            targets.append(tensor[start : start + take])
-            sources.append(noise[filled : filled + take])
+        while start < count:
+            take = min(count - start, (size - filled) // width)
+            if take == 0:
+                flush()
+                continue
+            source = noise[filled : filled + take * width].view(take, width)
+            pieces.append(_Piece(param, start, start + take, matrix[start : start + take], source))
             start += take
-            filled += take
+            filled += take * width
             if filled == size:
-                batches.append((noise, targets, sources))
-                targets, sources, filled = [], [], 0
-    if filled:
-        batches.append((noise[:filled], targets, sources))
+                flush()
+    flush()
     return batches
 
 
@@ -889,7 +978,10 @@ class TrainingEngine:
                 x = data.holdout_x[start : start + _EVAL_BATCH]
                 y = data.holdout_y[start : start + _EVAL_BATCH]
                 logits = model(x).reshape(y.shape)
-                losses = _losses(logits, y).double().clamp(0.0, LOSS_UPPER)
+                # A record whose logit overflowed (NaN loss) counts as the worst loss: its
+                # term stays bounded, and the round does not fail because it is there.
+                losses = _losses(logits, y).double().nan_to_num(nan=LOSS_UPPER)
+                losses = losses.clamp(0.0, LOSS_UPPER)
                 loss_grid += int(torch.round((losses - center) / granularity).sum().item())
                 correct += int(((logits > 0) == (y > 0.5)).sum().item())
         return loss_grid, correct, n

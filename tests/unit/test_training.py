@@ -28,10 +28,12 @@ from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
 from nodes.training import (
     HOLDOUT_BUCKETS,
+    LOSS_UPPER,
     TrainingEngine,
     TrainPlan,
     _feature_matrix,
     _Stepper,
+    _Tensors,
     clip_per_sample,
     clipped_gradient_sum,
     holdout_mask,
@@ -542,3 +544,116 @@ def test_a_round_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
     # target 9 in one round plus metrics 9: each alone is under the cap of 10.
     with pytest.raises(BudgetExhaustedError, match="this round would cost epsilon"):
         _plan(target_epsilon=9.0, metrics_epsilon=9.0, total_rounds=1)
+
+
+# ------------------------------------------------------------------ floating point vs DP
+
+
+def _all_in_every_batch(x: torch.Tensor, y: torch.Tensor) -> _Tensors:
+    """Training tensors of these records only (at sample rate 1 every step takes them all)."""
+    return _Tensors(train_x=x, train_y=y, holdout_x=x[:0], holdout_y=y[:0])
+
+
+def _one_step(
+    plan: TrainPlan,
+    weights: dict[str, npt.NDArray[np.float32]],
+    data: _Tensors,
+    registry: dict[str, ModelBuilder],
+) -> dict[str, torch.Tensor]:
+    """The weights after one DP-SGD step, with fixed noise and sampling seeds."""
+    model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    stepper = _Stepper(model, data, plan, torch.Generator().manual_seed(9), examples=1.0)
+    stepper.step(np.random.default_rng(0))
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
+def test_the_noise_joins_the_clipped_sum_before_the_weights_round_it(architecture: str) -> None:
+    # With step * gradient near the float spacing of the weights, rounding w - step * sum
+    # before the noise is added would publish the un-noised sum through the rounding. The
+    # release must be w - step * (sum + noise) rounded once: post-processing of the noisy sum.
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
+    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 32))
+    policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
+    planned = plan_training(**_request(spec=spec, policy=policy), registry=registry)
+    plan = dataclasses.replace(
+        planned, local_steps=1, sample_rate=1.0, learning_rate=3e-7, noise_multiplier=0.5
+    )
+    x, y = _batch(rows=3, dim=plan.input_dim)
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=5, registry=registry)
+    # The same noise draws, alone: from zero weights with no records to train on.
+    zeros = {name: np.zeros_like(a) for name, a in weights.items()}
+    noise = _one_step(plan, zeros, _all_in_every_batch(x[:0], y[:0]), registry)
+    released = _one_step(plan, weights, _all_in_every_batch(x, y), registry)
+
+    model = build_model(spec, input_dim=plan.input_dim, registry=registry)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    sums, _ = clipped_gradient_sum(model, x, y, clip_norm=plan.clip_norm)
+    step = plan.learning_rate  # q * n_dp = 1
+    agree_once = agree_twice = total = 0
+    for name, w in weights.items():
+        w64 = torch.from_numpy(w).double()
+        step_noise = -noise[name].double()  # step * noise, as the zero weights took it
+        step_sum = step * sums[name].double()
+        once = (w64 - (step_sum + step_noise)).float()
+        twice = ((w64 - step_sum).float().double() - step_noise).float()
+        agree_once += int((released[name] == once).sum())
+        agree_twice += int((released[name] == twice).sum())
+        total += w.size
+    assert agree_once >= 0.999 * total  # (the float32 sum + noise may round a hair apart)
+    assert agree_twice <= 0.95 * total  # the setting tells the two orders apart
+
+
+def test_a_record_whose_gradient_overflows_contributes_nothing() -> None:
+    # A coordinator's finite but huge weights overflow one record's activations: its
+    # gradient is inf/NaN, and clipping cannot bound it. Unless it is dropped, the update
+    # turns NaN exactly when that record is in the batch.
+    spec = ModelSpec("mlp", "credit", ("a", "b"), "y", (1,))
+    plan = dataclasses.replace(
+        _plan(), spec=spec, input_dim=2, local_steps=1, sample_rate=1.0, learning_rate=1.0
+    )
+    weights = {
+        "0.weight": np.array([[3e38, 3e38]], np.float32),
+        "0.bias": np.array([-3e38], np.float32),
+        "2.weight": np.array([[1.0]], np.float32),
+        "2.bias": np.array([0.0], np.float32),
+    }
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # the last one overflows
+    y = torch.tensor([1.0, 0.0, 1.0])
+    registry = dict(MODEL_REGISTRY)
+    with_it = _one_step(plan, weights, _all_in_every_batch(x, y), registry)
+    without = _one_step(plan, weights, _all_in_every_batch(x[:2], y[:2]), registry)
+    for name in weights:
+        assert bool(torch.isfinite(with_it[name]).all()), name
+        torch.testing.assert_close(with_it[name], without[name], rtol=0, atol=0)
+    # The same records through the generic (torch.func) path.
+    model = build_model(spec, input_dim=2)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    clipped, norms = clip_per_sample(per_sample_gradients(model, x, y), clip_norm=1.0)
+    assert not bool(torch.isfinite(norms[2]))
+    assert all(
+        bool(torch.all(g[2] == 0)) and bool(torch.isfinite(g).all()) for g in clipped.values()
+    )
+
+
+def test_a_held_out_record_with_an_overflowing_loss_counts_as_the_worst_loss(
+    engine: TrainingEngine,
+) -> None:
+    # NaN loss for one record must neither fail the round (a data-dependent error, after
+    # the charge) nor poison the DP sum: it counts as LOSS_UPPER.
+    spec = ModelSpec("mlp", "credit", ("a", "b"), "y", (2,))
+    model = build_model(spec, input_dim=2)
+    weights = {
+        "0.weight": [[3e38, 3e38], [3e38, 3e38]],
+        "0.bias": [0.0, 0.0],
+        "2.weight": [[1.0, -1.0]],
+        "2.bias": [0.0],
+    }
+    model.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # logits 3e38 - 3e38 = 0 and inf - inf = NaN
+    y = torch.tensor([1.0, 0.0])
+    data = _Tensors(train_x=x[:0], train_y=y[:0], holdout_x=x, holdout_y=y)
+    loss_grid, correct, n = engine._evaluate(model, data, granularity=1.0, center=0.0)
+    assert (n, correct) == (2, 1)  # a NaN logit predicts 0, which the second record is
+    assert loss_grid == 1 + LOSS_UPPER  # log(2) on the unit grid, then the NaN one
