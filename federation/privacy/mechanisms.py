@@ -199,21 +199,59 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float)
     return _analytic_sigma(epsilon, delta, float(sensitivity))
 
 
+# Doubling or halving sigma across the whole float range takes about 2,100 steps.
+_MAX_BRACKET_STEPS = 2_200
+
+
+def _uncalibratable(epsilon: float, delta: float) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"epsilon {epsilon:g} with delta {delta:g} is too small to calibrate; ask for more"
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def _analytic_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """Raises InvalidRequestError where floats cannot bracket or solve for sigma (an
+    epsilon or delta within a few powers of two of the smallest float)."""
+    try:
+        sigma = _solve_analytic_sigma(epsilon, delta, sensitivity)
+    except (OverflowError, ZeroDivisionError, ValueError, RuntimeError) as err:
+        # RuntimeError: brentq did not converge in 500 iterations.
+        raise _uncalibratable(epsilon, delta) from err
+    if sigma is None:
+        raise _uncalibratable(epsilon, delta)
+    return sigma
+
+
+def _solve_analytic_sigma(epsilon: float, delta: float, sensitivity: float) -> float | None:
+    """sigma, or None where a search runs out of steps (an infinite or NaN sigma)."""
+
     def excess(sigma: float) -> float:
         return _continuous_delta(sigma, epsilon, sensitivity) - delta
 
     high = sensitivity * max(1.0, math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon)
-    while excess(high) > 0:
+    if not math.isfinite(high):
+        return None
+    # Every loop is bounded: from an infinite or NaN sigma, doubling or halving never ends.
+    for _ in range(_MAX_BRACKET_STEPS):
+        if excess(high) <= 0:
+            break
         high *= 2.0
+    else:
+        return None
     low = high / 2.0
-    while excess(low) <= 0:
+    for _ in range(_MAX_BRACKET_STEPS):
+        if excess(low) > 0:
+            break
         low /= 2.0
+    else:
+        return None
     sigma = float(optimize.brentq(excess, low, high, xtol=1e-300, rtol=1e-15, maxiter=500))
-    while excess(sigma) > 0:  # brentq may land a hair on the wrong side of the root
+    for _ in range(_MAX_BRACKET_STEPS):
+        if excess(sigma) <= 0:  # brentq may land a hair on the wrong side of the root
+            return sigma
         sigma = math.nextafter(sigma, math.inf)
-    return sigma
+    return None
 
 
 def discrete_gaussian_delta(*, sigma: float, epsilon: float, sensitivity: int) -> float:
@@ -371,9 +409,7 @@ def gaussian_charge(*, epsilon: float, delta: float, sensitivity: int) -> Charge
     try:
         sigma = _gaussian_sigma(float(epsilon), float(delta), sensitivity)
     except (OverflowError, ZeroDivisionError, ValueError) as err:
-        raise InvalidRequestError(
-            f"epsilon {epsilon:g} with delta {delta:g} is too small to calibrate; ask for more"
-        ) from err
+        raise _uncalibratable(epsilon, delta) from err
     _check_noise_scale(sigma, what=f"epsilon {epsilon:g}, delta {delta:g}")
     return Charge(
         mechanism=DISCRETE_GAUSSIAN,

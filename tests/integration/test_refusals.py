@@ -92,6 +92,9 @@ def test_bad_epsilon_is_invalid_argument(local_fed: LocalFederation, epsilon: fl
         (count_request(mechanism=7), "mechanism"),
         (count_request(delta=0.1), "only used by the gaussian mechanism"),
         (count_request(mechanism=pb.MECHANISM_GAUSSIAN, delta=0.0), "needs 0 < delta < 1"),
+        # Used to spin a worker thread forever (and hold the consumer's request slot).
+        (count_request(mechanism=pb.MECHANISM_GAUSSIAN, delta=1e-310), "too small to calibrate"),
+        (count_request(epsilon=1e-310, mechanism=pb.MECHANISM_GAUSSIAN, delta=1e-7), "too small"),
         (
             count_request(
                 query=pb.Query(kind=pb.QUERY_KIND_COUNT, dataset="credit", where=pb.Filter())

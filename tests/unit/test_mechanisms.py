@@ -256,6 +256,21 @@ def test_gaussian_too_small_to_calibrate_is_invalid_not_internal(
         gaussian_charge(epsilon=epsilon, delta=delta, sensitivity=1)
 
 
+@pytest.mark.parametrize(
+    ("epsilon", "delta"),
+    [(0.5, 1e-310), (1.0, 5e-324), (1e-310, 1e-6), (5e-324, 0.5), (1e-306, 1e-7)],
+)
+def test_calibration_near_the_smallest_floats_is_refused_not_endless(
+    epsilon: float, delta: float
+) -> None:
+    # The search for sigma looped forever (1.25 / delta or 1 / epsilon overflowed to inf,
+    # and inf / 2 == inf), holding a node's worker thread, or brentq gave up (RuntimeError).
+    with pytest.raises(InvalidRequestError, match="too small to calibrate"):
+        gaussian_charge(epsilon=epsilon, delta=delta, sensitivity=1)
+    with pytest.raises(InvalidRequestError, match="too small to calibrate"):
+        analytic_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=1.0)
+
+
 def test_smallest_accepted_laplace_still_adds_noise() -> None:
     charge = laplace_charge(epsilon=1e-6, sensitivity=2**20)
     noisy = add_noise(np.full(64, 5, dtype=np.int64), charge, rng=np.random.default_rng(1))
