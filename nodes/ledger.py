@@ -25,10 +25,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.errors import BudgetExhaustedError
+from federation.errors import BudgetExhaustedError, NodeUnavailableError
 from federation.privacy import Charge, Spend
 from federation.releases import BudgetStatus, Receipt
 from nodes.audit import SCHEMA as AUDIT_SCHEMA
@@ -128,16 +129,27 @@ class Ledger:
         policy: ConsumerPolicy,
         operation: str,
         details: dict[str, object],
+        abandoned: Callable[[], bool] | None = None,
     ) -> ChargeRecord:
         """Atomically check ``charge`` against the budget and record it durably.
+
+        ``abandoned``, if given, is asked once the ledger's write lock is held (waiting for
+        it can take seconds while another process charges): True means nobody is left to
+        receive the release, so nothing is charged.
 
         Raises:
             BudgetExhaustedError: the composed spend would exceed the budget; nothing is
                 recorded. The message carries ``remaining_epsilon=...``.
+            NodeUnavailableError: ``abandoned()`` said so; nothing is recorded.
         """
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if abandoned is not None and abandoned():
+                raise NodeUnavailableError(
+                    f"{operation}: the call ended or ran past its deadline before it was "
+                    "charged; nothing was charged"
+                )
             row = conn.execute(
                 "SELECT state FROM spend WHERE consumer = ?", (policy.name,)
             ).fetchone()

@@ -109,7 +109,7 @@ class NodeService(pb_grpc.NodeServicer):
         return self._run(
             context,
             "describe",
-            lambda request: self._describe(context),
+            lambda request, admission: self._describe(context),
             requests=requests,
             parse=pb.DescribeRequest.FromString,
         )
@@ -125,7 +125,7 @@ class NodeService(pb_grpc.NodeServicer):
         return self._run(
             context,
             "analyze",
-            lambda request: self._analyze(request, context),
+            lambda request, admission: self._analyze(request, context, admission),
             requests=requests,
             parse=pb.AnalyzeRequest.FromString,
         )
@@ -161,7 +161,7 @@ class NodeService(pb_grpc.NodeServicer):
         return wire.description_to_proto(description)
 
     def _analyze(
-        self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
+        self, request: pb.AnalyzeRequest, context: grpc.ServicerContext, admission: Admission
     ) -> pb.AnalyzeResponse:
         consumer = self.guard.identify(context)
         policy = self.guard.authorize(consumer, "analyze")
@@ -175,7 +175,11 @@ class NodeService(pb_grpc.NodeServicer):
             )
         plan = plan_query(analyze, schema=engine.table.schema, policy=policy)
         record = self.ledger.charge(
-            plan.charge, policy=policy, operation="analyze", details=_details(plan)
+            plan.charge,
+            policy=policy,
+            operation="analyze",
+            details=_details(plan),
+            abandoned=lambda: admission.deadline.expired or not context.is_active(),
         )
         groups = suppress_small_cohorts(
             engine.execute(plan, rng=self.rng()),
@@ -255,7 +259,11 @@ class NodeService(pb_grpc.NodeServicer):
                     "its deadline while the weights arrived; nothing was charged"
                 )
             record = self.ledger.charge(
-                plan.charge, policy=policy, operation="train", details=rounds.round_details(plan)
+                plan.charge,
+                policy=policy,
+                operation="train",
+                details=rounds.round_details(plan),
+                abandoned=lambda: admission.deadline.expired or not context.is_active(),
             )
             # The received buffers are ours: train in them, release them (no model copy).
             update = trainer.train(plan, weights, rng=self.rng(), in_place=True)
@@ -335,7 +343,7 @@ class NodeService(pb_grpc.NodeServicer):
         self,
         context: grpc.ServicerContext,
         operation: str,
-        step: Callable[[M], T],
+        step: Callable[[M, Admission], T],
         *,
         requests: Iterator[bytes],
         parse: Callable[[bytes], M],
@@ -351,7 +359,7 @@ class NodeService(pb_grpc.NodeServicer):
             with self.guard.admit(context, operation) as admission:
                 request = self._read(context, operation, admission, requests, parse)
                 if request is not None:
-                    return step(request)
+                    return step(request, admission)
         except FederationError as err:
             self._refuse(context, operation, err)
         except Exception:

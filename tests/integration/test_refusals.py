@@ -3,6 +3,8 @@ charged, and the node stays up."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,32 @@ def test_malformed_request_is_invalid_argument(
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details()
     assert releases(fed) == before
+
+
+def test_a_call_that_ends_while_the_ledger_is_busy_is_not_charged(
+    local_fed: LocalFederation, fed: Coordinator
+) -> None:
+    # Another process (a second node process on the same ledger, an operator's tool)
+    # holds the ledger's write lock past the caller's deadline: when the lock frees, the
+    # caller is gone, and nothing may be charged for a release nobody receives.
+    before = releases(fed)
+    other = sqlite3.connect(local_fed.state_dir("hong-kong") / "ledger.sqlite", timeout=30)
+    other.isolation_level = None
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        channel, stub = raw_stub(local_fed, "hong-kong")
+        with channel, pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(count_request(), timeout=1.0)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.0)  # the node is still waiting for the lock, past the deadline
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    # The node gets the lock within ~0.1 s of the commit (sqlite's busy wait), sees the
+    # call has ended and charges nothing; before the fix it charged here.
+    for _ in range(20):
+        time.sleep(0.1)
+        assert releases(fed) == before
 
 
 def test_message_over_the_transport_cap_is_cut_off_and_node_stays_up(

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from federation.errors import (
     REFUSAL_KEY,
     BudgetExhaustedError,
+    NodeUnavailableError,
     error_from_status,
     refusal_metadata,
 )
@@ -109,6 +110,23 @@ def test_over_budget_charge_is_refused_and_changes_nothing(ledger: Ledger) -> No
     assert info.value.remaining_epsilon == pytest.approx(0.25)
     assert "acme" in str(info.value)
     assert (ledger.status(policy), ledger.count(), ledger.spend("acme")) == before
+
+
+def test_a_call_abandoned_while_waiting_for_the_lock_is_not_charged(ledger: Ledger) -> None:
+    policy = _policy(1.0)
+    asked: list[bool] = []
+
+    def abandoned() -> bool:
+        asked.append(ledger._connect().in_transaction)  # asked with the write lock held
+        return True
+
+    charge = laplace_charge(epsilon=0.5, sensitivity=1)
+    with pytest.raises(NodeUnavailableError, match="nothing was charged"):
+        ledger.charge(charge, policy=policy, operation="analyze", details={}, abandoned=abandoned)
+    assert asked == [True]
+    assert (ledger.count(), ledger.spend("acme").epsilon_at(0.0)) == (0, 0.0)
+    ledger.charge(charge, policy=policy, operation="analyze", details={}, abandoned=lambda: False)
+    assert ledger.count() == 1
 
 
 def test_refusal_message_carries_the_remaining_budget_over_the_wire(ledger: Ledger) -> None:
