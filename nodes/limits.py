@@ -122,6 +122,10 @@ def server_options(
     """
     longest = max_request_s if longest_rpc_s is None else max(longest_rpc_s, max_request_s)
     return [
+        # gRPC sets SO_REUSEPORT by default: a second node process started on the same
+        # address (with another state_dir, so another ledger) would bind too, and the
+        # kernel would share connections between two budgets. Binding must fail instead.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),

@@ -99,6 +99,28 @@ def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> No
     assert "datasets[0].name" in proc.stderr
 
 
+def test_a_second_node_on_a_serving_nodes_address_fails_to_start(
+    local_fed: LocalFederation, tmp_path: Path
+) -> None:
+    # The same node config with its own ledger: sharing the port (SO_REUSEPORT) would let
+    # the kernel split a consumer's calls between two budgets.
+    running = local_fed.processes["hong-kong"]
+    lines = running.config_path.read_text().splitlines()
+    lines = [
+        f'listen = "{running.address}"'
+        if line.startswith("listen =")
+        else f'state_dir = "{tmp_path / "state"}"'
+        if line.startswith("state_dir =")
+        else line
+        for line in lines
+    ]
+    config = tmp_path / "node.toml"
+    config.write_text("\n".join(lines) + "\n")
+    proc = run("node", "serve", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert f"node.listen: cannot bind {running.address}" in proc.stderr
+
+
 def test_node_init_writes_a_starter_config_without_data_values(tmp_path: Path) -> None:
     data = tmp_path / "loans.csv"
     table = pa.table({"amount": [12345.67, 89012.34], "approved": [True, False]})
