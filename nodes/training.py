@@ -123,6 +123,9 @@ the job's composed spend (updates + counts) stays at or below ``target_epsilon``
 HOLDOUT_BUCKETS = 10  # one record in HOLDOUT_BUCKETS (by hash of its values) is held out
 LOSS_UPPER = 10.0  # per-record validation loss is clamped to [0, LOSS_UPPER]
 MAX_LOCAL_STEPS = 10_000
+# Below this a step samples nobody from any real table (1e-9 * 1e9 records = 1), and near
+# 1e-18 the geometric gaps of Poisson sampling overflow int64.
+MIN_SAMPLE_RATE = 1e-9
 MAX_LEARNING_RATE = 1e3
 MAX_CLIP_NORM = 1e6
 _MAX_JOB_ID = 128
@@ -304,8 +307,10 @@ def _check_schedule(round_: int, total_rounds: int, local_steps: int, job_id: st
 
 
 def _check_numbers(sample_rate: float, learning_rate: float, clip_norm: float) -> None:
-    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
-        raise InvalidRequestError(f"sample_rate must be in (0, 1]; got {sample_rate!r}")
+    if not (math.isfinite(sample_rate) and MIN_SAMPLE_RATE <= sample_rate <= 1):
+        raise InvalidRequestError(
+            f"sample_rate must be in [{MIN_SAMPLE_RATE:g}, 1]; got {sample_rate!r}"
+        )
     for name, value in (("learning_rate", learning_rate), ("clip_norm", clip_norm)):
         if not (math.isfinite(value) and value > 0):
             raise InvalidRequestError(f"{name} must be a finite number > 0; got {value!r}")
@@ -468,7 +473,9 @@ def poisson_sample(n: int, sample_rate: float, rng: np.random.Generator) -> npt.
     expected = n * sample_rate
     while True:
         size = int(expected + 4.0 * math.sqrt(expected) + 16.0)
-        kept = last + np.cumsum(rng.geometric(sample_rate, size=size), dtype=np.int64)
+        # A gap past n ends the sample whatever its size: capping it keeps the sum in int64.
+        gaps = np.minimum(rng.geometric(sample_rate, size=size), n + 1)
+        kept = last + np.cumsum(gaps, dtype=np.int64)
         if kept[-1] >= n:
             chunks.append(kept[kept < n])
             return np.concatenate(chunks)

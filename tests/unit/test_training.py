@@ -159,8 +159,9 @@ def _bounds_free_schema() -> DatasetSchema:
         ({"learning_rate": float("nan")}, InvalidRequestError, "learning_rate must be a finite"),
         ({"clip_norm": float("inf")}, InvalidRequestError, "clip_norm must be a finite"),
         ({"clip_norm": 0.0}, InvalidRequestError, "clip_norm must be a finite"),
-        ({"sample_rate": 0.0}, InvalidRequestError, r"sample_rate must be in \(0, 1\]"),
-        ({"sample_rate": 1.5}, InvalidRequestError, r"sample_rate must be in \(0, 1\]"),
+        ({"sample_rate": 0.0}, InvalidRequestError, r"sample_rate must be in \[1e-09, 1\]"),
+        ({"sample_rate": 1.5}, InvalidRequestError, r"sample_rate must be in \[1e-09, 1\]"),
+        ({"sample_rate": 1e-18}, InvalidRequestError, r"sample_rate must be in \[1e-09, 1\]"),
         ({"local_steps": 0}, InvalidRequestError, "local_steps must be an integer 1-10000"),
         ({"local_steps": 10_001}, InvalidRequestError, "local_steps must be an integer 1-10000"),
         ({"round": 4}, InvalidRequestError, r"round must be an integer in \[0, total_rounds=4\)"),
@@ -508,6 +509,9 @@ def test_poisson_sample_is_sorted_unique_and_in_range() -> None:
         assert np.all(np.diff(index) > 0)
         assert index.size == 0 or (index[0] >= 0 and index[-1] < n)
     np.testing.assert_array_equal(poisson_sample(10, 1.0, rng), np.arange(10))
+    # Gaps near int64's limit (a rate of 1e-18) must not wrap around into the range.
+    for _ in range(200):
+        assert poisson_sample(1000, 1e-18, rng).size == 0
 
 
 # ------------------------------------------------------------------ review regressions
