@@ -1083,8 +1083,26 @@ def train_result_from_proto(
         InvalidRequestError: a malformed noise description or tensor header, or a
             non-finite number.
     """
-    for name in ("noisy_examples", "noise_multiplier", "sample_rate", "job_epsilon"):
-        value = getattr(msg, name)
+    # Every number goes into the signed payload (canonical JSON refuses NaN) and the
+    # history: a non-finite one must drop the node here, before its update is summed.
+    numbers = {
+        name: getattr(msg, name)
+        for name in ("noisy_examples", "noise_multiplier", "sample_rate", "job_epsilon")
+    }
+    numbers.update(
+        {
+            "cost.epsilon": msg.cost.epsilon,
+            "cost.delta": msg.cost.delta,
+            "budget.total.epsilon": msg.budget.total.epsilon,
+            "budget.total.delta": msg.budget.total.delta,
+            "budget.spent_epsilon": msg.budget.spent_epsilon,
+            "budget.remaining_epsilon": msg.budget.remaining_epsilon,
+            "budget.max_epsilon_per_release": msg.budget.max_epsilon_per_release,
+            "receipt.issued_at": msg.receipt.issued_at,
+        }
+    )
+    numbers.update({f"metric {m.name!r}": m.value for m in msg.metrics})
+    for name, value in numbers.items():
         if not math.isfinite(value):
             raise InvalidRequestError(f"train result {name} must be finite; got {value!r}")
     if len(msg.tensors) > MAX_TENSORS:

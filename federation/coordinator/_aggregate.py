@@ -55,6 +55,7 @@ _BLOCK = 1 << 20  # elements per in-place block: bounds the temporaries of an up
 # Elements per step of adding a chunk into the sum: the scaled temporary (64 KiB) stays in
 # cache, so the add is one pass over memory (2x faster than ``+= values * w`` at 2 MiB).
 _ADD_BLOCK = 1 << 14
+_MAX_WEIGHT = 1e18  # a noisy record count; float32 reaches 3.4e38
 
 
 def _blocks(size: int) -> Iterator[slice]:
@@ -83,14 +84,18 @@ class RunningSum:
 
     def contribution(self, weight: float) -> Contribution:
         """Start adding one node's update with ``weight`` (> 0)."""
-        if not (math.isfinite(weight) and weight > 0):
-            raise InvalidRequestError(f"an update's weight must be finite and > 0; got {weight}")
+        # The sums are float32: a weight past its range would scale every value to inf.
+        if not (math.isfinite(weight) and 0 < weight <= _MAX_WEIGHT):
+            raise InvalidRequestError(
+                f"an update's weight must be > 0 and <= {_MAX_WEIGHT:g}; got {weight}"
+            )
         return Contribution(self, weight)
 
     def add(self, name: str, offset: int, values: npt.NDArray[np.float32], weight: float) -> None:
         """Add ``weight * values`` at element ``offset`` of tensor ``name``."""
         scale = np.float32(weight)
-        with self._lock:
+        # Overflow (finite but huge values) is caught, with its tensor named, in average().
+        with self._lock, np.errstate(over="ignore", invalid="ignore"):
             target = self.sums[name][offset : offset + values.size]
             for start in range(0, values.size, _ADD_BLOCK):
                 stop = min(start + _ADD_BLOCK, values.size)
@@ -114,6 +119,11 @@ class RunningSum:
 
         A coordinate no update reached takes its value from ``fallback`` (the global
         weights), so it does not move.
+
+        Raises:
+            InvalidRequestError: the mean is not finite. Every chunk was finite, but finite
+                float32 values (huge, from a faulty or hostile node) can overflow once
+                weighted and summed; stepping would make the global model NaN.
         """
         for name, flat in self.sums.items():
             size = flat.size
@@ -125,7 +135,19 @@ class RunningSum:
                 covered = sum(w for received, w in self._partial if received.get(name, 0) >= stop)
                 total = self.complete_weight + covered
                 if total > 0:
-                    flat[start:stop] /= np.float32(total)
+                    scale = np.float32(total)
+                    for block in _blocks(stop - start):
+                        part = flat[start + block.start : start + block.stop]
+                        part /= scale
+                        # While the block is in cache: the sum of a block is finite iff
+                        # its values are (short of sums past 3e38, itself a faulty update).
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            finite = math.isfinite(float(part.sum()))
+                        if not finite:
+                            raise InvalidRequestError(
+                                f"the round's average of tensor {name!r} is not finite "
+                                "(NaN or overflow): a node sent values too large to combine"
+                            )
                 else:
                     flat[start:stop] = fallback[name].reshape(-1)[start:stop]
         return {name: flat.reshape(self.shapes[name]) for name, flat in self.sums.items()}

@@ -400,7 +400,15 @@ def _round(
             partial.append(name)
     if len(done) < job.min_nodes:
         raise _quorum_error(round_index, done, failures, job.min_nodes)
-    average = total.average(job.weights)
+    try:
+        average = total.average(job.weights)
+    except InvalidRequestError as err:
+        # Which node's values overflowed cannot be told from the sum; stop before the
+        # global weights (and the checkpoint) turn NaN.
+        raise InvalidRequestError(
+            f"round {round_index}: {err} (from {', '.join(n.node for n in done)}); the "
+            "global weights are unchanged and this round is not checkpointed"
+        ) from err
     job.optimizer.step(job.weights, average)
     return RoundRecord(
         round=round_index,

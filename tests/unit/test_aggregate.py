@@ -79,9 +79,20 @@ def test_reset_reuses_the_memory_for_the_next_round() -> None:
     assert {n: a.ctypes.data for n, a in total.sums.items()} == buffers
 
 
-def test_bad_weights_are_refused() -> None:
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 0.0, -1.0, 1e300])
+def test_bad_weights_are_refused(weight: float) -> None:
+    # 1e300 is finite as a Python float but inf as the float32 the sums are kept in.
     with pytest.raises(InvalidRequestError, match="weight"):
-        RunningSum(SHAPES).contribution(float("nan"))
+        RunningSum(SHAPES).contribution(weight)
+
+
+def test_finite_updates_that_overflow_when_combined_are_refused_not_averaged() -> None:
+    total = RunningSum(SHAPES)
+    big = {n: np.full(s, 3e38, dtype=np.float32) for n, s in SHAPES.items()}
+    _stream(total, big, 1.0)
+    _stream(total, big, 1.0)  # 3e38 + 3e38 = inf in float32
+    with pytest.raises(InvalidRequestError, match="not finite"):
+        total.average({n: np.zeros(s, np.float32) for n, s in SHAPES.items()})
 
 
 # ---------------------------------------------------------------- server optimizers

@@ -166,6 +166,26 @@ def test_sender_refuses_other_dtypes_and_odd_chunk_sizes() -> None:
 # ---------------------------------------------------------------- train result
 
 
+@pytest.mark.parametrize(
+    "field", ["metric", "cost.epsilon", "budget.spent_epsilon", "receipt.issued_at"]
+)
+def test_a_train_result_with_a_non_finite_number_is_refused(field: str) -> None:
+    # It would crash the coordinator's receipt check (canonical JSON has no NaN) after the
+    # node's update had been summed; refusing it here drops the node before that.
+    result = train_result(metrics=(TrainMetric("loss", 0.5, GAUSSIAN_NOISE),))
+    msg = train_result_to_proto(result, tensors=(_header(),))
+    if field == "metric":
+        msg.metrics[0].value = float("nan")
+    elif field == "cost.epsilon":
+        msg.cost.epsilon = float("inf")
+    elif field == "budget.spent_epsilon":
+        msg.budget.spent_epsilon = float("nan")
+    else:
+        msg.receipt.issued_at = float("inf")
+    with pytest.raises(InvalidRequestError, match="must be finite"):
+        train_result_from_proto(msg)
+
+
 def test_train_result_round_trips() -> None:
     result = train_result(metrics=(TrainMetric("loss", 0.5, GAUSSIAN_NOISE),))
     headers = (_header(), _header("v", (2, 3)))
