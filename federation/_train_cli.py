@@ -72,7 +72,10 @@ def _widths(text: str) -> tuple[int, ...]:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``federation train``; return the exit code."""
     from federation.coordinator import Coordinator
+    from federation.coordinator._checkpoint import check_output_file
     from federation.models import ModelSpec
+
+    check_output_file(args.out, what="--out")  # before any round is charged
 
     spec = ModelSpec(
         architecture=args.model,

@@ -25,9 +25,16 @@ import numpy as np
 import numpy.typing as npt
 from safetensors import safe_open
 
-from federation.errors import ConfigError
+from federation.errors import ConfigError, InvalidRequestError
 
-__all__ = ["CHECKPOINT_FILE", "load_checkpoint", "read_safetensors", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "check_output_file",
+    "load_checkpoint",
+    "prepare_checkpoint_dir",
+    "read_safetensors",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = "federation-training-checkpoint"
@@ -88,6 +95,57 @@ def read_safetensors(path: Path, *, prefix: str = "") -> dict[str, npt.NDArray[n
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read safetensors file {path}: {err}") from err
     return out
+
+
+def _probe(path: Path, what: str) -> None:
+    """Create and remove ``path``: what writing the real file later needs."""
+    try:
+        with path.open("wb"):
+            pass
+        path.unlink()
+    except OSError as err:
+        raise InvalidRequestError(f"{what}: cannot write {path}: {err.strerror or err}") from err
+
+
+def check_output_file(path: Path, *, what: str = "out") -> None:
+    """Check, before a job spends budget, that a file can later be written at ``path``.
+
+    Raises:
+        InvalidRequestError: ``path`` is a directory, its folder is missing, or it cannot
+            be written there.
+    """
+    if path.is_dir():
+        raise InvalidRequestError(f"{what}: {path} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"{what}: folder {path.parent} does not exist")
+    _probe(path.with_name(path.name + ".tmp"), what)
+
+
+def prepare_checkpoint_dir(directory: Path, *, resume: bool) -> None:
+    """Create ``directory`` and check it is writable, before the first round is charged.
+
+    Without ``resume`` a checkpoint already there is refused rather than overwritten: it
+    is the only way to continue that job (whose rounds the nodes have charged).
+
+    Raises:
+        InvalidRequestError: a checkpoint is there and ``resume`` is False, or the
+            directory cannot be created or written.
+    """
+    existing = directory / CHECKPOINT_FILE
+    if resume and not existing.exists():
+        return  # nothing to resume: loading it says so, and nothing is created
+    if not resume and existing.exists():
+        raise InvalidRequestError(
+            f"{directory} already holds a training checkpoint ({CHECKPOINT_FILE}); resume "
+            "it (--resume, resume=True) or choose another checkpoint directory"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidRequestError(
+            f"checkpoint directory {directory}: cannot create it: {err.strerror or err}"
+        ) from err
+    _probe(directory / ".write-test.tmp", "checkpoint directory")
 
 
 def save_checkpoint(

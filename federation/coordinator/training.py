@@ -45,6 +45,7 @@ from federation.coordinator._aggregate import (
 )
 from federation.coordinator._checkpoint import (
     load_checkpoint,
+    prepare_checkpoint_dir,
     read_safetensors,
     save_checkpoint,
     write_safetensors,
@@ -226,7 +227,8 @@ def train(
         min_nodes: nodes that must complete each round (default: all of them).
         round_timeout_s: deadline of each round.
         checkpoint_dir: write a checkpoint there after every round.
-        resume: continue from the checkpoint in ``checkpoint_dir``.
+        resume: continue from the checkpoint in ``checkpoint_dir``. Without it, a
+            checkpoint already in ``checkpoint_dir`` is refused, not overwritten.
         metrics_epsilon: > 0: each node also releases DP validation loss and accuracy
             each round, charged on top of ``target_epsilon``.
         progress: show a progress bar (a widget in Jupyter).
@@ -243,7 +245,9 @@ def train(
         The global model and the per-round history.
 
     Raises:
-        InvalidRequestError: bad arguments, or ``resume`` without a matching checkpoint.
+        InvalidRequestError: bad arguments, ``resume`` without a matching checkpoint, a
+            checkpoint in ``checkpoint_dir`` without ``resume``, or a ``checkpoint_dir``
+            that cannot be written (all checked before the first round).
         SchemaMismatchError: the nodes disagree on the dataset's schema.
         NodeUnavailableError: fewer than ``min_nodes`` nodes completed a round.
         BudgetExhaustedError, NodeBusyError, PolicyError: a refusal left fewer than
@@ -258,6 +262,8 @@ def train(
         nodes=len(coordinator.clients),
         min_nodes=min_nodes,
     )
+    if checkpoint_dir is not None:
+        prepare_checkpoint_dir(Path(checkpoint_dir), resume=resume)
     lr = DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr
     schema = coordinator.schema(spec.dataset)
     dim = input_dim(spec, schema)
@@ -370,7 +376,13 @@ def _round(
     # schema checked before it is sent weights; one that still cannot be misses the round.
     failures: dict[str, FederationError] = coordinator._describe_missing(job.names)
     for name, error in failures.items():
-        log.warning("round %d: node %s dropped before training: %s", round_index, name, error)
+        log.warning(
+            "round %d of %d: node %s dropped before training: %s",
+            round_index + 1,
+            job.rounds,
+            name,
+            error,
+        )
     names = [n for n in job.names if n not in failures]
     if names:
         coordinator._agreed_schema(job.spec.dataset, names)
@@ -394,19 +406,21 @@ def _round(
             done.append(outcome)
             continue
         error, contributed = outcome
-        log.warning("round %d: node %s dropped: %s", round_index, name, error)
+        log.warning("round %d of %d: node %s dropped: %s", round_index + 1, job.rounds, name, error)
         failures[name] = error
         if contributed:
             partial.append(name)
     if len(done) < job.min_nodes:
-        raise _quorum_error(round_index, done, failures, job.min_nodes)
+        label = f"round {round_index + 1} of {job.rounds}"
+        raise _quorum_error(label, done, failures, job.min_nodes)
     try:
         average = total.average(job.weights)
     except InvalidRequestError as err:
         # Which node's values overflowed cannot be told from the sum; stop before the
         # global weights (and the checkpoint) turn NaN.
         raise InvalidRequestError(
-            f"round {round_index}: {err} (from {', '.join(n.node for n in done)}); the "
+            f"round {round_index + 1} of {job.rounds}: {err} (from "
+            f"{', '.join(n.node for n in done)}); the "
             "global weights are unchanged and this round is not checkpointed"
         ) from err
     job.optimizer.step(job.weights, average)
@@ -496,7 +510,7 @@ def _node_round(
             "node %s round %d: the receipt does not match the update that arrived (%s "
             "digests and DP numbers); `federation receipts verify` will report it",
             node,
-            config.round,
+            config.round + 1,
             result.tensor_digest,
         )
     record = receipts.ReceiptRecord(node=node, receipt=result.receipt, released=payload)
@@ -516,7 +530,7 @@ def _node_round(
 
 
 def _quorum_error(
-    round_index: int,
+    label: str,
     done: Sequence[NodeRound],
     failures: Mapping[str, FederationError],
     needed: int,
@@ -526,7 +540,7 @@ def _quorum_error(
     if refusals and len(refusals) == len(failures):
         return refusals[0]
     return NodeUnavailableError(
-        f"round {round_index}: only {len(done)} node(s) completed (need {needed}); {summary}"
+        f"{label}: only {len(done)} node(s) completed (need {needed}); {summary}"
     )
 
 
@@ -637,6 +651,11 @@ def _resumed_job(
     settings = body["optimizer"]
     if not isinstance(settings, dict) or settings.get("name") != optimizer_name:
         raise InvalidRequestError(f"{where} used server optimizer {settings}")
+    if settings.get("lr") != lr:
+        raise InvalidRequestError(
+            f"{where} used server_lr {settings.get('lr')}; resume with the same server_lr "
+            f"(got {lr})"
+        )
     with torch.device("meta"):
         shapes = state_shapes(build_model(spec, input_dim=dim, registry=EXTENDED_REGISTRY))
     check_arrays(shapes, weights)

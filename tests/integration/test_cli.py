@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pytest
 
+from federation.coordinator import Coordinator
 from federation.local import LocalFederation
 
 
@@ -89,6 +90,30 @@ def test_bad_query_exits_2_with_a_clear_message(federation_toml: Path) -> None:
     )  # fmt: skip
     assert bad_filter.returncode == 2
     assert "filter" in bad_filter.stderr
+
+
+def test_train_checks_where_it_will_write_before_any_round_is_charged(
+    federation_toml: Path, fed: Coordinator, tmp_path: Path
+) -> None:
+    before = {n: d.budget.releases for n, d in fed.describe().items()}
+    common = [
+        "train", "--config", str(federation_toml), "--dataset", "credit", "--model",
+        "logistic", "--features", "age,income", "--target", "defaulted", "--rounds", "1",
+        "--target-epsilon", "1", "--local-steps", "1", "--no-progress",
+    ]  # fmt: skip
+    no_folder = run(*common, "--out", str(tmp_path / "missing" / "m.safetensors"))
+    assert no_folder.returncode == 2, no_folder.stderr
+    assert "--out: folder" in no_folder.stderr
+    assert "does not exist" in no_folder.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = str(tmp_path / "m.safetensors")
+    bad_dir = run(*common, "--out", out, "--checkpoint-dir", str(a_file))
+    assert bad_dir.returncode == 2, bad_dir.stderr
+    assert "checkpoint directory" in bad_dir.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    after = {n: d.budget.releases for n, d in fed.describe().items()}
+    assert after == before
 
 
 def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:

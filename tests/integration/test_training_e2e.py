@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,6 +30,7 @@ from _waits import hold_slots
 from federation import (
     BudgetExhaustedError,
     Count,
+    InvalidRequestError,
     NodeBusyError,
     NodeUnavailableError,
     pki,
@@ -558,6 +560,19 @@ def test_checkpoint_then_resume_continues_the_same_job(
 
     fragile_fed.restart("shenzhen")
     fed = _fed(fragile_fed)
+    # Not the same job: refused before any round (the nodes chose their noise for it).
+    for changed, message in (
+        ({"rounds": 5}, "is for a job of 4 rounds"),
+        ({"server_lr": 0.5}, "used server_lr 1.0"),
+        ({"resume": False}, "already holds a training checkpoint"),
+    ):
+        arguments: dict[str, Any] = {
+            "rounds": 4, "target_epsilon": 2.0, "checkpoint_dir": directory, "resume": True,
+            **TRAINING, **changed,
+        }  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=message):
+            fed.train(SPEC, **arguments)
+    assert json.loads((directory / "checkpoint.json").read_text()) == saved
     # The digest is chosen per run, not per job: the resumed rounds commit with SHA-256.
     result = fed.train(
         SPEC,

@@ -12,12 +12,14 @@ import safetensors.torch
 import torch
 
 from federation.coordinator._checkpoint import (
+    check_output_file,
     load_checkpoint,
+    prepare_checkpoint_dir,
     read_safetensors,
     save_checkpoint,
     write_safetensors,
 )
-from federation.errors import ConfigError
+from federation.errors import ConfigError, InvalidRequestError
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -68,3 +70,34 @@ def test_missing_or_foreign_checkpoints_are_config_errors(tmp_path: Path) -> Non
     (tmp_path / "checkpoint.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError, match="not a federation training checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_output_paths_are_checked_before_a_job_spends_anything(tmp_path: Path) -> None:
+    check_output_file(tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    with pytest.raises(InvalidRequestError, match="is a directory"):
+        check_output_file(tmp_path)
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        check_output_file(tmp_path / "missing" / "model.safetensors")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(InvalidRequestError, match="cannot create it"):
+        prepare_checkpoint_dir(a_file / "ckpt", resume=False)
+    with pytest.raises(InvalidRequestError, match="cannot create it"):
+        prepare_checkpoint_dir(a_file, resume=False)
+
+
+def test_a_checkpoint_is_resumed_or_refused_never_overwritten(tmp_path: Path) -> None:
+    directory = tmp_path / "nested" / "ckpt"
+    prepare_checkpoint_dir(directory, resume=False)  # created, writable
+    assert list(directory.iterdir()) == []
+    arrays = {"w": np.ones(3, np.float32)}
+    save_checkpoint(
+        directory, round_index=0, weights=arrays, optimizer_state={}, document={"job_id": "j"}
+    )
+    with pytest.raises(InvalidRequestError, match="already holds a training checkpoint"):
+        prepare_checkpoint_dir(directory, resume=False)
+    prepare_checkpoint_dir(directory, resume=True)
+    missing = tmp_path / "never"
+    prepare_checkpoint_dir(missing, resume=True)  # loading it will say there is none
+    assert not missing.exists()

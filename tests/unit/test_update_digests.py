@@ -216,4 +216,4 @@ def test_a_receipt_that_does_not_match_the_update_is_reported_at_once(
 ) -> None:
     round_, _ = _run_round(_StreamedNode("blake3", _update(), tamper=True), "blake3")
     assert isinstance(round_, NodeRound)  # kept: already summed, and its cost was charged
-    assert "node hong-kong round 0: the receipt does not match the update" in caplog.text
+    assert "node hong-kong round 1: the receipt does not match the update" in caplog.text
