@@ -16,6 +16,7 @@ from federation.config import CoordinatorConfig, load_coordinator_config
 from federation.coordinator.analytics import Estimate, GroupResult, NodeSpend, QueryResult, combine
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES, NodeClient
 from federation.errors import (
+    BudgetExhaustedError,
     FederationError,
     InvalidRequestError,
     NodeBusyError,
@@ -188,16 +189,18 @@ class Coordinator:
             epsilon: epsilon to spend at *each* node (nodes hold disjoint records).
             delta: delta per node for the gaussian mechanism (0 for laplace).
             mechanism: ``"laplace"`` (pure DP) or ``"gaussian"``.
-            min_nodes: answer from at least this many nodes when some are unreachable
-                (or still busy after the client's retries);
-                None requires all of them.
+            min_nodes: answer from at least this many nodes when some are unreachable,
+                still busy after the client's retries, or out of budget (their per-release
+                cap, or what is left); None requires all of them.
             confidence: coverage of the intervals.
             seed: seed of the interval simulations (None: fresh).
 
         Raises:
             NodeUnavailableError: a node is unreachable or busy (and ``min_nodes`` not met).
             SchemaMismatchError: nodes disagree on the dataset's schema.
-            BudgetExhaustedError, InvalidRequestError, PolicyError: a node refused.
+            BudgetExhaustedError, InvalidRequestError, PolicyError: a node refused (a
+            budget refusal only when it leaves fewer than ``min_nodes``). The message
+            names the nodes that answered, and so were charged, before the refusal.
         """
         mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
         if not 0 < confidence < 1:
@@ -212,6 +215,9 @@ class Coordinator:
         # node that cannot be described now (unreachable, busy) is not asked: its schema is
         # unchecked. It counts against min_nodes like one that fails the query itself.
         failures = self._describe_missing(list(self.clients))
+        # A node whose Describe shows a per-release cap below epsilon would refuse: it is
+        # not asked, and if that leaves too few nodes, nobody is asked (nobody pays).
+        failures.update(self._over_cap(epsilon, [n for n in self.clients if n not in failures]))
         described = [n for n in self.clients if n not in failures]
         # What the Describes say already settles some queries: fail before anyone pays.
         _check_enough(len(described), failures, needed, total=len(self.clients))
@@ -229,7 +235,7 @@ class Coordinator:
         confidence: float,
         seed: int | None,
     ) -> QueryResult:
-        _check_enough(len(releases), failures, needed, total=len(self.clients))
+        _check_enough(len(releases), failures, needed, total=len(self.clients), charged=releases)
         ordered = {n: releases[n] for n in self.clients if n in releases}
         labels, groups = combine(
             query, ordered, confidence=confidence, rng=np.random.default_rng(seed)
@@ -259,6 +265,18 @@ class Coordinator:
             confidence=confidence,
             notes=notes,
         )
+
+    def _over_cap(self, epsilon: float, names: Sequence[str]) -> dict[str, FederationError]:
+        """Nodes whose last Describe caps one release below ``epsilon`` (0: not stated)."""
+        refused: dict[str, FederationError] = {}
+        for name in names:
+            cap = self._descriptions[name].budget.max_epsilon_per_release
+            if 0 < cap < epsilon:
+                refused[name] = BudgetExhaustedError(
+                    f"epsilon {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
+                    "for this consumer (from its Describe), so it was not asked"
+                )
+        return refused
 
     def _receipt_key(self, node: str) -> str:
         """The node's receipt-verification PEM from its last Describe ("" if unknown)."""
@@ -364,18 +382,26 @@ class Coordinator:
 
 
 def _check_enough(
-    answered: int, failures: Mapping[str, FederationError], needed: int, *, total: int
+    answered: int,
+    failures: Mapping[str, FederationError],
+    needed: int,
+    *,
+    total: int,
+    charged: Mapping[str, Release] | None = None,
 ) -> None:
     """Raise unless ``answered`` of ``total`` nodes meet ``needed`` and none refused outright.
 
-    A node still busy after the client's retries charged nothing: like an unreachable one,
-    it counts against ``min_nodes`` instead of failing a query others have paid for. Any
-    other failure (a policy, budget or request refusal) is raised as it is.
+    A node that cannot answer (unreachable; busy after the client's retries; out of
+    budget) charged nothing: it counts against ``min_nodes`` instead of failing a query
+    others have paid for. A policy or request refusal is raised as it is. A raised refusal
+    names the nodes in ``charged`` (they answered, and paid, for nothing).
     """
-    transient = (NodeUnavailableError, NodeBusyError)
-    refusals = {n: e for n, e in failures.items() if not isinstance(e, transient)}
+    cannot = (NodeUnavailableError, NodeBusyError, BudgetExhaustedError)
+    refusals = {n: e for n, e in failures.items() if not isinstance(e, cannot)}
+    if not refusals and answered < needed:
+        refusals = {n: e for n, e in failures.items() if isinstance(e, BudgetExhaustedError)}
     if refusals:
-        raise _first_failure(refusals)
+        raise _naming_charged(_first_failure(refusals), charged or {})
     if answered < needed:
         names = ", ".join(sorted(failures))
         raise NodeUnavailableError(
@@ -386,3 +412,17 @@ def _check_enough(
 
 def _first_failure(failures: Mapping[str, FederationError]) -> FederationError:
     return next(iter(failures.values()))
+
+
+def _naming_charged(err: FederationError, charged: Mapping[str, Release]) -> FederationError:
+    """``err``, its message extended with the nodes that were charged for the query."""
+    if not charged:
+        return err
+    paid = ", ".join(
+        f"{name} (epsilon {r.cost_epsilon:g}, receipt {r.receipt.id})"
+        for name, r in charged.items()
+    )
+    message = f"{err}; already charged for this query, whose answer is not returned: {paid}"
+    if isinstance(err, BudgetExhaustedError):
+        return BudgetExhaustedError(message, remaining_epsilon=err.remaining_epsilon)
+    return type(err)(message)

@@ -261,6 +261,33 @@ def test_budget_refuses_and_charges_nothing_then_survives_restart(
     assert fed.budgets()["hong-kong"].remaining_epsilon == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_node_out_of_budget_counts_against_min_nodes_and_the_paid_answers_stand(
+    small_budget: LocalFederation,
+) -> None:
+    fed = small_budget.coordinator
+    assert fed is not None
+    channel, stub = raw_stub(small_budget, "hong-kong")
+    with channel:
+        stub.Analyze(count_request(epsilon=0.8), timeout=10)  # hong-kong: 0.2 left
+    # All nodes required: hong-kong refuses, and the error names what shenzhen was charged.
+    with pytest.raises(BudgetExhaustedError) as info:
+        fed.analyze(Count("credit"), epsilon=0.5)
+    assert "remaining_epsilon=0.2" in str(info.value)
+    assert "already charged for this query" in str(info.value)
+    assert "shenzhen (epsilon 0.5, receipt " in str(info.value)
+    assert info.value.remaining_epsilon == pytest.approx(0.2)
+    # min_nodes=1: shenzhen's paid answer is the result; hong-kong is listed as missing.
+    result = fed.analyze(Count("credit"), epsilon=0.4, min_nodes=1)
+    assert result.missing == ("hong-kong",)
+    assert [n.node for n in result.nodes] == ["shenzhen"]
+    assert fed.budgets()["shenzhen"].spent_epsilon == pytest.approx(0.9)
+    # Over a node's per-release cap (from its Describe): nobody is asked, nobody pays.
+    before = fed.budgets()
+    with pytest.raises(BudgetExhaustedError, match="so it was not asked"):
+        fed.analyze(Count("credit"), epsilon=1.5, min_nodes=1)
+    assert fed.budgets() == before
+
+
 def test_unreachable_node_is_named_or_skipped_with_min_nodes(
     small_budget: LocalFederation,
 ) -> None:
