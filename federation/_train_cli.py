@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_train_parser", "format_history", "run_train"]
 
+DEFAULT_MLP_HIDDEN = (64, 64)
+
 
 def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``train`` command to the CLI's subparsers."""
@@ -30,8 +32,14 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     t.add_argument("--config", type=Path, default=Path("federation.toml"))
     t.add_argument("--dataset", required=True)
-    t.add_argument("--model", default="mlp", help="architecture: logistic, mlp (node allow-list)")
-    t.add_argument("--hidden", default="", help="hidden layer widths for mlp, e.g. 64,64")
+    t.add_argument(
+        "--model",
+        default="mlp",
+        help="architecture: logistic, mlp, or one the nodes register (their allow-list)",
+    )
+    t.add_argument(
+        "--hidden", default=None, help="hidden layer widths, e.g. 64,64 (default for mlp: 64,64)"
+    )
     t.add_argument("--features", required=True, help="comma-separated input columns")
     t.add_argument("--target", required=True, help="the bool label column")
     t.add_argument("--rounds", type=int, required=True)
@@ -69,6 +77,12 @@ def _widths(text: str) -> tuple[int, ...]:
         raise InvalidRequestError(f"--hidden: expected widths like 64,64; got {text!r}") from err
 
 
+def _hidden(text: str | None, model: str) -> tuple[int, ...]:
+    if text is not None:
+        return _widths(text)
+    return DEFAULT_MLP_HIDDEN if model == "mlp" else ()
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Run ``federation train``; return the exit code."""
     from federation.coordinator import Coordinator
@@ -82,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         features=tuple(f.strip() for f in args.features.split(",") if f.strip()),
         target=args.target,
-        hidden=_widths(args.hidden),
+        hidden=_hidden(args.hidden, args.model),
     )
     with Coordinator.from_config(args.config) as fed:
         result = fed.train(

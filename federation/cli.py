@@ -132,6 +132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FederationError as err:
         sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
         return 1
+    except OSError as err:  # a path the user gave: missing, a directory, not writable
+        sys.stderr.write(f"error: {_os_error(err)}\n")
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train" and args.checkpoint_dir is not None:
+            hint = f"; the last finished round is in {args.checkpoint_dir}: rerun with --resume"
+        sys.stderr.write(f"interrupted{hint}\n")
+        return 130
+
+
+def _os_error(err: OSError) -> str:
+    """``[Errno 21] Is a directory: 'x'`` as ``x: Is a directory``."""
+    name = err.filename if err.filename is not None else ""
+    return f"{name}: {err.strerror}" if name and err.strerror else str(err)
 
 
 def _describe(args: argparse.Namespace) -> int:
@@ -222,9 +237,14 @@ def build_query(args: argparse.Namespace) -> Query:
     if args.kind == "mean":
         return Mean(**common)
     if args.kind == "histogram":
-        return Histogram(**common, bins=args.bins or 10)
-    quantiles = tuple(float(q) for q in args.quantiles.split(","))
-    return Quantile(**common, quantiles=quantiles, bins=args.bins or 256)
+        return Histogram(**common, bins=10 if args.bins is None else args.bins)
+    try:
+        quantiles = tuple(float(q) for q in args.quantiles.split(","))
+    except ValueError as err:
+        raise InvalidRequestError(
+            f"--quantiles: expected numbers like 0.25,0.5,0.75; got {args.quantiles!r}"
+        ) from err
+    return Quantile(**common, quantiles=quantiles, bins=256 if args.bins is None else args.bins)
 
 
 def _parse_bounds(text: str) -> tuple[float, float]:

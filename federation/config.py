@@ -80,9 +80,13 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         ConfigError: missing file, TOML syntax error, or a bad key (the message names it).
     """
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: no such coordinator config") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (a TOML file is): {err.reason}") from err
+    except OSError as err:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read it: {err.strerror or err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path.name}: not valid TOML: {err}") from err
     return parse_coordinator_config(data, base_dir=path.parent, source=path.name)

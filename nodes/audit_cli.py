@@ -106,7 +106,10 @@ def _print_verification(conn: sqlite3.Connection, v: Verification, args: argpars
     receipt_failures: list[str] = []
     node, checked = chain_node(conn), 0
     for path in args.receipts:
-        found = find_receipt_records(json.loads(path.read_text()))
+        try:
+            found = find_receipt_records(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+            raise ConfigError(f"--receipts {path}: not a readable JSON file: {err}") from err
         records = [r for r in found if r.receipt.node_name == node]
         if not records:
             raise ConfigError(f"--receipts {path}: no receipts of node {node!r} in it")

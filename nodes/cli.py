@@ -39,25 +39,31 @@ def _parser() -> argparse.ArgumentParser:
         help="serve even if the audit chain fails verification (logged loudly and "
         "recorded in the chain)",
     )
-    p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p_serve.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="DEBUG, INFO, WARNING, ERROR",
+    )
     p_init = sub.add_parser("init", help="print a commented starter node.toml for a data file")
     p_init.add_argument("data", type=Path, help="CSV or Parquet file")
     p_init.add_argument("--name", default="my-node", help="node name, e.g. hong-kong")
     p_init.add_argument("--jurisdiction", default="XX", help="jurisdiction code, e.g. HK")
     p_init.add_argument("--dataset", default=None, help="dataset name (default: file stem)")
     p_init.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
-    p_audit = sub.add_parser(
-        "audit", help="verify the audit chain; compliance reports", add_help=False
-    )
-    p_audit.add_argument("rest", nargs=argparse.REMAINDER)
+    p_init.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    # Listed for --help; `audit ...` is dispatched to nodes.audit_cli before parsing.
+    sub.add_parser("audit", help="verify the audit chain; compliance reports (audit --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node command; return the process exit code."""
-    args = _parser().parse_args(argv)
-    if args.command == "audit":
-        return audit_main(args.rest)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["audit"]:  # its own parser (and --help)
+        return audit_main(arguments[1:])
+    args = _parser().parse_args(arguments)
     try:
         if args.command == "serve":
             logging.basicConfig(
@@ -73,10 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.out is None:
             sys.stdout.write(text)
-        else:
-            args.out.write_text(text)
-            sys.stderr.write(f"wrote {args.out}\n")
+            return 0
+        # An existing node.toml is an operator's hand-edited policy: never clobber it.
+        if args.out.exists() and not args.force:
+            sys.stderr.write(f"error: {args.out} exists; pass --force to overwrite it\n")
+            return 2
+        args.out.write_text(text, encoding="utf-8")
+        sys.stderr.write(f"wrote {args.out}\n")
         return 0
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
+        return 2
+    except OSError as err:  # a path the operator gave: missing folder, a file, no permission
+        where = f"{err.filename}: " if err.filename is not None else ""
+        sys.stderr.write(f"error: {where}{err.strerror or err}\n")
         return 2

@@ -80,7 +80,12 @@ def start_node(
             "loopback address with --insecure; add [tls] (see `federation certs`) to listen "
             f"on {config.listen}"
         )
-    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:  # a file in the way, no permission
+        raise ConfigError(
+            f"node.state_dir: cannot use {config.state_dir} as a directory: {err.strerror or err}"
+        ) from err
     # Load the accountant while data loads, not inside the first charge's write lock.
     threading.Thread(target=privacy.preload, name="preload-accountant", daemon=True).start()
     ledger = open_ledger(config, allow_broken_audit=allow_broken_audit)

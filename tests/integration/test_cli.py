@@ -116,6 +116,63 @@ def test_train_checks_where_it_will_write_before_any_round_is_charged(
     assert after == before
 
 
+def test_common_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("age,income\n30,100\n40,200\n")
+    (tmp_path / "bad.toml").write_bytes(b"\xff\xfe[x")
+    node_toml = tmp_path / "node.toml"
+    assert run("node", "init", str(data), "--out", str(node_toml)).returncode == 0
+    hand_edited = node_toml.read_text() + "# the operator's edits\n"
+    node_toml.write_text(hand_edited)
+    in_the_way = tmp_path / "state-file"
+    in_the_way.write_text("")
+    with_file_state = tmp_path / "file-state.toml"
+    with_file_state.write_text(
+        "\n".join(
+            f'state_dir = "{in_the_way}"' if line.startswith("state_dir =") else line
+            for line in hand_edited.splitlines()
+        )
+    )
+    mistakes = {
+        "quantiles": (
+            ["query", "quantile", "--dataset", "d", "--column", "age", "--quantiles", "0.5,x",
+             "--epsilon", "1"],
+            "--quantiles: expected numbers",
+        ),
+        "config is a folder": (["describe", "--config", str(tmp_path)], "Is a directory"),
+        "config not UTF-8": (
+            ["describe", "--config", str(tmp_path / "bad.toml")], "not UTF-8 text"
+        ),
+        "log level": (
+            ["node", "serve", "--config", str(node_toml), "--log-level", "verbose"],
+            "invalid choice: 'VERBOSE'",
+        ),
+        "init over a config": (
+            ["node", "init", str(data), "--out", str(node_toml)], "pass --force to overwrite"
+        ),
+        "init into no folder": (
+            ["node", "init", str(data), "--out", str(tmp_path / "no" / "n.toml")],
+            "No such file or directory",
+        ),
+        "state_dir is a file": (
+            ["node", "serve", "--config", str(with_file_state), "--insecure"],
+            "node.state_dir: cannot use",
+        ),
+        "certs into no folder": (
+            ["certs", "init", "--out", str(in_the_way / "pki")], "Not a directory"
+        ),
+    }  # fmt: skip
+    for what, (args, message) in mistakes.items():
+        proc = run(*args)
+        assert proc.returncode == 2, (what, proc.stderr)
+        assert message in proc.stderr, (what, proc.stderr)
+        assert "Traceback" not in proc.stderr, (what, proc.stderr)
+    assert node_toml.read_text() == hand_edited  # never overwritten without --force
+    help_text = run("audit", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "usage: federation audit" in help_text.stdout
+
+
 def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text('[node]\nname = "hk"\nlisten = "127.0.0.1:0"\n[[datasets]]\nname = 3\n')
