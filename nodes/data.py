@@ -8,6 +8,7 @@ outside a category's public domain, a missing value or a wrong type stops the no
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,9 +99,14 @@ def _arrow_type(col: Column) -> pa.DataType:
     }[col.type]
 
 
+# Arrow quotes the offending cell ("invalid value 'x'"); the message must not carry it.
+_QUOTED = re.compile(r"""(['"]).*?\1""")
+
+
 def _safe(err: Exception) -> str:
-    """Shorten an arrow error to its first line (it may quote a cell; keep it local)."""
-    return str(err).splitlines()[0][:200] if str(err) else ""
+    """An arrow error's first line with any quoted text (a cell's value) masked."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return _QUOTED.sub(r"\1…\1", first)[:200]
 
 
 def _convert(data: pa.ChunkedArray, col: Column, dataset: str) -> npt.NDArray[np.generic]:

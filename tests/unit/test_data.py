@@ -26,6 +26,15 @@ def test_non_finite_float_in_parquet_stops_the_node(tmp_path: Path, bad: float) 
     assert "1.0" not in str(info.value)  # names the column, never a value
 
 
+def test_a_cell_of_the_wrong_type_is_named_by_column_never_quoted(tmp_path: Path) -> None:
+    # Arrow's own message quotes the cell; an operator's log or terminal must not get it.
+    path = tmp_path / "d.csv"
+    path.write_text("x\n1.5\nSECRET_VALUE_42\n")
+    with pytest.raises(ConfigError, match="CSV column #0") as info:
+        load_table(path, schema=SCHEMA, file_format="csv")
+    assert "SECRET" not in str(info.value)
+
+
 def test_non_finite_float_in_arrays_is_refused() -> None:
     with pytest.raises(ConfigError, match="NaN or infinite"):
         table_from_arrays({"x": np.array([1.0, np.nan])}, schema=SCHEMA)
