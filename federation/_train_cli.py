@@ -53,7 +53,13 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     t.add_argument("--clip-norm", type=float, default=1.0)
     t.add_argument("--server-optimizer", choices=["fedavg", "fedadam", "fedyogi"], default="fedavg")
     t.add_argument("--server-lr", type=float, help="default 1 for fedavg, 0.01 otherwise")
-    t.add_argument("--metrics-epsilon", type=float, default=0.0, help="> 0: DP loss/accuracy")
+    t.add_argument(
+        "--metrics-epsilon",
+        type=float,
+        default=0.0,
+        help="> 0: DP validation loss/accuracy each round, charged per round on top of "
+        "--target-epsilon",
+    )
     t.add_argument("--min-nodes", type=int, help="nodes that must complete each round")
     t.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round")
     t.add_argument("--checkpoint-dir", type=Path, help="checkpoint after every round here")
