@@ -73,7 +73,7 @@ POLICY = ConsumerPolicy(
     delta=1e-5,
     max_epsilon_per_release=1e3,
     max_delta_per_release=1e-5,
-    operations=frozenset({"train"}),
+    operations=frozenset({"describe", "train"}),
     noise_multiplier_floor=0.0,
     max_rounds=1000,
 )

@@ -118,6 +118,23 @@ class Ledger:
         )
         return Spend.from_json(row[0]) if row else Spend()
 
+    def job_spend(self, consumer: str, job_id: str) -> Spend:
+        """The composed spend of every training round charged to ``job_id`` for
+        ``consumer``, retried rounds included (zero if none)."""
+        rows = (
+            self._connect()
+            .execute(
+                "SELECT charge FROM charges WHERE consumer = ? AND operation = 'train'"
+                " AND json_extract(details, '$.job_id') = ? ORDER BY created_at",
+                (consumer, job_id),
+            )
+            .fetchall()
+        )
+        spend = Spend()
+        for (charge,) in rows:
+            spend = spend.plus(Charge.from_json(charge))
+        return spend
+
     def status(self, policy: ConsumerPolicy) -> BudgetStatus:
         """Return the consumer's budget status under its current policy."""
         return _status(self.spend(policy.name), policy)

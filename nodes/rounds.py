@@ -33,7 +33,7 @@ from federation.training import (
 from federation.wire import TensorHeader, fits
 from nodes.config import ConsumerPolicy
 from nodes.ledger import ChargeRecord
-from nodes.training import LocalUpdate, TrainPlan, job_epsilon, plan_training
+from nodes.training import LocalUpdate, TrainPlan, plan_training
 
 __all__ = [
     "SpareBuffers",
@@ -157,8 +157,12 @@ def round_result(
     *,
     node_name: str,
     tensor_digest: TensorDigest,
+    job_epsilon: float,
 ) -> TrainResult:
     """What the node releases for a round besides the update: all DP or public.
+
+    ``job_epsilon`` is the job's composed spend at this node so far, this round and any
+    retried round included (``Ledger.job_spend``).
 
     ``tensor_digest`` is the hash the coordinator asked for (``TrainConfig.tensor_digest``):
     the receipt commits to the update with the one the coordinator computes as it arrives.
@@ -182,7 +186,7 @@ def round_result(
             issued_at=record.created_at,
         ),
         metrics=tuple(TrainMetric(name, value, noise) for name, value, noise in update.metrics),
-        job_epsilon=job_epsilon(plan, rounds=plan.round + 1),
+        job_epsilon=job_epsilon,
         tensor_digest=tensor_digest,
     )
 

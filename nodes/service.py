@@ -275,6 +275,7 @@ class NodeService(pb_grpc.NodeServicer):
                 record,
                 node_name=self.config.name,
                 tensor_digest=config.tensor_digest,
+                job_epsilon=self.ledger.job_spend(consumer, plan.job_id).epsilon_at(plan.delta),
             )
             payload = rounds.round_payload(plan, result, update)
             # Audit, then send: if the release entry cannot be written, nothing is released.

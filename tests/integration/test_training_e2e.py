@@ -47,6 +47,7 @@ from federation.local import LocalFederation
 from federation.metrics import roc_auc
 from federation.models import ModelSpec, build_model, initial_arrays, input_dim
 from federation.training import TrainConfig
+from nodes.ledger import Ledger
 
 FEATURES = ("age", "income", "debt_ratio", "credit_lines", "years_employed", "loan_amount")
 SPEC = ModelSpec("mlp", "credit", FEATURES, "defaulted", hidden=(16,))
@@ -588,9 +589,23 @@ def test_checkpoint_then_resume_continues_the_same_job(
     assert [r.round for r in result.history] == [0, 1, 2, 3]
     assert [r.to_dict() for r in result.history[:done]] == saved["history"]
     assert result.history[-1].answered == ("hong-kong", "shenzhen")
-    # The job's spend continues where it stopped: the nodes composed every round once.
+    # Each node reports the job's spend from its own ledger: every charged round of the
+    # job, the one that failed (hong-kong trained it while shenzhen was down) included.
     last = {n.node: n.job_epsilon for n in result.history[-1].nodes}
-    assert last["hong-kong"] <= 2.0 + 1e-9
+    for name, reported in last.items():
+        ledger = Ledger(fragile_fed.state_dir(name) / "ledger.sqlite")
+        try:
+            (consumer, charged), *_ = ledger._connect().execute(
+                "SELECT consumer, COUNT(*) FROM charges WHERE operation = 'train'"
+                " AND json_extract(details, '$.job_id') = ? GROUP BY consumer",
+                (result.job_id,),
+            )
+            composed = ledger.job_spend(consumer, result.job_id).epsilon_at(1e-7)
+        finally:
+            ledger.close()
+        assert reported == pytest.approx(composed, rel=1e-9), name
+        assert charged >= (5 if name == "hong-kong" else 4), name
+    assert last["hong-kong"] > 2.0  # the retried round is counted, not hidden
     released = [[n.receipt["released"] for n in r.nodes] for r in result.history]
     versions = [{p["version"] for p in r if isinstance(p, dict)} for r in released]
     assert versions == [{2}] * done + [{1}] * (4 - done)

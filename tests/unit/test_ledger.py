@@ -129,6 +129,21 @@ def test_a_call_abandoned_while_waiting_for_the_lock_is_not_charged(ledger: Ledg
     assert ledger.count() == 1
 
 
+def test_job_spend_composes_every_charged_round_of_that_job_only(ledger: Ledger) -> None:
+    policy = _policy(100.0, delta=1e-5)
+    round_charge = gaussian_charge(epsilon=0.5, delta=1e-7, sensitivity=1)
+    for job, rounds in (("job-a", 3), ("job-b", 1)):
+        for r in range(rounds):
+            details = {"job_id": job, "round": min(r, 1)}  # job-a's round 1 is retried
+            ledger.charge(round_charge, policy=policy, operation="train", details=details)
+    _charge(ledger, laplace_charge(epsilon=1.0, sensitivity=1), policy)  # not training
+    three = Spend().plus(round_charge).plus(round_charge).plus(round_charge)
+    assert ledger.job_spend("acme", "job-a") == three
+    assert ledger.job_spend("acme", "job-b") == Spend().plus(round_charge)
+    assert ledger.job_spend("other", "job-a") == Spend()
+    assert ledger.job_spend("acme", "job-c") == Spend()
+
+
 def test_refusal_message_carries_the_remaining_budget_over_the_wire(ledger: Ledger) -> None:
     policy = _policy(1.0)
     _charge(ledger, laplace_charge(epsilon=0.75, sensitivity=1), policy)
