@@ -55,6 +55,7 @@ __all__ = [
     "Role",
     "channel_credentials",
     "check_validity",
+    "check_node_certificate",
     "common_name",
     "fingerprint",
     "init_ca",
@@ -270,6 +271,38 @@ def common_name(cert_pem: bytes) -> str:
         raise InvalidRequestError("certificate subject has no common name (CN)")
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
+
+
+def check_node_certificate(cert_pem: bytes, node_name: str) -> None:
+    """Check that ``cert_pem`` can serve node ``node_name``: a server certificate whose DNS
+    names include the node's name (coordinators verify a node under that name).
+
+    Raises:
+        ConfigError: a consumer (client-only) certificate, or one for another name.
+    """
+    cert = _cert(cert_pem)
+    subject = common_name(cert_pem)
+    hint = f"issue one with `federation certs issue --role node --name {node_name} ...`"
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None  # no restriction: any use
+    if usages is not None and ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+        raise ConfigError(
+            f"node.tls.cert: certificate {subject!r} is not a server certificate (no "
+            f"serverAuth usage; a consumer's?); {hint}"
+        )
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower() for n in alt.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if node_name.lower() not in names:
+        raise ConfigError(
+            f"node.tls.cert: certificate {subject!r} does not name node {node_name!r} (its "
+            f"DNS names: {', '.join(names) or 'none'}); coordinators verify a node by its "
+            f"name and would refuse this one; {hint}"
+        )
 
 
 def fingerprint(cert_pem: bytes) -> str:

@@ -166,6 +166,7 @@ def _bind(server: grpc.Server, config: NodeConfig) -> int:
     try:
         if config.tls is not None:
             identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+            pki.check_node_certificate(identity.cert_pem, config.name)
             port = server.add_secure_port(config.listen, pki.server_credentials(identity))
         else:
             port = server.add_insecure_port(config.listen)

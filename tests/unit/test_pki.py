@@ -305,3 +305,16 @@ def test_identity_load_rejects_key_of_another_certificate(ca_dir: Path, tmp_path
     _, other_key = pki.issue(ca_dir, name="other", role="consumer", out_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"other\.key does not belong"):
         pki.Identity.load(ca=ca, cert=cert, key=other_key)
+
+
+def test_a_node_refuses_to_serve_with_a_certificate_that_is_not_its_own(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    node_pem = pki.issue(ca_dir, name="hong-kong", role="node", out_dir=tmp_path)[0].read_bytes()
+    pki.check_node_certificate(node_pem, "hong-kong")
+    pki.check_node_certificate(node_pem, "Hong-Kong")  # DNS names compare case-insensitively
+    with pytest.raises(ConfigError, match="does not name node 'shenzhen'"):
+        pki.check_node_certificate(node_pem, "shenzhen")
+    consumer_pem = pki.issue(ca_dir, name="acme-ai", role="consumer", out_dir=tmp_path)[0]
+    with pytest.raises(ConfigError, match="not a server certificate"):
+        pki.check_node_certificate(consumer_pem.read_bytes(), "acme-ai")
