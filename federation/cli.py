@@ -150,14 +150,27 @@ def _os_error(err: OSError) -> str:
 
 
 def _describe(args: argparse.Namespace) -> int:
+    # Node by node: one node down must not hide what the others say.
+    descriptions: dict[str, NodeDescription] = {}
+    failures: dict[str, FederationError] = {}
     with Coordinator.from_config(args.config) as fed:
-        descriptions = fed.describe()
+        for name, client in fed.clients.items():
+            try:
+                descriptions[name] = client.describe()
+            except FederationError as err:
+                failures[name] = err
     if args.json:
-        print(json.dumps({n: _description_dict(d) for n, d in descriptions.items()}, indent=2))
-        return 0
-    for desc in descriptions.values():
-        print(format_description(desc))
-    return 0
+        document: dict[str, object] = {n: _description_dict(d) for n, d in descriptions.items()}
+        document.update({n: {"error": f"{type(e).__name__}: {e}"} for n, e in failures.items()})
+        print(json.dumps(document, indent=2))
+    else:
+        for desc in descriptions.values():
+            print(format_description(desc))
+    for name, failure in failures.items():
+        sys.stderr.write(
+            f"error: node {name!r} not described: {type(failure).__name__}: {failure}\n"
+        )
+    return 1 if failures else 0
 
 
 def _description_dict(d: NodeDescription) -> dict[str, object]:

@@ -77,6 +77,21 @@ def test_query_group_by_table_and_describe(federation_toml: Path) -> None:
     assert info["shenzhen"]["budget"]["releases"] >= 1
 
 
+def test_describe_shows_the_reachable_nodes_when_one_is_down(
+    federation_toml: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "with-a-dead-node.toml"
+    dead = '\n[[nodes]]\nname = "macau"\naddress = "127.0.0.1:1"\n'
+    config.write_text(federation_toml.read_text() + dead)
+    proc = run("describe", "--config", str(config), "--json")
+    assert proc.returncode == 1
+    info = json.loads(proc.stdout)
+    assert info["hong-kong"]["node"] == "hong-kong"
+    assert info["shenzhen"]["node"] == "shenzhen"
+    assert "error" in info["macau"]
+    assert "node 'macau' not described" in proc.stderr
+
+
 def test_bad_query_exits_2_with_a_clear_message(federation_toml: Path) -> None:
     proc = run(
         "query", "sum", "--config", str(federation_toml), "--dataset", "credit",
