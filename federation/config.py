@@ -123,9 +123,10 @@ def parse_coordinator_config(
         name, address = entry.get("name"), entry.get("address")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{source}: nodes[{i}].name: required string")
-        if not isinstance(address, str) or ":" not in address:
+        if not isinstance(address, str) or not _is_target(address):
             raise ConfigError(
-                f"{source}: nodes[{i}].address: expected 'host:port'; got {address!r}"
+                f"{source}: nodes[{i}].address: expected 'host:port' (port 1-65535); "
+                f"got {address!r}"
             )
         nodes.append(NodeAddress(name=name, address=address))
     if len({n.name for n in nodes}) != len(nodes):
@@ -163,3 +164,12 @@ def _known(table: Mapping[str, object], keys: set[str], where: str, source: str)
             raise ConfigError(
                 f"{source}: unknown key {key!r}{place}; known keys: {', '.join(sorted(keys))}"
             )
+
+
+def _is_target(address: str) -> bool:
+    """``host:port`` with a port in 1-65535 (IPv6 as ``[::1]:port``), or a gRPC
+    ``unix:`` socket target."""
+    if address.startswith("unix:"):
+        return len(address) > len("unix:")
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535

@@ -36,3 +36,17 @@ def test_the_receive_window_defaults_to_16_mib_and_reaches_every_client() -> Non
 def test_a_receive_window_out_of_range_is_a_config_error_naming_the_key(window: object) -> None:
     with pytest.raises(ConfigError, match="coordinator.receive_window_mib: must be a whole"):
         _parse({"receive_window_mib": window})
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000", ":5001"])
+def test_a_node_address_without_a_usable_port_is_a_config_error(address: str) -> None:
+    data = {"nodes": [{"name": "hong-kong", "address": address}]}
+    with pytest.raises(ConfigError, match=r"nodes\[0\].address: expected 'host:port'"):
+        parse_coordinator_config(data, base_dir=Path("."))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:5001", "[::1]:5001", "node.hk.example:443"])
+def test_node_addresses_in_the_usual_forms_are_accepted(address: str) -> None:
+    data = {"nodes": [{"name": "hong-kong", "address": address}]}
+    config = parse_coordinator_config(data, base_dir=Path("."))
+    assert config.nodes[0].address == address
