@@ -25,6 +25,9 @@ from nodes.audit_verify import Verification, chain_node, check_receipts, verify_
 __all__ = ["main"]
 
 
+_PROBLEMS_SHOWN = 20  # in text output; a wrong --ca breaks every entry of a long chain
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="federation audit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,8 +132,10 @@ def _print_verification(conn: sqlite3.Connection, v: Verification, args: argpars
         print("OK: every entry is intact and the budget agrees with the audit")
     else:
         print(f"BROKEN: first broken {v.problems[0]}")
-        for problem in v.problems[1:]:
+        for problem in v.problems[1:_PROBLEMS_SHOWN]:
             print(f"  also: {problem}")
+        if len(v.problems) > _PROBLEMS_SHOWN:
+            print(f"  ... and {len(v.problems) - _PROBLEMS_SHOWN} more (--json lists all)")
     if checked:
         print(
             f"receipts of node {node!r} checked against the ledger: {checked}, "
