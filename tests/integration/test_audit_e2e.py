@@ -14,9 +14,13 @@ import pytest
 from federation import BudgetExhaustedError, Count, FederationError, Mean
 from federation.coordinator import Coordinator, QueryResult
 from federation.local import LocalFederation
+from federation.queries import Mechanism
 from federation.receipts import ReceiptRecord, find_receipt_records, verify_records
+from federation.wire import AnalyzeRequest
 from nodes.audit import iter_entries, open_state_dir
 from nodes.audit_verify import check_receipts, verify_chain
+
+LAPLACE = Mechanism.LAPLACE
 
 QUERIES_BEFORE_KILL = 6
 QUERIES_AFTER_KILL = 4
@@ -148,8 +152,10 @@ def test_refusal_is_audited_with_its_reason_and_costs_nothing(audited_fed: Local
     fed = audited_fed.coordinator
     assert fed is not None
     before = fed.budgets()["hong-kong"]
+    # Straight to the node: Coordinator.analyze would not even ask a node whose Describe
+    # shows a per-release cap below the epsilon.
     with pytest.raises(BudgetExhaustedError):
-        fed.analyze(Count("credit"), epsilon=5.0)
+        fed.clients["hong-kong"].analyze(AnalyzeRequest(Count("credit"), 5.0, 0.0, LAPLACE))
     assert fed.budgets()["hong-kong"] == before
     conn = open_state_dir(state_dir(audited_fed, "hong-kong"))
     refused = [e for e in iter_entries(conn) if e.kind == "refused"]
