@@ -118,6 +118,23 @@ class Ledger:
         )
         return Spend.from_json(row[0]) if row else Spend()
 
+    def job_first_round(self, consumer: str, job_id: str) -> dict[str, object] | None:
+        """The details recorded with the first training charge of ``job_id`` for
+        ``consumer`` (``nodes.rounds.round_details``), or None if it has none."""
+        row = (
+            self._connect()
+            .execute(
+                "SELECT details FROM charges WHERE consumer = ? AND operation = 'train'"
+                " AND json_extract(details, '$.job_id') = ? ORDER BY created_at LIMIT 1",
+                (consumer, job_id),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        details: dict[str, object] = json.loads(row[0])
+        return details
+
     def job_spend(self, consumer: str, job_id: str) -> Spend:
         """The composed spend of every training round charged to ``job_id`` for
         ``consumer``, retried rounds included (zero if none)."""

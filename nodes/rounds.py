@@ -11,6 +11,7 @@ the next. Nothing here touches the protocol or the data.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -124,6 +125,33 @@ def check_affordable(plan: TrainPlan, *, spend: Spend, policy: ConsumerPolicy) -
             f"it would bring the composed spend to {needed:.6g} of {policy.epsilon:g}; ask for "
             f"a smaller target_epsilon; remaining_epsilon={remaining:.6g}",
             remaining_epsilon=remaining,
+        )
+
+
+def check_same_job(plan: TrainPlan, first: Mapping[str, object] | None) -> None:
+    """Refuse a round whose job settings differ from those of the job's first charged round.
+
+    A job's noise multiplier is chosen for its declared rounds and target epsilon, and the
+    operator's ``max_rounds`` bounds its declared rounds: a coordinator that re-declared
+    them under the same ``job_id`` (one round of a one-round job, again and again) would
+    step around both. ``first`` is ``Ledger.job_first_round``; None for a new job.
+
+    Raises:
+        InvalidRequestError: a setting differs (the message names it).
+    """
+    if first is None:
+        return
+    now = round_details(plan)
+    # The round moves on; the noise multiplier is derived from the rest (an update of the
+    # accountant may shift it without the job changing). JSON, as the ledger stored it.
+    compared = {k: v for k, v in now.items() if k not in ("round", "noise_multiplier")}
+    changed = [k for k, v in json.loads(json.dumps(compared)).items() if v != first.get(k)]
+    if changed:
+        was = ", ".join(f"{k}={first.get(k)!r}" for k in changed)
+        asked = ", ".join(f"{k}={now[k]!r}" for k in changed)
+        raise InvalidRequestError(
+            f"train job {plan.job_id} was started here with {was}; this round asks {asked}. "
+            "A job's settings are fixed at its first round: start a new job to change them"
         )
 
 

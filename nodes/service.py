@@ -230,6 +230,7 @@ class NodeService(pb_grpc.NodeServicer):
             config, schema=trainer.table.schema, policy=policy, registry=self.registry
         )
         rounds.check_layout(plan, headers)  # before a byte of weights is read
+        rounds.check_same_job(plan, self.ledger.job_first_round(policy.name, plan.job_id))
         rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
         if not self._train_slots.acquire(timeout=_slot_wait_s(context, admission)):
             raise NodeBusyError(
@@ -275,7 +276,7 @@ class NodeService(pb_grpc.NodeServicer):
                 record,
                 node_name=self.config.name,
                 tensor_digest=config.tensor_digest,
-                job_epsilon=self.ledger.job_spend(consumer, plan.job_id).epsilon_at(plan.delta),
+                job_epsilon=self.ledger.job_spend(policy.name, plan.job_id).epsilon_at(plan.delta),
             )
             payload = rounds.round_payload(plan, result, update)
             # Audit, then send: if the release entry cannot be written, nothing is released.

@@ -273,10 +273,10 @@ def _raw_train(
     weights: dict[str, npt.NDArray[np.float32]],
     *,
     tensor_digest: str | None = None,
+    config: TrainConfig = _RAW_CONFIG,
 ) -> grpc.RpcError:
     """Send one Train stream through the generated stub; return the error it ends with."""
     assert local.identity is not None
-    config = _RAW_CONFIG
     headers = wire.tensor_headers(weights)
     config_msg = wire.train_config_to_proto(config, tensors=headers)
     if tensor_digest is not None:
@@ -319,6 +319,28 @@ def test_an_unknown_tensor_digest_is_invalid_argument_and_charges_nothing(
     error = _raw_train(trained_fed, "hong-kong", _good_weights(), tensor_digest="md5")
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "tensor_digest must be one of blake3, sha256; got 'md5'" in (error.details() or "")
+    assert releases(fed) == before
+
+
+def test_a_job_cannot_be_redeclared_under_its_id_and_nothing_is_charged(
+    trained_fed: LocalFederation,
+) -> None:
+    # One round of a 2-round job, then the same job id declared as a 1-round job (say, to
+    # run "round 0 of 1" again and again past max_rounds): refused before any weights.
+    fed = _fed(trained_fed)
+    result = fed.train(SPEC, rounds=2, target_epsilon=2.0, **{**TRAINING, "local_steps": 1})
+    redeclared = dataclasses.replace(
+        _RAW_CONFIG,
+        job_id=result.job_id,
+        total_rounds=1,
+        sample_rate=TRAINING["sample_rate"],
+        learning_rate=TRAINING["learning_rate"],
+    )
+    before = releases(fed)
+    error = _raw_train(trained_fed, "hong-kong", _good_weights(), config=redeclared)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details() or ""
+    assert f"train job {result.job_id} was started here with total_rounds=2" in details
     assert releases(fed) == before
 
 
