@@ -96,6 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
     from federation.models import ModelSpec
 
     check_output_file(args.out, what="--out")  # before any round is charged
+    if args.resume and args.checkpoint_dir is None:
+        raise InvalidRequestError("--resume needs --checkpoint-dir (where the checkpoint is)")
 
     spec = ModelSpec(
         architecture=args.model,

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from federation import pki, receipts
+from federation import __version__, pki, receipts
 from federation._train_cli import add_train_parser, run_train
 from federation.coordinator import Coordinator, QueryResult
 from federation.errors import ConfigError, FederationError, InvalidRequestError
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="federation", description="Privacy-preserving federated analytics."
     )
+    parser.add_argument("--version", action="version", version=f"federation {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("describe", help="show each node's datasets and your budget there")

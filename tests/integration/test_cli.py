@@ -183,6 +183,14 @@ def test_common_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path: Path) -
         assert message in proc.stderr, (what, proc.stderr)
         assert "Traceback" not in proc.stderr, (what, proc.stderr)
     assert node_toml.read_text() == hand_edited  # never overwritten without --force
+    resume = run(
+        "train", "--dataset", "d", "--features", "a", "--target", "t", "--rounds", "1",
+        "--target-epsilon", "1", "--out", str(tmp_path / "m.safetensors"), "--resume",
+    )  # fmt: skip
+    assert resume.returncode == 2
+    assert "--resume needs --checkpoint-dir" in resume.stderr
+    version = run("--version")
+    assert (version.returncode, version.stdout.split()[0]) == (0, "federation")
     help_text = run("audit", "--help")
     assert help_text.returncode == 0, help_text.stderr
     assert "usage: federation audit" in help_text.stdout
