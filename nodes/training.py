@@ -41,10 +41,11 @@ Two floating-point rules keep a coordinator's weights (finite, but as large as i
 from defeating the clipping or the noise. A record whose gradient or norm overflows
 (inf/NaN) contributes nothing to the sum, so every record's contribution stays finite with
 norm <= ``clip_norm``. And the noise is added to the clipped sum before the sum touches
-the weights: each coordinate's new weight is ``w - step * (sum + noise)`` rounded once,
-a function of the noisy sum (post-processing). Adding the sum and then the noise would
-round ``w - step * sum`` first, and with weights whose float spacing is near ``step *
-clip_norm`` that rounding reveals the un-noised sum.
+the weights: the sum and the noise meet in a buffer (float32, rounding at about the
+noise's own precision, as in Opacus), and each weight then takes one add of ``-step *
+(sum + noise)``, a function of the noisy sum (post-processing). Adding the sum to the
+weights and then the noise would round ``w - step * sum`` first, and with weights whose
+float spacing is near ``step * clip_norm`` that rounding reveals the un-noised sum.
 
 Records are split once, by a public rule, into training (90%) and held-out (10%) parts:
 a record is held out iff a 64-bit hash of *its own values* is 0 mod 10, so adding or
@@ -139,6 +140,7 @@ _DATA_CACHE_ENTRIES = 4
 # the add when other processes share the cores (measured: 0.9 s vs 3 s per 100M values).
 _NOISE_CHUNK_CPU = 1 << 15
 _NOISE_CHUNK_DEVICE = 1 << 24  # accelerators: large slices (one kernel launch each)
+_THREADS_LOCK = threading.Lock()  # held while a step has torch on one thread (_one_cpu_thread)
 
 
 # ------------------------------------------------------------------ planning (no data)
@@ -522,7 +524,7 @@ def clip_per_sample(
     Returns:
         The clipped per-sample gradients and the per-sample norms before clipping.
     """
-    squares = [g.flatten(1).square().sum(1) for g in grads.values()]
+    squares = [g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values()]
     norms = torch.stack(squares).sum(0).sqrt()
     factors = _clip_factors(norms, clip_norm)
     finite = torch.isfinite(norms)
@@ -538,6 +540,11 @@ def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
     """The layers of a plain Linear/ReLU stack ending in one logit (the built-ins), else None."""
     layers = list(model) if type(model) is nn.Sequential else [model]
     if not all(type(layer) in (nn.Linear, nn.ReLU) for layer in layers):
+        return None
+    linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
+    if len({id(layer) for layer in linears}) != len(linears):
+        # A Linear used twice: its per-sample gradient is the sum over both uses, whose
+        # norm the per-layer identity does not give. The generic path is exact.
         return None
     last = layers[-1]
     return layers if isinstance(last, nn.Linear) and last.out_features == 1 else None
@@ -713,8 +720,8 @@ class _Piece:
 def _rows(param: torch.Tensor) -> torch.Tensor:
     """``param`` viewed as ``(rows, row_len)``: a weight's own rows; a vector's values."""
     flat = param.detach()
-    if flat.dim() >= 2:
-        return flat.view(flat.shape[0], -1)
+    if flat.dim() >= 2:  # (not -1: a zero-size view cannot infer it)
+        return flat.view(flat.shape[0], math.prod(flat.shape[1:]))
     return flat.view(-1, 1)
 
 
@@ -801,17 +808,25 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     Each block's ops are small (32768 values); torch and the BLAS would still wake their
     worker threads for some (a rank-B ``addmm_`` does), and with passive OpenMP waiting
     (``python -m nodes``) each wake-up costs more than the op: 0.21 s against 0.03 s for
-    a 100M-parameter step's 3,000 blocks, measured. The node trains one round at a time.
+    a 100M-parameter step's 3,000 blocks, measured.
+
+    ``torch.set_num_threads`` is process-wide: torch work on other threads meanwhile runs
+    on one thread too (speed only, never results). A node trains one round at a time by
+    default (``max_concurrent_trainings``); when rounds overlap, only one lowers the
+    count at a time and the others leave it alone.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if device.type != "cpu" or threads == 1 or not _THREADS_LOCK.acquire(blocking=False):
         yield
         return
-    torch.set_num_threads(1)
     try:
-        yield
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
     finally:
-        torch.set_num_threads(threads)
+        _THREADS_LOCK.release()
 
 
 def _add_rows(out: torch.Tensor, part: _GradientRows, start: int, stop: int) -> None:

@@ -661,3 +661,47 @@ def test_a_held_out_record_with_an_overflowing_loss_counts_as_the_worst_loss(
     loss_grid, correct, n = engine._evaluate(model, data, granularity=1.0, center=0.0)
     assert (n, correct) == (2, 1)  # a NaN logit predicts 0, which the second record is
     assert loss_grid == 1 + LOSS_UPPER  # log(2) on the unit grid, then the NaN one
+
+
+class _OddParameters(nn.Module):
+    """An operator architecture with a scalar, a zero-size and a 3-D parameter."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.unused = nn.Parameter(torch.zeros(0, 3))
+        self.cube = nn.Parameter(torch.full((2, 2, 2), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale + self.cube.sum() + self.unused.sum()
+
+
+def test_parameters_of_any_shape_get_their_clipped_sum_and_noise() -> None:
+    # Zero-size ((0, 3)), scalar and 3-D parameters: each coordinate takes its clipped sum
+    # and one draw of noise (sigma tiny here, so the step equals the clipped sum).
+    model = _OddParameters(6)
+    x, y = _batch(rows=5)
+    plan = dataclasses.replace(
+        _plan(), local_steps=1, sample_rate=1.0, learning_rate=1.0, noise_multiplier=1e-12
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sums, _ = clipped_gradient_sum(model, x, y, clip_norm=plan.clip_norm)
+    stepper = _Stepper(model, _all_in_every_batch(x, y), plan, torch.Generator(), examples=1.0)
+    stepper.step(np.random.default_rng(0))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), before[name] - sums[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_linear_layer_used_twice_takes_the_exact_generic_path() -> None:
+    # The per-layer norm identity treats each use as its own layer: it understated the
+    # record's norm (up to 1.12x the clip got through) and kept one use's sum.
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
+                          nn.Linear(4, 1))  # fmt: skip
+    x, y = _batch(rows=16)
+    sums, norms = clipped_gradient_sum(model, x, y, clip_norm=1e-3)
+    clipped, expected = clip_per_sample(per_sample_gradients(model, x, y), 1e-3)
+    torch.testing.assert_close(norms, expected)
+    for name, value in clipped.items():
+        torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-8)
