@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,7 +70,8 @@ def load_table(
     except (OSError, pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
         raise ConfigError(
             f"dataset {schema.name!r}: cannot read {path.name} as {file_format} "
-            f"with the declared columns ({type(err).__name__}: {_safe(err)})"
+            f"with the declared columns ({type(err).__name__}: "
+            f"{_safe(err, [c.name for c in schema.columns])})"
         ) from err
     columns = {c.name: _convert(arrow.column(c.name), c, schema.name) for c in schema.columns}
     log.info("dataset %r loaded: %d columns", schema.name, len(columns))
@@ -99,14 +101,32 @@ def _arrow_type(col: Column) -> pa.DataType:
     }[col.type]
 
 
-# Arrow quotes the offending cell ("invalid value 'x'"); the message must not carry it.
-_QUOTED = re.compile(r"""(['"]).*?\1""")
+def _safe(err: Exception, columns: Sequence[str]) -> str:
+    """What an error reading the data file may say: never text arrow copied from the data.
 
-
-def _safe(err: Exception) -> str:
-    """An arrow error's first line with any quoted text (a cell's value) masked."""
-    first = str(err).splitlines()[0] if str(err) else ""
-    return _QUOTED.sub(r"\1…\1", first)[:200]
+    Arrow's messages quote cells ("invalid value 'x'", with or without closing quotes)
+    and whole rows ("Expected 2 columns, got 3: a,b,c"), so only known, data-free parts
+    are kept: the CSV column number, the target type, field counts, a missing column's
+    name (schema, public). File-system errors are about paths, not data.
+    """
+    if isinstance(err, OSError) and not isinstance(err, pa.ArrowException):
+        return str(err)
+    text = str(err)
+    parts: list[str] = []
+    if column := re.search(r"CSV column #(\d+)", text):
+        parts.append(f"CSV column #{column[1]}")
+    if target := re.search(r"conversion error to (\w+)", text):
+        parts.append(f"a value is not a valid {target[1]} (value not shown)")
+    if counts := re.search(r"Expected (\d+) columns, got (\d+)", text):
+        parts.append(f"a row has {counts[2]} fields where {counts[1]} are expected")
+    for pattern in (
+        r"Column '([^']*)' in include_columns does not exist",
+        r"FieldRef\.Name\((.*?)\)",
+    ):
+        missing = re.search(pattern, text)
+        if missing and missing[1] in columns:  # a declared column: schema, not data
+            parts.append(f"the file has no column {missing[1]!r}")
+    return "; ".join(parts) or "details withheld: arrow's message may quote the data"
 
 
 def _convert(data: pa.ChunkedArray, col: Column, dataset: str) -> npt.NDArray[np.generic]:

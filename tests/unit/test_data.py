@@ -26,13 +26,35 @@ def test_non_finite_float_in_parquet_stops_the_node(tmp_path: Path, bad: float) 
     assert "1.0" not in str(info.value)  # names the column, never a value
 
 
-def test_a_cell_of_the_wrong_type_is_named_by_column_never_quoted(tmp_path: Path) -> None:
-    # Arrow's own message quotes the cell; an operator's log or terminal must not get it.
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        ("SECRET_VALUE_42", "CSV column #0; a value is not a valid double (value not shown)"),
+        ("O'Brien SECRET", "CSV column #0; a value is not a valid double"),
+        ("'SECRET", "CSV column #0; a value is not a valid double"),
+        ('"SECRET line1\nline2"', "CSV column #0; a value is not a valid double"),
+        ("2,SECRET", "a row has 2 fields where 1 are expected"),
+    ],
+)
+def test_a_bad_cell_is_placed_never_quoted(tmp_path: Path, cell: str, said: str) -> None:
+    # Arrow's own messages quote cells (closing quote or not) and whole rows.
     path = tmp_path / "d.csv"
-    path.write_text("x\n1.5\nSECRET_VALUE_42\n")
-    with pytest.raises(ConfigError, match="CSV column #0") as info:
+    path.write_text(f"x\n1.5\n{cell}\n")
+    with pytest.raises(ConfigError, match="cannot read d.csv") as info:
         load_table(path, schema=SCHEMA, file_format="csv")
+    assert said in str(info.value)
     assert "SECRET" not in str(info.value)
+
+
+def test_a_missing_declared_column_is_named(tmp_path: Path) -> None:
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("y\n1.5\n")
+    with pytest.raises(ConfigError, match="the file has no column 'x'"):
+        load_table(csv_path, schema=SCHEMA, file_format="csv")
+    parquet_path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"y": [1.5]}), parquet_path)
+    with pytest.raises(ConfigError, match="the file has no column 'x'"):
+        load_table(parquet_path, schema=SCHEMA, file_format="parquet")
 
 
 def test_non_finite_float_in_arrays_is_refused() -> None:
