@@ -297,12 +297,22 @@ def check_node_certificate(cert_pem: bytes, node_name: str) -> None:
         names = [n.lower() for n in alt.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         names = []
-    if node_name.lower() not in names:
+    # As gRPC checks the name: the DNS names (a wildcard covers one leftmost label), or,
+    # without any, the common name.
+    if not any(_dns_matches(pattern, node_name.lower()) for pattern in names or [subject]):
         raise ConfigError(
             f"node.tls.cert: certificate {subject!r} does not name node {node_name!r} (its "
             f"DNS names: {', '.join(names) or 'none'}); coordinators verify a node by its "
             f"name and would refuse this one; {hint}"
         )
+
+
+def _dns_matches(pattern: str, name: str) -> bool:
+    pattern = pattern.lower()
+    if pattern.startswith("*."):
+        label, _, rest = name.partition(".")
+        return bool(label) and rest == pattern[2:]
+    return pattern == name
 
 
 def fingerprint(cert_pem: bytes) -> str:

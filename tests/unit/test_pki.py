@@ -318,3 +318,37 @@ def test_a_node_refuses_to_serve_with_a_certificate_that_is_not_its_own(
     consumer_pem = pki.issue(ca_dir, name="acme-ai", role="consumer", out_dir=tmp_path)[0]
     with pytest.raises(ConfigError, match="not a server certificate"):
         pki.check_node_certificate(consumer_pem.read_bytes(), "acme-ai")
+
+
+def _server_cert(ca_dir: Path, common: str, dns: list[str]) -> bytes:
+    """A server certificate made outside `federation certs` (no SAN when ``dns`` is empty)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_cert, ca_key = pki._load_ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    if dns:
+        names = [x509.DNSName(d) for d in dns]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_node_name_check_accepts_what_grpc_accepts(ca_dir: Path) -> None:
+    pki.check_node_certificate(_server_cert(ca_dir, "hong-kong", []), "hong-kong")  # CN only
+    wildcard = _server_cert(ca_dir, "nodes", ["*.nodes.example"])
+    pki.check_node_certificate(wildcard, "hk.nodes.example")
+    with pytest.raises(ConfigError, match="does not name node"):
+        pki.check_node_certificate(wildcard, "a.b.nodes.example")  # one label only
+    with pytest.raises(ConfigError, match="does not name node"):
+        pki.check_node_certificate(_server_cert(ca_dir, "hong-kong", ["other"]), "hong-kong")
