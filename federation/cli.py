@@ -138,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train" and args.checkpoint_dir is not None:
-            hint = f"; the last finished round is in {args.checkpoint_dir}: rerun with --resume"
+        directory = getattr(args, "checkpoint_dir", None)
+        if args.command == "train" and directory and (directory / "checkpoint.json").exists():
+            hint = f"; the last finished round is in {directory}: add --resume"
         sys.stderr.write(f"interrupted{hint}\n")
         return 130
 

@@ -267,10 +267,20 @@ class Coordinator:
         )
 
     def _over_cap(self, epsilon: float, names: Sequence[str]) -> dict[str, FederationError]:
-        """Nodes whose last Describe caps one release below ``epsilon`` (0: not stated)."""
+        """Nodes whose Describe caps one release below ``epsilon`` (0: not stated).
+
+        A cached Describe that says so is refreshed first: the operator may have raised
+        the cap since (a node that cannot be described now is asked as before).
+        """
         refused: dict[str, FederationError] = {}
         for name in names:
             cap = self._descriptions[name].budget.max_epsilon_per_release
+            if 0 < cap < epsilon:
+                try:
+                    self._descriptions[name] = self.clients[name].describe()
+                except FederationError:
+                    continue
+                cap = self._descriptions[name].budget.max_epsilon_per_release
             if 0 < cap < epsilon:
                 refused[name] = BudgetExhaustedError(
                     f"epsilon {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
