@@ -35,7 +35,12 @@ from federation.releases import Budgets, BudgetStatus, NodeDescription
 from federation.schema import Column, ColumnType, DatasetSchema
 
 if typing.TYPE_CHECKING:
-    from federation.coordinator.training import RoundRecord, TrainingResult, load_model
+    from federation.coordinator.training import (
+        RoundRecord,
+        TrainingResult,
+        load_model,
+        load_schema,
+    )
     from federation.models import ModelSpec
 
 __version__ = "0.1.0"
@@ -77,6 +82,7 @@ __all__ = [
     "UnauthenticatedError",
     "__version__",
     "load_model",
+    "load_schema",
     "parse_filter",
 ]
 
@@ -86,6 +92,7 @@ _LAZY = {
     "RoundRecord": "federation.coordinator.training",
     "TrainingResult": "federation.coordinator.training",
     "load_model": "federation.coordinator.training",
+    "load_schema": "federation.coordinator.training",
 }
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from federation.errors import InvalidRequestError
 
@@ -106,6 +108,49 @@ class DatasetSchema:
         names = [c.name for c in self.columns]
         if len(set(names)) != len(names):
             raise InvalidRequestError(f"dataset {self.name!r} declares a column twice")
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dictionary (public metadata only)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "columns": [
+                {
+                    "name": c.name,
+                    "type": c.type.value,
+                    "lower": c.lower,
+                    "upper": c.upper,
+                    "domain": list(c.domain),
+                    "description": c.description,
+                }
+                for c in self.columns
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetSchema:
+        """Read what ``to_dict`` wrote.
+
+        Raises:
+            InvalidRequestError: a column is malformed (unknown type, bad bounds).
+        """
+        try:
+            columns = tuple(
+                Column(
+                    name=str(c["name"]),
+                    type=ColumnType(c["type"]),
+                    lower=None if c.get("lower") is None else float(c["lower"]),
+                    upper=None if c.get("upper") is None else float(c["upper"]),
+                    domain=tuple(str(v) for v in c.get("domain", ())),
+                    description=str(c.get("description", "")),
+                )
+                for c in data["columns"]
+            )
+            return cls(str(data["name"]), columns, str(data.get("description", "")))
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, InvalidRequestError):
+                raise
+            raise InvalidRequestError(f"malformed dataset schema: {err}") from err
 
     def column(self, name: str) -> Column:
         """Return the column called ``name``.

@@ -65,6 +65,7 @@ from federation.models import (
     input_dim,
     state_shapes,
 )
+from federation.schema import DatasetSchema
 from federation.training import (
     DEFAULT_TENSOR_DIGEST,
     LEGACY_TENSOR_DIGEST,
@@ -79,7 +80,7 @@ from federation.training import (
 if TYPE_CHECKING:
     from federation.coordinator import Coordinator, NodeClient
 
-__all__ = ["NodeRound", "RoundRecord", "TrainingResult", "load_model", "train"]
+__all__ = ["NodeRound", "RoundRecord", "TrainingResult", "load_model", "load_schema", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class TrainingResult:
         spec: the model spec.
         input_dim: the model's input width (rebuild with ``build_model``).
         job_id: the job's id at the nodes (their ledgers record it with every charge).
+        schema: the dataset's public schema the nodes agreed on, which fixes how records
+            become model inputs (``federation.models.encode_features``).
     """
 
     model: torch.nn.Module
@@ -108,6 +111,7 @@ class TrainingResult:
     spec: ModelSpec
     input_dim: int
     job_id: str
+    schema: DatasetSchema | None = None
 
     def _repr_html_(self) -> str:
         """The history as a table in Jupyter: per round and node, cost and DP count."""
@@ -136,6 +140,7 @@ class TrainingResult:
                     "input_dim": self.input_dim,
                     "job_id": self.job_id,
                     "rounds": len(self.history),
+                    "schema": None if self.schema is None else self.schema.to_dict(),
                 },
                 indent=1,
             )
@@ -161,6 +166,25 @@ def load_model(
         raise ConfigError(f"cannot read model sidecar {sidecar}: {err}") from err
     module = _module_from_arrays(spec, dim, read_safetensors(target), registry)
     return module, spec
+
+
+def load_schema(path: str | Path) -> DatasetSchema:
+    """The dataset schema saved with a model (``TrainingResult.save``): pass it to
+    ``federation.models.encode_features`` to turn records into the model's inputs.
+
+    Raises:
+        ConfigError: the sidecar is missing or malformed, or holds no schema (a model
+            saved before schemas were saved with it).
+    """
+    target = Path(path)
+    sidecar = target.with_name(target.name + ".json")
+    try:
+        data = json.loads(sidecar.read_text())["schema"]
+        if data is None:
+            raise ConfigError(f"{sidecar} holds no schema (saved before schemas were)")
+        return DatasetSchema.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read the schema in model sidecar {sidecar}: {err}") from err
 
 
 # ---------------------------------------------------------------- the job
@@ -300,7 +324,12 @@ def train(
     _run(coordinator, job, directory, progress=progress, on_round=on_round)
     model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
     return TrainingResult(
-        model=model, history=job.history, spec=spec, input_dim=dim, job_id=job.job_id
+        model=model,
+        history=job.history,
+        spec=spec,
+        input_dim=dim,
+        job_id=job.job_id,
+        schema=schema,
     )
 
 

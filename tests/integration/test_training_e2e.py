@@ -41,11 +41,17 @@ from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.coordinator import Coordinator, NodeClient
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES
-from federation.coordinator.training import NodeRound, RoundRecord, TrainingResult, load_model
+from federation.coordinator.training import (
+    NodeRound,
+    RoundRecord,
+    TrainingResult,
+    load_model,
+    load_schema,
+)
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
 from federation.metrics import roc_auc
-from federation.models import ModelSpec, build_model, initial_arrays, input_dim
+from federation.models import ModelSpec, build_model, encode_features, initial_arrays, input_dim
 from federation.training import TrainConfig
 from nodes.ledger import Ledger
 
@@ -153,6 +159,20 @@ def test_training_reaches_a_useful_model_and_saves_it(
     for module in (plain, loaded):
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, result.model.state_dict()[name])
+    # The sidecar carries the public schema: a consumer encodes its own records with it,
+    # exactly as the nodes did (the inputs held_out_auc builds by hand).
+    schema = load_schema(path)
+    assert schema == CREDIT_SCHEMA
+    records = synthetic_credit(jurisdiction="hong-kong", rows=50, seed=5)
+    x = encode_features(records, features=spec.features, schema=schema)
+    for i, name in enumerate(FEATURES):
+        column = CREDIT_SCHEMA.column(name)
+        assert column.lower is not None
+        assert column.upper is not None
+        expected = (np.clip(records[name], column.lower, column.upper) - column.lower) / (
+            column.upper - column.lower
+        )
+        np.testing.assert_allclose(x[:, i], expected, rtol=1e-6)
 
 
 def _assert_receipts_verify(local: LocalFederation, nodes: Sequence[NodeRound]) -> None:

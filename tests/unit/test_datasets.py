@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from federation.datasets import CREDIT_SCHEMA, JURISDICTIONS, synthetic_credit, write_dataset
 from federation.errors import InvalidRequestError
-from federation.schema import ColumnType, check_compatible
+from federation.schema import ColumnType, DatasetSchema, check_compatible
 
 Columns = dict[str, npt.NDArray[Any]]
 ROWS = 40_000
@@ -225,3 +226,12 @@ def test_write_rejects_unknown_suffix(tmp_path: Path, hong_kong: Columns) -> Non
 
 def _share(data: Columns, column: str, value: str) -> float:
     return float((data[column] == value).mean())
+
+
+def test_a_schema_round_trips_through_json_and_refuses_malformed_input() -> None:
+    text = json.dumps(CREDIT_SCHEMA.to_dict())
+    assert DatasetSchema.from_dict(json.loads(text)) == CREDIT_SCHEMA
+    broken = json.loads(text)
+    broken["columns"][0]["type"] = "complex"
+    with pytest.raises(InvalidRequestError, match="malformed dataset schema"):
+        DatasetSchema.from_dict(broken)
