@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -288,6 +289,14 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: float) -> str:
+    """Counts and amounts in full with separators (40,012, not 4.001e+04); small and
+    huge values with 4 significant digits."""
+    if math.isfinite(value) and 1e3 <= abs(value) < 1e15:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
 def format_result(result: QueryResult, truth: dict[str, list[float]] | None = None) -> str:
     """Render a result as a table; ``truth`` adds exact values (synthetic data only)."""
     pct = round(result.confidence * 100)
@@ -297,13 +306,13 @@ def format_result(result: QueryResult, truth: dict[str, list[float]] | None = No
     lines = [header]
     for g in result.groups:
         for i, (label, e) in enumerate(zip(result.labels, g.estimates, strict=True)):
-            ci = f"[{e.low:,.4g}, {e.high:,.4g}]"
-            value = f"{e.value:>14,.4g}"
+            ci = f"[{_number(e.low)}, {_number(e.high)}]"
+            value = f"{_number(e.value):>14}"
             if e.suppressed:  # a node's min_cohort guard withheld it
                 value, ci = f"{'suppressed':>14}", ""
             row = f"{(g.group or 'all') if i == 0 else '':<14} {label:<18} {value} {ci:>29}"
             if truth is not None:
-                row += f" {truth[g.group][i]:>14,.4g}"
+                row += f" {_number(truth[g.group][i]):>14}"
             lines.append(row)
     lines.append(
         "cost: "

@@ -103,6 +103,10 @@ def _toml(value: object) -> str:
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
+# ISO 3166 codes for the built-in synthetic nodes; other names get their first letters.
+_KNOWN_JURISDICTIONS = {"hong-kong": "HK", "shenzhen": "CN"}
+
+
 def node_config_toml(
     *,
     name: str,
@@ -350,7 +354,7 @@ class LocalFederation:
             data_path = write_dataset(columns, node_dir / f"{schema.name}.parquet", schema=schema)
             text = node_config_toml(
                 name=name,
-                jurisdiction=name.upper()[:2],
+                jurisdiction=_KNOWN_JURISDICTIONS.get(name, name.upper()[:2]),
                 data_path=data_path,
                 schema=schema,
                 state_dir=node_dir / "state",

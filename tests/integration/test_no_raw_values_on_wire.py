@@ -51,7 +51,7 @@ def walk(message: Message) -> tuple[list[float], list[str]]:
 
 
 def public_strings() -> set[str]:
-    words = {"credit", "hong-kong", "shenzhen", "local-researcher", "HO", "SH", "0.1.0"}
+    words = {"credit", "hong-kong", "shenzhen", "local-researcher", "HK", "CN", "0.1.0"}
     words.add(CREDIT_SCHEMA.description)
     for col in CREDIT_SCHEMA.columns:
         words.update((col.name, col.description))
