@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from federation import __version__, pki, receipts
 from federation._train_cli import add_train_parser, run_train
 from federation.coordinator import Coordinator, QueryResult
@@ -355,6 +357,10 @@ def _verify_receipts(args: argparse.Namespace) -> int:
     if args.ca is not None:
         with args.ca:
             ca_pem = args.ca.read()
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as err:  # a usage error, not a failed receipt
+            raise ConfigError(f"--ca {args.ca.name} is not a PEM certificate") from err
     if not records:
         raise ConfigError("no receipts in the given files (expected `federation query --json`)")
     results = receipts.verify_records(records, ca_pem=ca_pem, node_keys=dict(args.node_cert))

@@ -135,6 +135,8 @@ def test_common_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path: Path) -
     data = tmp_path / "d.csv"
     data.write_text("age,income\n30,100\n40,200\n")
     (tmp_path / "bad.toml").write_bytes(b"\xff\xfe[x")
+    empty_json = tmp_path / "results.json"
+    empty_json.write_text("{}")
     node_toml = tmp_path / "node.toml"
     assert run("node", "init", str(data), "--out", str(node_toml)).returncode == 0
     hand_edited = node_toml.read_text() + "# the operator's edits\n"
@@ -172,6 +174,9 @@ def test_common_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path: Path) -
         "state_dir is a file": (
             ["node", "serve", "--config", str(with_file_state), "--insecure"],
             "node.state_dir: cannot use",
+        ),
+        "--ca not a certificate": (
+            ["receipts", "verify", str(empty_json), "--ca", str(data)], "is not a PEM certificate"
         ),
         "certs into no folder": (
             ["certs", "init", "--out", str(in_the_way / "pki")], "Not a directory"
