@@ -909,7 +909,12 @@ class TrainingEngine:
             generator = torch.Generator(device=self.device).manual_seed(0)
             torch.empty(1, device=self.device).normal_(generator=generator)
         except (RuntimeError, AssertionError, NotImplementedError) as err:
-            raise ConfigError(f"training device {device!r} is not available: {err}") from err
+            # torch's own message can run to a paragraph (linker hints): keep its gist.
+            gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                build = torch.version.cuda or "none (a CPU-only build)"
+                gist = f"torch {torch.__version__} sees no CUDA device (its CUDA: {build})"
+            raise ConfigError(f"training device {device!r} is not available: {gist}") from err
         self.table = table
         self.registry = registry
         self._lock = threading.Lock()
