@@ -143,7 +143,9 @@ class Guard:
                 if key == CONSUMER_HEADER and isinstance(value, str) and value:
                     return value
             raise UnauthenticatedError(
-                f"insecure node: name yourself in the {CONSUMER_HEADER!r} metadata header"
+                f"insecure node: name yourself in the {CONSUMER_HEADER!r} metadata header "
+                '(`consumer = "..."` under [coordinator] in federation.toml, or '
+                "Coordinator.from_addresses(..., consumer=...))"
             )
         cert = pki.peer_certificate(context)
         name = pki.peer_common_name(context)
