@@ -193,22 +193,7 @@ def _description_dict(d: NodeDescription) -> dict[str, object]:
             "releases": d.budget.releases,
             "max_epsilon_per_release": d.budget.max_epsilon_per_release,
         },
-        "datasets": [
-            {
-                "name": s.name,
-                "columns": [
-                    {
-                        "name": c.name,
-                        "type": c.type.value,
-                        "lower": c.lower,
-                        "upper": c.upper,
-                        "domain": list(c.domain),
-                    }
-                    for c in s.columns
-                ],
-            }
-            for s in d.datasets
-        ],
+        "datasets": [s.to_dict() for s in d.datasets],
     }
 
 
