@@ -67,13 +67,22 @@ def load_table(
                     column_types=types, include_columns=list(types), strings_can_be_null=False
                 ),
             )
-    except (OSError, pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
+    except (OSError, pa.ArrowException, KeyError) as err:
         raise ConfigError(
             f"dataset {schema.name!r}: cannot read {path.name} as {file_format} "
             f"with the declared columns ({type(err).__name__}: "
             f"{_safe(err, [c.name for c in schema.columns])})"
         ) from err
-    columns = {c.name: _convert(arrow.column(c.name), c, schema.name) for c in schema.columns}
+    columns: dict[str, npt.NDArray[np.generic]] = {}
+    for c in schema.columns:
+        try:
+            columns[c.name] = _convert(arrow.column(c.name), c, schema.name)
+        except pa.ArrowException as err:  # a Parquet column arrow cannot cast to the type
+            raise ConfigError(
+                f"dataset {schema.name!r}, column {c.name!r}: cannot read it as "
+                f"{c.type.value} ({type(err).__name__}; details withheld: they may quote "
+                "the data)"
+            ) from err
     log.info("dataset %r loaded: %d columns", schema.name, len(columns))
     return Table(schema=schema, columns=columns, rows=arrow.num_rows)
 
@@ -101,32 +110,38 @@ def _arrow_type(col: Column) -> pa.DataType:
     }[col.type]
 
 
+# Arrow's own messages, matched from their start: what follows each prefix is a cell or a
+# row of the data, so nothing past it is kept.
+_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+):")
+_FIELD_COUNT = re.compile(r"CSV parse error: Expected (\d+) columns, got (\d+)")
+_CSV_MISSING = re.compile(r"Column '([^']*)' in include_columns does not exist in CSV file")
+_PARQUET_FIELD = re.compile(r"(No match|Multiple matches) for FieldRef\.Name\((.*?)\) in ")
+_ARROW_TYPES = frozenset({"bool", "double", "float", "int32", "int64", "string", "utf8"})
+
+
 def _safe(err: Exception, columns: Sequence[str]) -> str:
     """What an error reading the data file may say: never text arrow copied from the data.
 
     Arrow's messages quote cells ("invalid value 'x'", with or without closing quotes)
-    and whole rows ("Expected 2 columns, got 3: a,b,c"), so only known, data-free parts
-    are kept: the CSV column number, the target type, field counts, a missing column's
-    name (schema, public). File-system errors are about paths, not data.
+    and whole rows ("Expected 2 columns, got 3: a,b,c"), so only known messages are
+    recognised, from their start, and rebuilt from data-free parts: the CSV column number,
+    the target type, field counts, a declared column's name. Anything else is withheld.
+    File-system errors are about paths, not data.
     """
     if isinstance(err, OSError) and not isinstance(err, pa.ArrowException):
         return str(err)
     text = str(err)
-    parts: list[str] = []
-    if column := re.search(r"CSV column #(\d+)", text):
-        parts.append(f"CSV column #{column[1]}")
-    if target := re.search(r"conversion error to (\w+)", text):
-        parts.append(f"a value is not a valid {target[1]} (value not shown)")
-    if counts := re.search(r"Expected (\d+) columns, got (\d+)", text):
-        parts.append(f"a row has {counts[2]} fields where {counts[1]} are expected")
-    for pattern in (
-        r"Column '([^']*)' in include_columns does not exist",
-        r"FieldRef\.Name\((.*?)\)",
-    ):
-        missing = re.search(pattern, text)
-        if missing and missing[1] in columns:  # a declared column: schema, not data
-            parts.append(f"the file has no column {missing[1]!r}")
-    return "; ".join(parts) or "details withheld: arrow's message may quote the data"
+    if conversion := _CONVERSION.match(text):
+        kind = conversion[2] if conversion[2] in _ARROW_TYPES else "the declared type"
+        return f"CSV column #{conversion[1]}: a value is not a valid {kind} (value not shown)"
+    if counts := _FIELD_COUNT.match(text):
+        return f"a row has {counts[2]} fields where {counts[1]} are expected (row not shown)"
+    if (missing := _CSV_MISSING.match(text)) and missing[1] in columns:
+        return f"the file has no column {missing[1]!r}"
+    if (field := _PARQUET_FIELD.match(text)) and field[2] in columns:
+        many = field[1] == "Multiple matches"
+        return f"the file has {'more than one' if many else 'no'} column {field[2]!r}"
+    return "details withheld: arrow's message may quote the data"
 
 
 def _convert(data: pa.ChunkedArray, col: Column, dataset: str) -> npt.NDArray[np.generic]:

@@ -29,11 +29,13 @@ def test_non_finite_float_in_parquet_stops_the_node(tmp_path: Path, bad: float) 
 @pytest.mark.parametrize(
     ("cell", "said"),
     [
-        ("SECRET_VALUE_42", "CSV column #0; a value is not a valid double (value not shown)"),
-        ("O'Brien SECRET", "CSV column #0; a value is not a valid double"),
-        ("'SECRET", "CSV column #0; a value is not a valid double"),
-        ('"SECRET line1\nline2"', "CSV column #0; a value is not a valid double"),
+        ("SECRET_VALUE_42", "CSV column #0: a value is not a valid double (value not shown)"),
+        ("O'Brien SECRET", "CSV column #0: a value is not a valid double"),
+        ("'SECRET", "CSV column #0: a value is not a valid double"),
+        ('"SECRET line1\nline2"', "CSV column #0: a value is not a valid double"),
         ("2,SECRET", "a row has 2 fields where 1 are expected"),
+        # A row that itself looks like arrow's wording must not be echoed either.
+        ("1,2,3,conversion error to SECRET", "a row has 4 fields where 1 are expected"),
     ],
 )
 def test_a_bad_cell_is_placed_never_quoted(tmp_path: Path, cell: str, said: str) -> None:
@@ -67,3 +69,22 @@ def test_missing_value_in_csv_stops_the_node(tmp_path: Path) -> None:
     path.write_text("x\n1.5\n\n2.5\nNaN\n")
     with pytest.raises(ConfigError, match="missing values|NaN"):
         load_table(path, schema=SCHEMA, file_format="csv")
+
+
+def test_parquet_columns_arrow_cannot_read_are_config_errors_without_values(
+    tmp_path: Path,
+) -> None:
+    nested = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"x": [[1.0]]}), nested)
+    with pytest.raises(ConfigError, match="column 'x': cannot read it as float"):
+        load_table(nested, schema=SCHEMA, file_format="parquet")
+    twice = tmp_path / "twice.parquet"
+    pq.write_table(pa.table([pa.array([1.0]), pa.array([2.0])], names=["x", "x"]), twice)
+    with pytest.raises(ConfigError, match="the file has more than one column 'x'"):
+        load_table(twice, schema=SCHEMA, file_format="parquet")
+    category = DatasetSchema("d", (Column("x", ColumnType.CATEGORY, domain=("a", "b")),))
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"x": [b"\xffSECRET"]}), binary)
+    with pytest.raises(ConfigError, match="cannot read it as category") as info:
+        load_table(binary, schema=category, file_format="parquet")
+    assert "SECRET" not in str(info.value)
