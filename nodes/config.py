@@ -115,7 +115,8 @@ class ConsumerPolicy:
             see ``nodes.cohort`` for what it means.
         allowed_models: model names this consumer may train (from the node's allow-list).
         noise_multiplier_floor: smallest DP-SGD noise multiplier accepted, >= 0.
-        max_rounds: most training rounds per training run, >= 1.
+        max_rounds: most rounds a training job is declared with and charged for at
+            this node (retried rounds count), >= 1.
         max_concurrent_requests: requests of this consumer the node runs at once, 1-1024;
             more are refused at once with ``RESOURCE_EXHAUSTED`` marked busy
             (``NodeBusyError`` at the client; nothing charged).

@@ -36,7 +36,7 @@ from nodes.audit import SCHEMA as AUDIT_SCHEMA
 from nodes.audit import AuditChain, Signer, ed25519_signer
 from nodes.config import ConsumerPolicy
 
-__all__ = ["ChargeRecord", "Ledger"]
+__all__ = ["ChargeRecord", "JobRecord", "Ledger"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,19 @@ class ChargeRecord:
     budget: BudgetStatus
     operation: str = ""
     sequence: int = 0  # the charge entry's position in the audit chain
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A training job's rounds in a ledger (``Ledger.job_record``).
+
+    Attributes:
+        first: the details recorded with its first charged round; None for a new job.
+        rounds: how many of its rounds were charged, retried rounds included.
+    """
+
+    first: dict[str, object] | None
+    rounds: int
 
 
 class Ledger:
@@ -118,22 +131,20 @@ class Ledger:
         )
         return Spend.from_json(row[0]) if row else Spend()
 
-    def job_first_round(self, consumer: str, job_id: str) -> dict[str, object] | None:
-        """The details recorded with the first training charge of ``job_id`` for
-        ``consumer`` (``nodes.rounds.round_details``), or None if it has none."""
-        row = (
+    def job_record(self, consumer: str, job_id: str) -> JobRecord:
+        """What this ledger holds on training job ``job_id`` of ``consumer``: the details
+        recorded with its first charged round and how many rounds were charged."""
+        rows = (
             self._connect()
             .execute(
                 "SELECT details FROM charges WHERE consumer = ? AND operation = 'train'"
-                " AND json_extract(details, '$.job_id') = ? ORDER BY created_at LIMIT 1",
+                " AND json_extract(details, '$.job_id') = ? ORDER BY created_at",
                 (consumer, job_id),
             )
-            .fetchone()
+            .fetchall()
         )
-        if row is None:
-            return None
-        details: dict[str, object] = json.loads(row[0])
-        return details
+        first: dict[str, object] | None = json.loads(rows[0][0]) if rows else None
+        return JobRecord(first=first, rounds=len(rows))
 
     def job_spend(self, consumer: str, job_id: str) -> Spend:
         """The composed spend of every training round charged to ``job_id`` for
@@ -164,12 +175,15 @@ class Ledger:
         operation: str,
         details: dict[str, object],
         abandoned: Callable[[], bool] | None = None,
+        recheck: Callable[[], None] | None = None,
     ) -> ChargeRecord:
         """Atomically check ``charge`` against the budget and record it durably.
 
         ``abandoned``, if given, is asked once the ledger's write lock is held (waiting for
         it can take seconds while another process charges): True means nobody is left to
-        receive the release, so nothing is charged.
+        receive the release, so nothing is charged. ``recheck``, if given, runs then too,
+        so what it reads from this ledger cannot change before the charge is written; an
+        exception it raises refuses the charge.
 
         Raises:
             BudgetExhaustedError: the composed spend would exceed the budget; nothing is
@@ -184,6 +198,8 @@ class Ledger:
                     f"{operation}: the call ended or ran past its deadline before it was "
                     "charged; nothing was charged"
                 )
+            if recheck is not None:
+                recheck()
             row = conn.execute(
                 "SELECT state FROM spend WHERE consumer = ?", (policy.name,)
             ).fetchone()

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from federation.errors import BudgetExhaustedError, InvalidRequestError
+from federation.errors import BudgetExhaustedError, InvalidRequestError, PolicyError
 from federation.models import ModelBuilder
 from federation.privacy import Spend
 from federation.releases import Receipt
@@ -33,7 +33,7 @@ from federation.training import (
 )
 from federation.wire import TensorHeader, fits
 from nodes.config import ConsumerPolicy
-from nodes.ledger import ChargeRecord
+from nodes.ledger import ChargeRecord, JobRecord
 from nodes.training import LocalUpdate, TrainPlan, plan_training
 
 __all__ = [
@@ -128,19 +128,28 @@ def check_affordable(plan: TrainPlan, *, spend: Spend, policy: ConsumerPolicy) -
         )
 
 
-def check_same_job(plan: TrainPlan, first: Mapping[str, object] | None) -> None:
-    """Refuse a round whose job settings differ from those of the job's first charged round.
+def check_job(plan: TrainPlan, job: JobRecord, policy: ConsumerPolicy) -> None:
+    """Refuse a round of a job whose settings differ from its first charged round, or
+    that the operator's ``max_rounds`` no longer allows.
 
-    A job's noise multiplier is chosen for its declared rounds and target epsilon, and the
-    operator's ``max_rounds`` bounds its declared rounds: a coordinator that re-declared
-    them under the same ``job_id`` (one round of a one-round job, again and again) would
-    step around both. ``first`` is ``Ledger.job_first_round``; None for a new job.
+    A job's noise multiplier is chosen for its declared rounds and target epsilon: a
+    coordinator must not re-declare them under the same ``job_id``. ``max_rounds`` bounds
+    the rounds a job is charged at this node, retried rounds included, so repeating a
+    round (say, round 0 of a one-round job) is bounded too. A new job id starts a new job,
+    charged to the same budget, which is the bound that always holds.
 
     Raises:
-        InvalidRequestError: a setting differs (the message names it).
+        InvalidRequestError: a setting differs from the job's first round (named).
+        PolicyError: the job has been charged ``max_rounds`` rounds here.
     """
-    if first is None:
+    if job.rounds >= policy.max_rounds:
+        raise PolicyError(
+            f"train job {plan.job_id} has been charged {job.rounds} rounds at this node, "
+            f"its max_rounds for consumer {policy.name!r} (retried rounds count)"
+        )
+    if job.first is None:
         return
+    first = job.first
     now = round_details(plan)
     # The round moves on; the noise multiplier is derived from the rest (an update of the
     # accountant may shift it without the job changing). JSON, as the ledger stored it.

@@ -230,7 +230,7 @@ class NodeService(pb_grpc.NodeServicer):
             config, schema=trainer.table.schema, policy=policy, registry=self.registry
         )
         rounds.check_layout(plan, headers)  # before a byte of weights is read
-        rounds.check_same_job(plan, self.ledger.job_first_round(policy.name, plan.job_id))
+        rounds.check_job(plan, self.ledger.job_record(policy.name, plan.job_id), policy)
         rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
         if not self._train_slots.acquire(timeout=_slot_wait_s(context, admission)):
             raise NodeBusyError(
@@ -265,6 +265,11 @@ class NodeService(pb_grpc.NodeServicer):
                 operation="train",
                 details=rounds.round_details(plan),
                 abandoned=lambda: admission.deadline.expired or not context.is_active(),
+                # Again under the write lock: a second stream of the same job that passed
+                # the first check while this one's weights arrived must not get through.
+                recheck=lambda: rounds.check_job(
+                    plan, self.ledger.job_record(policy.name, plan.job_id), policy
+                ),
             )
             # The received buffers are ours: train in them, release them (no model copy).
             update = trainer.train(plan, weights, rng=self.rng(), in_place=True)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from federation.errors import (
     REFUSAL_KEY,
     BudgetExhaustedError,
+    InvalidRequestError,
     NodeUnavailableError,
     error_from_status,
     refusal_metadata,
@@ -126,6 +127,25 @@ def test_a_call_abandoned_while_waiting_for_the_lock_is_not_charged(ledger: Ledg
     assert asked == [True]
     assert (ledger.count(), ledger.spend("acme").epsilon_at(0.0)) == (0, 0.0)
     ledger.charge(charge, policy=policy, operation="analyze", details={}, abandoned=lambda: False)
+    assert ledger.count() == 1
+
+
+def test_a_recheck_runs_under_the_write_lock_and_can_refuse_the_charge(ledger: Ledger) -> None:
+    # Used to re-check a training job's settings against its first charged round where no
+    # second stream of the same job can be charged in between.
+    policy = _policy(1.0)
+    charge = laplace_charge(epsilon=0.1, sensitivity=1)
+    held: list[bool] = []
+
+    def refuse() -> None:
+        held.append(ledger._connect().in_transaction)
+        raise InvalidRequestError("job settings changed")
+
+    with pytest.raises(InvalidRequestError, match="job settings changed"):
+        ledger.charge(charge, policy=policy, operation="train", details={}, recheck=refuse)
+    assert held == [True]
+    assert ledger.count() == 0
+    ledger.charge(charge, policy=policy, operation="train", details={}, recheck=lambda: None)
     assert ledger.count() == 1
 
 

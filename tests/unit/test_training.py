@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from federation.privacy import add_noise, compose
 from federation.schema import Column, ColumnType, DatasetSchema
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
+from nodes.ledger import JobRecord
+from nodes.rounds import check_job, round_details
 from nodes.training import (
     HOLDOUT_BUCKETS,
     LOSS_UPPER,
@@ -705,3 +708,15 @@ def test_a_linear_layer_used_twice_takes_the_exact_generic_path() -> None:
     torch.testing.assert_close(norms, expected)
     for name, value in clipped.items():
         torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-8)
+
+
+def test_a_job_is_held_to_its_first_rounds_settings_and_to_max_rounds() -> None:
+    plan = _plan()
+    first = json.loads(json.dumps(round_details(plan)))  # as the ledger stores it
+    check_job(dataclasses.replace(plan, round=1), JobRecord(first, 1), POLICY)  # next round
+    check_job(plan, JobRecord(first, 3), POLICY)  # a retried round, within max_rounds
+    with pytest.raises(InvalidRequestError, match="was started here with total_rounds=4"):
+        check_job(_plan(total_rounds=1), JobRecord(first, 1), POLICY)
+    with pytest.raises(PolicyError, match="charged 20 rounds at this node"):
+        check_job(plan, JobRecord(first, POLICY.max_rounds), POLICY)
+    check_job(plan, JobRecord(None, 0), POLICY)  # a new job
