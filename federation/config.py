@@ -166,10 +166,14 @@ def _known(table: Mapping[str, object], keys: set[str], where: str, source: str)
             )
 
 
+# gRPC target schemes that name their own address form (and default port).
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
 def _is_target(address: str) -> bool:
-    """``host:port`` with a port in 1-65535 (IPv6 as ``[::1]:port``), or a gRPC
-    ``unix:`` socket target."""
-    if address.startswith("unix:"):
-        return len(address) > len("unix:")
+    """``host:port`` with a port in 1-65535 (IPv6 as ``[::1]:port``), or a target with a
+    gRPC scheme (``dns:///host``, ``unix:/path``, ...), which gRPC checks itself."""
+    if address.startswith(_SCHEMES):
+        return address.partition(":")[2] != ""
     host, _, port = address.rpartition(":")
-    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+    return bool(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535

@@ -281,7 +281,8 @@ def check_node_certificate(cert_pem: bytes, node_name: str) -> None:
         ConfigError: a consumer (client-only) certificate, or one for another name.
     """
     cert = _cert(cert_pem)
-    subject = common_name(cert_pem)
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    subject = str(common[0].value) if common else ""
     hint = f"issue one with `federation certs issue --role node --name {node_name} ...`"
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -294,12 +295,13 @@ def check_node_certificate(cert_pem: bytes, node_name: str) -> None:
         )
     try:
         alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [n.lower() for n in alt.get_values_for_type(x509.DNSName)]
+        names = [n.lower().rstrip(".") for n in alt.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
         names = []
     # As gRPC checks the name: the DNS names (a wildcard covers one leftmost label), or,
     # without any, the common name.
-    if not any(_dns_matches(pattern, node_name.lower()) for pattern in names or [subject]):
+    patterns = names or ([subject.lower().rstrip(".")] if subject else [])
+    if not any(_dns_matches(pattern, node_name.lower()) for pattern in patterns):
         raise ConfigError(
             f"node.tls.cert: certificate {subject!r} does not name node {node_name!r} (its "
             f"DNS names: {', '.join(names) or 'none'}); coordinators verify a node by its "

@@ -541,10 +541,11 @@ def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
     layers = list(model) if type(model) is nn.Sequential else [model]
     if not all(type(layer) in (nn.Linear, nn.ReLU) for layer in layers):
         return None
-    linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
-    if len({id(layer) for layer in linears}) != len(linears):
-        # A Linear used twice: its per-sample gradient is the sum over both uses, whose
-        # norm the per-layer identity does not give. The generic path is exact.
+    params = [id(p) for layer in layers for p in layer.parameters(recurse=False)]
+    if len(set(params)) != len(params):
+        # A Linear used twice, or two sharing a weight: the per-sample gradient of the
+        # shared tensor sums over its uses, whose norm the per-layer identity does not
+        # give. The generic path is exact.
         return None
     last = layers[-1]
     return layers if isinstance(last, nn.Linear) and last.out_features == 1 else None

@@ -179,7 +179,7 @@ def load_schema(path: str | Path) -> DatasetSchema:
     target = Path(path)
     sidecar = target.with_name(target.name + ".json")
     try:
-        data = json.loads(sidecar.read_text())["schema"]
+        data = json.loads(sidecar.read_text()).get("schema")
         if data is None:
             raise ConfigError(f"{sidecar} holds no schema (saved before schemas were)")
         return DatasetSchema.from_dict(data)

@@ -38,14 +38,26 @@ def test_a_receive_window_out_of_range_is_a_config_error_naming_the_key(window: 
         _parse({"receive_window_mib": window})
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000", ":5001"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000", ":5001", "127.0.0.1:²", "dns:"]
+)
 def test_a_node_address_without_a_usable_port_is_a_config_error(address: str) -> None:
     data = {"nodes": [{"name": "hong-kong", "address": address}]}
     with pytest.raises(ConfigError, match=r"nodes\[0\].address: expected 'host:port'"):
         parse_coordinator_config(data, base_dir=Path("."))
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:5001", "[::1]:5001", "node.hk.example:443"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:5001",
+        "[::1]:5001",
+        "node.hk.example:443",
+        "dns:///node.hk.example",
+        "unix:/run/hk.sock",
+        "unix-abstract:hk",
+    ],
+)
 def test_node_addresses_in_the_usual_forms_are_accepted(address: str) -> None:
     data = {"nodes": [{"name": "hong-kong", "address": address}]}
     config = parse_coordinator_config(data, base_dir=Path("."))

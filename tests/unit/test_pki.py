@@ -320,7 +320,7 @@ def test_a_node_refuses_to_serve_with_a_certificate_that_is_not_its_own(
         pki.check_node_certificate(consumer_pem.read_bytes(), "acme-ai")
 
 
-def _server_cert(ca_dir: Path, common: str, dns: list[str]) -> bytes:
+def _server_cert(ca_dir: Path, common: str | None, dns: list[str]) -> bytes:
     """A server certificate made outside `federation certs` (no SAN when ``dns`` is empty)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -330,7 +330,9 @@ def _server_cert(ca_dir: Path, common: str, dns: list[str]) -> bytes:
     now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)] if common else [])
+        )
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -352,3 +354,5 @@ def test_the_node_name_check_accepts_what_grpc_accepts(ca_dir: Path) -> None:
         pki.check_node_certificate(wildcard, "a.b.nodes.example")  # one label only
     with pytest.raises(ConfigError, match="does not name node"):
         pki.check_node_certificate(_server_cert(ca_dir, "hong-kong", ["other"]), "hong-kong")
+    pki.check_node_certificate(_server_cert(ca_dir, None, ["hong-kong"]), "hong-kong")  # no CN
+    pki.check_node_certificate(_server_cert(ca_dir, "x", ["hong-kong."]), "hong-kong")

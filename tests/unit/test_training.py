@@ -703,11 +703,17 @@ def test_a_linear_layer_used_twice_takes_the_exact_generic_path() -> None:
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
                           nn.Linear(4, 1))  # fmt: skip
     x, y = _batch(rows=16)
-    sums, norms = clipped_gradient_sum(model, x, y, clip_norm=1e-3)
-    clipped, expected = clip_per_sample(per_sample_gradients(model, x, y), 1e-3)
-    torch.testing.assert_close(norms, expected)
-    for name, value in clipped.items():
-        torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-8)
+    # Two Linear modules sharing one weight are the same case.
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    sharing = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), first, nn.ReLU(), second, nn.ReLU(),
+                            nn.Linear(4, 1))  # fmt: skip
+    for tied in (model, sharing):
+        sums, norms = clipped_gradient_sum(tied, x, y, clip_norm=1e-3)
+        clipped, expected = clip_per_sample(per_sample_gradients(tied, x, y), 1e-3)
+        torch.testing.assert_close(norms, expected)
+        for name, value in clipped.items():
+            torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-8)
 
 
 def test_a_job_is_held_to_its_first_rounds_settings_and_to_max_rounds() -> None:
