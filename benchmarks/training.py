@@ -22,7 +22,8 @@ real node processes on 127.0.0.1 with mutual TLS (``LocalFederation``), runs
   sent each way (what TLS must do at least: the cheapest cipher TLS 1.3 may negotiate),
   the BLAKE3 digest of each update at the node and at the coordinator (the signed receipt;
   ``federation.training.tensor_digests``), and one
-  Gaussian draw per parameter per node (the DP noise). On a machine with c cores the
+  Gaussian draw per parameter per node (the DP noise, from the node's own sampler,
+  ``nodes.noise.GaussianStream``). On a machine with c cores the
   round cannot take less than floor / c seconds; **cpu/floor** compares it with what
   coordinator and nodes actually used.
 - peak RSS (VmHWM) of the coordinator process and of the largest node, in GB and in
@@ -54,6 +55,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -153,6 +155,7 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
     import torch
 
     from federation.training import tensor_digests
+    from nodes.noise import GaussianStream
 
     # One thread: process_time would also count the spin-waits of torch's worker threads.
     threads = torch.get_num_threads()
@@ -160,13 +163,13 @@ def private_floor_cpu_s(weights: dict[str, npt.NDArray[np.float32]], nodes: int)
     sealed = bytearray(CRYPTO_CHUNK + 16)
     opened = bytearray(CRYPTO_CHUNK + 16)
     noise = torch.empty(CRYPTO_CHUNK // 4)
-    generator = torch.Generator().manual_seed(0)
+    stream = GaussianStream(secrets.token_bytes(16))  # the node's noise source
     started = time.process_time()
     for _ in range(nodes):
         for array in weights.values():
             _seal_and_open(array, sealed, opened)  # weights out to the node
             for start in range(0, array.size, noise.numel()):  # the node's DP noise
-                noise[: min(noise.numel(), array.size - start)].normal_(generator=generator)
+                stream.fill(noise[: min(noise.numel(), array.size - start)])
             tensor_digests({"update": array})  # the node's receipt
             _seal_and_open(array, sealed, opened)  # the update back
             tensor_digests({"update": array})  # the coordinator checks the receipt

@@ -26,8 +26,9 @@ Mechanism's RDP (Mironov, Talwar, Zhang 2019, arXiv:1908.10530), via
 remaining share, so the job's composed spend at this node ends at or just below
 ``target_epsilon``. Each round is charged its part (update + count + metrics); validation
 metrics, if asked for, cost ``metrics_epsilon`` per round on top. As in Opacus, the
-gradient noise is floating-point Gaussian (``torch.randn`` from a generator seeded by the
-injected ``rng``); counts and metric sums use the integer mechanisms of
+gradient noise is floating-point Gaussian, but its bits come from AES-128-CTR under a
+128-bit key drawn from the injected ``rng`` (``nodes.noise``), not from torch's generator,
+whose seed keeps 32 bits; counts and metric sums use the integer mechanisms of
 ``federation.privacy``.
 
 Per-sample gradient norms for the built-in Linear/ReLU stacks use the outer-product
@@ -98,6 +99,7 @@ from federation.schema import ColumnType, DatasetSchema
 from nodes.analytics import _grid
 from nodes.config import ConsumerPolicy
 from nodes.data import Table
+from nodes.noise import KEY_BYTES, GaussianStream
 
 __all__ = [
     "EXAMPLES_EPSILON_SHARE",
@@ -744,14 +746,14 @@ class _Stepper:
         model: nn.Module,
         data: _Tensors,
         plan: TrainPlan,
-        generator: torch.Generator,
+        noise: GaussianStream,
         *,
         examples: float,
     ) -> None:
         self.model = model
         self.data = data
         self.plan = plan
-        self.generator = generator
+        self.stream = noise
         self.layers = _linear_stack(model)
         named = list(model.named_parameters())
         self.names = [name for name, _ in named]
@@ -781,7 +783,7 @@ class _Stepper:
                 sums = self._clipped_sum(self.data.train_x[index], self.data.train_y[index])
             with _one_cpu_thread(self.noise.device):
                 for noise, pieces, targets, sources in self.batches:
-                    noise.normal_(0.0, self.sigma, generator=self.generator)
+                    self.stream.fill(noise, self.sigma)
                     if sums is not None:
                         for piece in pieces:
                             _add_rows(piece.source, sums[piece.param], piece.start, piece.stop)
@@ -906,9 +908,10 @@ class TrainingEngine:
         """
         try:
             self.device = torch.device(device)
-            # What a round needs of the device: memory, a seeded generator, normal_ on it.
-            generator = torch.Generator(device=self.device).manual_seed(0)
-            torch.empty(1, device=self.device).normal_(generator=generator)
+            # What a round needs of the device: memory and the noise stream's ops on it.
+            GaussianStream(bytes(KEY_BYTES), device=self.device, pool=2).fill(
+                torch.empty(1, device=self.device)
+            )
         except (RuntimeError, AssertionError, NotImplementedError) as err:
             # torch's own message can run to a paragraph (linker hints): keep its gist.
             gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -952,13 +955,16 @@ class TrainingEngine:
         check_weights(plan, global_weights)
         data = self._tensors(plan.spec.features, plan.spec.target)
         model = self._model(plan, global_weights, in_place=in_place)
-        seed = int(rng.integers(0, 2**63 - 1))
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stream = GaussianStream(
+            rng.bytes(KEY_BYTES),
+            device=self.device,
+            pool=max(1, sum(p.numel() for p in model.parameters()) * plan.local_steps),
+        )
         # The DP count comes first: the steps normalise by it (post-processing), not by n.
         examples = add_noise(
             np.array([data.train_x.shape[0]], dtype=np.int64), plan.examples_charge, rng=rng
         )
-        stepper = _Stepper(model, data, plan, generator, examples=float(examples[0]))
+        stepper = _Stepper(model, data, plan, stream, examples=float(examples[0]))
         for _ in range(plan.local_steps):
             stepper.step(rng)
         metrics = self._metrics(model, data, plan, rng) if plan.metrics_charges else ()

@@ -28,6 +28,7 @@ from federation.schema import Column, ColumnType, DatasetSchema
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
 from nodes.ledger import JobRecord
+from nodes.noise import GaussianStream
 from nodes.rounds import check_job, round_details
 from nodes.training import (
     HOLDOUT_BUCKETS,
@@ -254,7 +255,7 @@ def _plain_step(
     x = torch.from_numpy(_feature_matrix(table, plan.spec.features)[train])
     y = torch.from_numpy(table.column(plan.spec.target).astype(np.float32)[train])
     rng = np.random.default_rng(seed)
-    rng.integers(0, 2**63 - 1)  # the engine first seeds its noise generator
+    rng.bytes(16)  # the engine first draws its noise key
     # then draws the round's DP count, which the step normalises by (never the true n)
     n_dp = float(add_noise(np.array([len(y)], dtype=np.int64), plan.examples_charge, rng=rng)[0])
     index = torch.from_numpy(poisson_sample(len(y), plan.sample_rate, rng))
@@ -339,6 +340,41 @@ def test_training_is_reproducible_from_the_injected_rng(engine: TrainingEngine) 
     assert first.noisy_examples == again.noisy_examples
 
 
+def test_gradient_noise_is_keyed_by_128_bits_of_the_rng(
+    engine: TrainingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The noise is what hides the gradient from a coordinator that can zero it on chosen
+    # coordinates; torch's generator kept 32 bits of a per-round seed. The key must be the
+    # rng's first 16 bytes, and it must decide the noise: flip one bit, other updates.
+    import nodes.training as training
+
+    keys: list[bytes] = []
+
+    class _Recording(GaussianStream):
+        def __init__(self, key: bytes, **kwargs: Any) -> None:
+            keys.append(key)
+            super().__init__(key, **kwargs)
+
+    monkeypatch.setattr(training, "GaussianStream", _Recording)
+    plan = dataclasses.replace(_short(1), local_steps=1)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
+    first = engine.train(plan, weights, rng=np.random.default_rng(8))
+    assert keys == [np.random.default_rng(8).bytes(16)]
+
+    class _FlippedKey(np.random.Generator):
+        def bytes(self, length: int) -> bytes:
+            key = bytearray(super().bytes(length))
+            key[-1] ^= 1  # the last bit: far past any 32-bit seed
+            return bytes(key)
+
+    flipped = engine.train(plan, weights, rng=_FlippedKey(np.random.PCG64(8)))
+    assert keys[1][:-1] == keys[0][:-1]
+    assert keys[1] != keys[0]
+    assert first.noisy_examples == flipped.noisy_examples  # same draws but the noise
+    for name in weights:
+        assert not np.array_equal(first.weights[name], flipped.weights[name])
+
+
 def test_training_in_place_matches_the_copying_path_and_shares_buffers(
     engine: TrainingEngine,
 ) -> None:
@@ -378,7 +414,7 @@ def test_dp_sgd_noise_has_the_planned_scale_on_every_tensor(
     data = engine._tensors(plan.spec.features, plan.spec.target)
     empty = dataclasses.replace(data, train_x=data.train_x[:0], train_y=data.train_y[:0])
     model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
-    stepper = _Stepper(model, empty, plan, torch.Generator().manual_seed(3), examples=1e4)
+    stepper = _Stepper(model, empty, plan, GaussianStream(bytes([3]) * 16), examples=1e4)
     expected = stepper.step_size * stepper.sigma
     named = dict(model.named_parameters())
     steps = 200
@@ -527,8 +563,7 @@ def test_update_is_normalised_by_the_dp_count_not_the_true_count(
     plan = _short(1)
     data = engine._tensors(plan.spec.features, plan.spec.target)
     model = build_model(plan.spec, input_dim=plan.input_dim)
-    generator = torch.Generator().manual_seed(0)
-    stepper = _Stepper(model, data, plan, generator, examples=1234.0)
+    stepper = _Stepper(model, data, plan, GaussianStream(bytes(16)), examples=1234.0)
     assert stepper.step_size == pytest.approx(plan.learning_rate / (plan.sample_rate * 1234.0))
     assert data.train_x.shape[0] != 1234
 
@@ -570,7 +605,7 @@ def _one_step(
     """The weights after one DP-SGD step, with fixed noise and sampling seeds."""
     model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
-    stepper = _Stepper(model, data, plan, torch.Generator().manual_seed(9), examples=1.0)
+    stepper = _Stepper(model, data, plan, GaussianStream(bytes([9]) * 16), examples=1.0)
     stepper.step(np.random.default_rng(0))
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -690,7 +725,9 @@ def test_parameters_of_any_shape_get_their_clipped_sum_and_noise() -> None:
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sums, _ = clipped_gradient_sum(model, x, y, clip_norm=plan.clip_norm)
-    stepper = _Stepper(model, _all_in_every_batch(x, y), plan, torch.Generator(), examples=1.0)
+    stepper = _Stepper(
+        model, _all_in_every_batch(x, y), plan, GaussianStream(bytes(16)), examples=1.0
+    )
     stepper.step(np.random.default_rng(0))
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), before[name] - sums[name], rtol=1e-5, atol=1e-7)
