@@ -44,6 +44,7 @@ from nodes.cohort import suppress_small_cohorts
 from nodes.config import NodeConfig
 from nodes.guard import Admission, Guard
 from nodes.ledger import Ledger
+from nodes.noise import KEY_BYTES
 from nodes.training import TrainingEngine
 
 __all__ = ["NodeService", "RngFactory", "add_node_service"]
@@ -60,6 +61,11 @@ def system_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
+def system_noise_key() -> bytes:
+    """A fresh AES-128 key for one training round's gradient noise, from the OS CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
 class NodeService(pb_grpc.NodeServicer):
     """Serves Describe, Analyze and Train for one node."""
 
@@ -71,11 +77,15 @@ class NodeService(pb_grpc.NodeServicer):
         ledger: Ledger,
         guard: Guard,
         rng: RngFactory = system_rng,
+        noise_keys: Callable[[], bytes] = system_noise_key,
         trainers: Mapping[str, TrainingEngine] | None = None,
         registry: Mapping[str, ModelBuilder] = EXTENDED_REGISTRY,
         max_concurrent_trainings: int = 1,
     ) -> None:
         """Wire the pipeline's parts together.
+
+        ``rng`` makes each request's generator (sampling, integer noise) and ``noise_keys``
+        each training round's gradient-noise key; tests inject seeded ones to reproduce.
 
         ``trainers`` (dataset -> DP-SGD engine) serve ``Train``; ``registry`` lists the
         architectures the node builds (a consumer's policy still has to allow each);
@@ -86,6 +96,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.ledger = ledger
         self.guard = guard
         self.rng = rng
+        self.noise_keys = noise_keys
         self.trainers = dict(trainers or {})
         self.registry = registry
         self._max_trainings = max_concurrent_trainings
@@ -272,7 +283,9 @@ class NodeService(pb_grpc.NodeServicer):
                 ),
             )
             # The received buffers are ours: train in them, release them (no model copy).
-            update = trainer.train(plan, weights, rng=self.rng(), in_place=True)
+            update = trainer.train(
+                plan, weights, rng=self.rng(), noise_key=self.noise_keys(), in_place=True
+            )
             del weights
             trained = time.monotonic()
             result = rounds.round_result(

@@ -849,7 +849,7 @@ def _noise_batches(
     Returns, per draw of at most ``noise.numel()`` values: the buffer part to fill, its
     pieces (whole rows of one parameter each), and the pieces' targets and sources as
     lists for ``_foreach_add_``. Small tensors share one draw (a small model takes one
-    ``normal_`` and one ``_foreach_add_`` per step) and large ones span several. Together
+    noise fill and one ``_foreach_add_`` per step) and large ones span several. Together
     the pieces cover each coordinate exactly once. Every row fits in ``noise``.
     """
     size = noise.numel()
@@ -931,12 +931,18 @@ class TrainingEngine:
         global_weights: Mapping[str, npt.NDArray[np.generic]],
         *,
         rng: np.random.Generator,
+        noise_key: bytes | None = None,
         in_place: bool = False,
     ) -> LocalUpdate:
         """Run one round of DP-SGD from ``global_weights`` and return the DP release.
 
         Call only once ``plan.charge`` is durable in the ledger. Every random draw
-        (sampling, gradient noise, count and metric noise) comes from ``rng``.
+        (sampling, count and metric noise) comes from ``rng``; the gradient noise comes
+        from AES-128-CTR under ``noise_key`` (16 bytes, for this round only), by default
+        the first 16 bytes ``rng`` gives. The node's Train handler passes a key straight
+        from the OS CSPRNG, so no output of ``rng`` (a PCG64, whose state its outputs
+        determine) bears on the noise; tests leave it out to reproduce a round from
+        ``rng`` alone.
 
         With ``in_place`` the engine takes ``global_weights`` over: on a CPU device, their
         (writable, float32, C-contiguous) buffers become the model's parameters, DP-SGD
@@ -956,7 +962,7 @@ class TrainingEngine:
         data = self._tensors(plan.spec.features, plan.spec.target)
         model = self._model(plan, global_weights, in_place=in_place)
         stream = GaussianStream(
-            rng.bytes(KEY_BYTES),
+            rng.bytes(KEY_BYTES) if noise_key is None else noise_key,
             device=self.device,
             pool=max(1, sum(p.numel() for p in model.parameters()) * plan.local_steps),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 from typing import Any
 
@@ -763,3 +765,27 @@ def test_a_job_is_held_to_its_first_rounds_settings_and_to_max_rounds() -> None:
     with pytest.raises(PolicyError, match="charged 20 rounds at this node"):
         check_job(plan, JobRecord(first, POLICY.max_rounds), POLICY)
     check_job(plan, JobRecord(None, 0), POLICY)  # a new job
+
+
+def test_a_nodes_train_handler_keys_the_noise_from_the_os_csprng() -> None:
+    # Not from the request's PCG64 rng, whose later outputs feed released noisy counts.
+    from nodes.service import NodeService, system_noise_key
+
+    assert inspect.signature(NodeService).parameters["noise_keys"].default is system_noise_key
+    keys = {system_noise_key() for _ in range(8)}
+    assert len(keys) == 8
+    assert all(len(key) == 16 for key in keys)
+    # And the handler passes one to every round it trains (nodes run as processes in the
+    # end-to-end tests, so read the call from the source, as test_boundaries does).
+    tree = ast.parse(inspect.getsource(NodeService))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "train"
+    ]
+    assert calls
+    for call in calls:
+        key = {k.arg: ast.unparse(k.value) for k in call.keywords}.get("noise_key")
+        assert key == "self.noise_keys()", ast.unparse(call)
