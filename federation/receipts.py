@@ -231,6 +231,15 @@ class VerificationKey:
         """The key's id (see :func:`key_id_of`)."""
         return key_id_of(self.public_key)
 
+    def issued_by(self, ca_pem: bytes) -> bool:
+        """Whether a CA in ``ca_pem`` issued this key's certificate (False for a bare key).
+
+        Raises:
+            ReceiptError: ``ca_pem`` holds no valid PEM certificate.
+        """
+        cas = _load_cas(ca_pem)
+        return self.certificate is not None and any(_issued_by(self.certificate, ca) for ca in cas)
+
     def check_issued(self, *, ca_pem: bytes, node_name: str) -> None:
         """Check that the federation CA issued this certificate to ``node_name``.
 
@@ -242,8 +251,7 @@ class VerificationKey:
                 f"node {node_name!r} signs with a bare key, not a CA-issued certificate; "
                 "pass the key itself (--node-key) if you trust it"
             )
-        cas = _load_cas(ca_pem)
-        if not any(_issued_by(self.certificate, ca) for ca in cas):
+        if not self.issued_by(ca_pem):
             raise ReceiptError(f"certificate of node {node_name!r} was not issued by the given CA")
         if node_name not in _cert_names(self.certificate):
             raise ReceiptError(

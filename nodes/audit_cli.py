@@ -25,6 +25,11 @@ from nodes.audit_verify import Verification, chain_node, check_receipts, verify_
 __all__ = ["main"]
 
 
+_UNANCHORED = (
+    "the chain's hashes and links are intact and its budget agrees, but the given CA did "
+    "not certify the key that signed it, so no signature was checked. Either --ca is not "
+    "the CA that issued this node's certificate, or the chain was re-signed with another key."
+)
 _PROBLEMS_SHOWN = 20  # in text output; a wrong --ca breaks every entry of a long chain
 
 
@@ -122,7 +127,7 @@ def _print_verification(conn: sqlite3.Connection, v: Verification, args: argpars
     if args.json:
         print(json.dumps(_verification_json(v, receipt_failures), indent=2))
         return 0 if ok else 1
-    anchor = "anchored to the given CA" if v.anchored else "NOT anchored (pass --ca)"
+    anchor = "checked against the given CA" if v.anchored else "NOT anchored (pass --ca)"
     print(
         f"audit chain in {args.state_dir}: {v.entries} entries, head {v.head_sequence} "
         f"{v.head_hash}"
@@ -130,8 +135,12 @@ def _print_verification(conn: sqlite3.Connection, v: Verification, args: argpars
     print(f"signing keys: {len(v.keys)}, {anchor}; signatures checked: {v.signatures_checked}")
     if v.is_intact:
         print("OK: every entry is intact and the budget agrees with the audit")
+    elif v.unanchored_only:
+        print(f"NOT ANCHORED: {_UNANCHORED}")
+        print(f"  first: {v.problems[0]}")
     else:
         print(f"BROKEN: first broken {v.problems[0]}")
+    if not v.is_intact:
         for problem in v.problems[1:_PROBLEMS_SHOWN]:
             print(f"  also: {problem}")
         if len(v.problems) > _PROBLEMS_SHOWN:
@@ -153,6 +162,7 @@ def _verification_json(v: Verification, receipt_failures: list[str]) -> dict[str
         "head_sequence": v.head_sequence,
         "head_hash": v.head_hash,
         "anchored": v.anchored,
+        "unanchored_only": v.unanchored_only,
         "signatures_checked": v.signatures_checked,
         "first_broken_entry": v.problems[0].sequence if v.problems else None,
         "problems": [{"entry": p.sequence, "problem": p.message} for p in v.problems],
@@ -172,6 +182,9 @@ def _report(conn: sqlite3.Connection, v: Verification, args: argparse.Namespace)
     if args.plot is not None:
         plot_spend(report, args.plot)
         sys.stderr.write(f"wrote {args.plot}\n")
+    if v.unanchored_only:
+        sys.stderr.write(f"warning: the audit chain is NOT ANCHORED: {_UNANCHORED}\n")
+        return 1
     if not v.is_intact:
         sys.stderr.write(f"warning: the audit chain is BROKEN: {v.problems[0]}\n")
         return 1

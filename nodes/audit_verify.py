@@ -99,6 +99,10 @@ class Verification:
     anchored: bool  # signing keys checked against the federation CA / trusted keys
     problems: tuple[Problem, ...] = field(default=())
     acknowledged_head: int = 0  # problems at or before this entry were overridden
+    # Every problem found (listed or past MAX_PROBLEMS) is a signing key the given CA does
+    # not vouch for, or an entry it signed. Intact otherwise, such a chain is one of two
+    # things it cannot tell apart: checked against the wrong CA, or re-signed.
+    unanchored_only: bool = False
 
     @property
     def is_intact(self) -> bool:
@@ -123,8 +127,11 @@ class _Walk:
     problems: list[Problem] = field(default_factory=list)
     signatures: int = 0
     acknowledged: int = 0
+    untrusted: set[str] = field(default_factory=set)  # key ids the given CA does not vouch for
+    other_problems: bool = False  # any problem but an untrusted key, listed or not
 
-    def flag(self, sequence: int, message: str) -> None:
+    def flag(self, sequence: int, message: str, *, untrusted_key: bool = False) -> None:
+        self.other_problems |= not untrusted_key
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(Problem(sequence, message))
 
@@ -205,6 +212,7 @@ def _verify(
         anchored=ca_pem is not None,
         problems=tuple(walk.problems),
         acknowledged_head=walk.acknowledged,
+        unanchored_only=bool(walk.problems) and not walk.other_problems,
     )
 
 
@@ -278,23 +286,44 @@ def _register_key(walk: _Walk, seq: int, body: dict[str, object]) -> None:
         key = VerificationKey.from_pem(str(pem).encode("ascii"))
         if key.key_id != key_id:
             raise ReceiptError(f"its key is {key.key_id}, not the {key_id!r} it claims")
-        if walk.ca_pem is not None:
+    except (ReceiptError, UnicodeEncodeError) as err:
+        walk.flag(seq, f"untrusted signing key: {err}")
+        return
+    if walk.ca_pem is not None:
+        try:
             if key.certificate is not None:
                 key.check_issued(ca_pem=walk.ca_pem, node_name=str(node))
             elif key.key_id not in walk.trusted_keys:
                 raise ReceiptError(
                     "it introduces a bare key that is neither CA-certified nor trusted"
                 )
-    except (ReceiptError, UnicodeEncodeError) as err:
-        walk.flag(seq, f"untrusted signing key: {err}")
-        return
+        except ReceiptError as err:
+            # Not vouched for by the given CA (as opposed to a CA certificate naming
+            # another node, which is wrong whatever the CA).
+            foreign = key.certificate is None or not _issued_by(key, walk.ca_pem)
+            if foreign:
+                walk.untrusted.add(key.key_id)
+            walk.flag(seq, f"untrusted signing key: {err}", untrusted_key=foreign)
+            return
     walk.keys[key.key_id] = key.public_key
+
+
+def _issued_by(key: VerificationKey, ca_pem: bytes) -> bool:
+    """Whether the given CA issued ``key``'s certificate (False if the CA does not load)."""
+    try:
+        return key.issued_by(ca_pem)
+    except ReceiptError:
+        return False
 
 
 def _check_signature(walk: _Walk, seq: int, key_id: str, digest: str, sig: object) -> bool:
     key = walk.keys.get(key_id)
     if key is None:
-        walk.flag(seq, f"signed by key {key_id}, which no trusted key entry introduced")
+        walk.flag(
+            seq,
+            f"signed by key {key_id}, which no trusted key entry introduced",
+            untrusted_key=key_id in walk.untrusted,
+        )
         return False
     walk.signatures += 1
     signature = bytes(sig) if isinstance(sig, bytes | bytearray | memoryview) else b""

@@ -520,3 +520,37 @@ def test_receipts_verify_command(busy: Ledger, tmp_path: Path) -> None:
     assert federation_cli.main(["receipts", "verify", str(bad), "--node-cert", node_key]) == 1
     assert federation_cli.main(["receipts", "verify", str(good)]) == 1  # no trusted key
     assert federation_cli.main(["receipts", "verify", str(key)]) == 2  # not JSON
+
+
+def test_verify_against_another_ca_says_not_anchored_not_broken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong --ca breaks every signature check, but the chain is intact: say which of the
+    # two it is. An edited entry on top is still BROKEN.
+    ca = pki.init_ca(tmp_path / "ca")
+    cert, key = pki.issue(tmp_path / "ca", name="hong-kong", role="node")
+    other_ca = pki.init_ca(tmp_path / "other")
+    signer = Signer.from_private_key(
+        audit._private_key(key.read_bytes(), key), certificate_pem=cert.read_bytes()
+    )
+    state = tmp_path / "state"
+    state.mkdir()
+    ledger = Ledger(state / "ledger.sqlite", node_name="hong-kong", signer=signer)
+    for value in (1.0, 2.0, 3.0):
+        release(ledger, POLICY, value)
+    args = ["verify", "--state-dir", str(state)]
+    assert audit_main([*args, "--ca", str(ca)]) == 0
+    capsys.readouterr()
+    assert audit_main([*args, "--ca", str(other_ca)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT ANCHORED: the chain's hashes and links are intact and its budget" in out
+    assert "BROKEN" not in out
+    assert audit_main([*args, "--ca", str(other_ca), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["unanchored_only"] is True
+    with db(ledger) as conn:
+        conn.execute("UPDATE audit SET body = body || ' ' WHERE seq = 3")
+    assert audit_main([*args, "--ca", str(other_ca)]) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN: first broken" in out
+    assert "NOT ANCHORED" not in out
+    ledger.close()
