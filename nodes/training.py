@@ -912,7 +912,7 @@ class TrainingEngine:
             GaussianStream(bytes(KEY_BYTES), device=self.device, pool=2).fill(
                 torch.empty(1, device=self.device)
             )
-        except (RuntimeError, AssertionError, NotImplementedError) as err:
+        except (RuntimeError, AssertionError, NotImplementedError, ValueError) as err:
             # torch's own message can run to a paragraph (linker hints): keep its gist.
             gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             if device.startswith("cuda") and not torch.cuda.is_available():
