@@ -270,6 +270,7 @@ class NodeService(pb_grpc.NodeServicer):
                     f"train job {plan.job_id} round {plan.round}: the call ended or ran past "
                     "its deadline while the weights arrived; nothing was charged"
                 )
+            trainer.preflight(plan, weights)  # an architecture that cannot train: refused
             record = self.ledger.charge(
                 plan.charge,
                 policy=policy,

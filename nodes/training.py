@@ -132,6 +132,9 @@ MAX_LOCAL_STEPS = 10_000
 MIN_SAMPLE_RATE = 1e-9
 MAX_LEARNING_RATE = 1e3
 MAX_CLIP_NORM = 1e6
+# Below this, float32 cannot carry the clip or the noise: at clip_norm 2**-150 the noise
+# sigma * clip_norm rounds to exactly 0 while the clipped sum does not (a noiseless update).
+MIN_CLIP_NORM = 1e-6
 _MAX_JOB_ID = 128
 _CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped norm < clip_norm
 _EVAL_BATCH = 65_536
@@ -253,6 +256,7 @@ def plan_training(
             f"this node's noise_multiplier_floor of {policy.noise_multiplier_floor:g}; ask "
             "for a smaller epsilon, fewer rounds or steps, or a lower sample rate"
         )
+    _check_float32_noise(sigma, clip_norm)
     update = subsampled_gaussian_charge(
         sample_rate=sample_rate, noise_multiplier=sigma, steps=local_steps, delta=delta
     )
@@ -327,6 +331,23 @@ def _check_numbers(sample_rate: float, learning_rate: float, clip_norm: float) -
         )
     if clip_norm > MAX_CLIP_NORM:
         raise InvalidRequestError(f"clip_norm must be <= {MAX_CLIP_NORM:g}; got {clip_norm!r}")
+    if clip_norm < MIN_CLIP_NORM:
+        raise InvalidRequestError(f"clip_norm must be >= {MIN_CLIP_NORM:g}; got {clip_norm!r}")
+
+
+def _check_float32_noise(sigma: float, clip_norm: float) -> None:
+    """Refuse a plan whose noise float32 would not carry at the planned multiplier.
+
+    The step adds ``float32(sigma * clip_norm) * z`` to a sum clipped at
+    ``float32(clip_norm)``; their ratio must be the multiplier the accountant used.
+    """
+    scale, clip = float(np.float32(sigma * clip_norm)), float(np.float32(clip_norm))
+    tiny = float(np.finfo(np.float32).tiny)
+    if not (scale >= tiny and clip >= tiny and abs(scale / clip - sigma) <= 1e-6 * sigma):
+        raise InvalidRequestError(
+            f"noise multiplier {sigma:.4g} at clip_norm {clip_norm!r} is not representable "
+            "in float32 training; ask for a larger clip_norm or a smaller epsilon"
+        )
 
 
 def _check_privacy(
@@ -804,6 +825,18 @@ class _Stepper:
         return [sums[i] for i in range(len(self.names))]
 
 
+def _check_buffers_kept(
+    model: nn.Module, before: Mapping[str, torch.Tensor], architecture: str
+) -> None:
+    """Refuse to release a model whose buffers training changed (they carry no noise)."""
+    for name, buffer in model.named_buffers():
+        if name not in before or not torch.equal(buffer, before[name]):
+            raise RuntimeError(
+                f"architecture {architecture!r} changed its buffer {name!r} while training "
+                "in eval mode; buffers are released without noise, so nothing is released"
+            )
+
+
 @contextmanager
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block loop's many small CPU ops on the calling thread only.
@@ -961,6 +994,13 @@ class TrainingEngine:
         check_weights(plan, global_weights)
         data = self._tensors(plan.spec.features, plan.spec.target)
         model = self._model(plan, global_weights, in_place=in_place)
+        # Eval mode throughout: a layer whose output mixes the batch (BatchNorm's batch
+        # statistics) would break per-sample clipping, and its running statistics, updated
+        # by forward passes over records, would leave in the weights without noise. In
+        # eval mode BatchNorm is a fixed map of the statistics received, Dropout the
+        # identity; the check below catches an architecture that changes a buffer anyway.
+        model.eval()
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         stream = GaussianStream(
             rng.bytes(KEY_BYTES) if noise_key is None else noise_key,
             device=self.device,
@@ -974,6 +1014,7 @@ class TrainingEngine:
         for _ in range(plan.local_steps):
             stepper.step(rng)
         metrics = self._metrics(model, data, plan, rng) if plan.metrics_charges else ()
+        _check_buffers_kept(model, buffers, plan.spec.architecture)
         return LocalUpdate(
             weights=state_views(model) if in_place else state_to_arrays(model),
             noisy_examples=float(examples[0]),
@@ -981,6 +1022,45 @@ class TrainingEngine:
             metrics=metrics,
             steps=plan.local_steps,
         )
+
+    def preflight(self, plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:
+        """Check, before the charge, that this round can train without touching any record.
+
+        The built-in Linear/ReLU stacks always can. An operator's architecture runs one
+        DP-SGD gradient and one evaluation pass on two made-up rows (zeros, labels 0 and
+        1), in eval mode as a round does: one that cannot take per-sample gradients (an
+        in-place update of a captured tensor, data-dependent control flow) would otherwise
+        fail only when a batch holds records, after the charge, and so tell the coordinator
+        whether any record was sampled. Parameters are not modified; an architecture that
+        writes a buffer is refused (and may have written it).
+
+        Raises:
+            InvalidRequestError: the weights do not fit the plan, or the architecture fails
+                on the made-up rows (nothing has been charged).
+        """
+        with torch.device("meta"):  # the structure alone: no memory, no RNG
+            skeleton = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
+        if _linear_stack(skeleton) is not None:
+            return
+        check_weights(plan, weights)
+        # Adopted, not copied: nothing below writes a parameter, and a buffer written
+        # makes the round refused (the service then drops these buffers).
+        model = self._model(plan, weights, in_place=True)
+        model.eval()
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        x = torch.zeros((2, plan.input_dim), device=self.device)
+        y = torch.tensor([0.0, 1.0], device=self.device)
+        try:
+            clipped_gradient_sum(model, x, y, clip_norm=plan.clip_norm)
+            with torch.no_grad():
+                model(x)
+            _check_buffers_kept(model, buffers, plan.spec.architecture)
+        except Exception as err:  # an operator's code: any failure means "cannot train"
+            gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise InvalidRequestError(
+                f"architecture {plan.spec.architecture!r} cannot be trained with per-sample "
+                f"clipping at this node: {gist}; nothing was charged"
+            ) from err
 
     def _model(
         self,

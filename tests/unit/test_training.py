@@ -37,6 +37,7 @@ from nodes.training import (
     LOSS_UPPER,
     TrainingEngine,
     TrainPlan,
+    _check_float32_noise,
     _feature_matrix,
     _Stepper,
     _Tensors,
@@ -485,6 +486,75 @@ def test_operator_architectures_train_through_the_generic_path(table: Table) -> 
     assert not np.array_equal(update.weights["0.weight"], weights["0.weight"])
 
 
+class _Counting(nn.Module):
+    """Counts records seen in a buffer, in any mode: a buffer training must not change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return x
+
+
+@pytest.mark.parametrize("sample_rate", [1e-9, 0.5])
+def test_batch_norm_and_dropout_train_in_eval_mode_and_keep_their_statistics(
+    table: Table, sample_rate: float
+) -> None:
+    # Train mode leaked the held-out features' exact mean through BatchNorm's running
+    # statistics (released with the weights, without noise), and made the per-sample path
+    # fail only when a batch was sampled (a data-dependent failure after the charge).
+    def bn_net(spec: ModelSpec, dim: int) -> nn.Module:
+        return nn.Sequential(
+            nn.BatchNorm1d(dim), nn.Linear(dim, 4), nn.Dropout(0.5), nn.Linear(4, 1)
+        )
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "bn_net": bn_net}
+    policy = dataclasses.replace(POLICY, allowed_models=("bn_net",))
+    spec = ModelSpec("bn_net", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=2, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    plan = dataclasses.replace(plan, sample_rate=sample_rate)
+    # A coordinator's own float32 rendering of the state (initial_arrays refuses the
+    # integer num_batches_tracked); the node accepts it.
+    state = bn_net(spec, plan.input_dim).state_dict()
+    weights = {name: t.detach().numpy().astype(np.float32) for name, t in state.items()}
+    engine = TrainingEngine(table, registry=registry)
+    engine.preflight(plan, weights)
+    update = engine.train(plan, weights, rng=np.random.default_rng(0))
+    for name in ("0.running_mean", "0.running_var", "0.num_batches_tracked"):
+        np.testing.assert_array_equal(update.weights[name], weights[name])
+    assert update.metrics
+
+
+def test_an_architecture_that_changes_a_buffer_is_refused_and_releases_nothing(
+    table: Table,
+) -> None:
+    def counting(spec: ModelSpec, dim: int) -> nn.Module:
+        return nn.Sequential(_Counting(), nn.Linear(dim, 1))
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "counting": counting}
+    policy = dataclasses.replace(POLICY, allowed_models=("counting",))
+    spec = ModelSpec("counting", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    # Before the charge: refused, on made-up rows (its per-sample pass cannot run).
+    with pytest.raises(InvalidRequestError, match="'counting' cannot be trained"):
+        engine.preflight(plan, weights)
+    # And were it trained anyway (no batch sampled, the metrics pass writes the buffer):
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    empty = dataclasses.replace(plan, sample_rate=1e-9)
+    with pytest.raises(RuntimeError, match="changed its buffer '0.seen'"):
+        engine.train(empty, weights, rng=np.random.default_rng(0))
+
+
 def test_in_place_training_materialises_buffers_the_weights_do_not_carry(table: Table) -> None:
     class Scaled(nn.Module):
         def __init__(self, dim: int) -> None:
@@ -582,6 +652,23 @@ def test_values_that_would_overflow_after_the_charge_are_refused_first(
 ) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         _plan(**overrides)
+
+
+@pytest.mark.parametrize("clip_norm", [0.51 * 2.0**-149, 2.0**-140, 1e-7])
+def test_a_clip_norm_too_small_for_float32_noise_is_refused_first(clip_norm: float) -> None:
+    # At 0.51 * 2**-149 (accepted before): float32(clip) is the smallest subnormal, and
+    # float32(sigma * clip) with sigma < 1 rounds to 0, so the update was the batch's
+    # clipped sum with no noise at all, for a charge of epsilon ~1.
+    with pytest.raises(InvalidRequestError, match="clip_norm must be >= 1e-06"):
+        _plan(clip_norm=clip_norm)
+
+
+def test_a_noise_scale_float32_cannot_carry_is_refused() -> None:
+    _check_float32_noise(0.978, 1e-6)  # the smallest clip: fine
+    _check_float32_noise(1.0, 1.0)
+    for sigma, clip in ((1e-33, 1e-6), (0.978, 0.51 * 2.0**-149)):
+        with pytest.raises(InvalidRequestError, match="not representable in float32"):
+            _check_float32_noise(sigma, clip)
 
 
 def test_a_round_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
