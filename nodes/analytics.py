@@ -25,7 +25,14 @@ import numpy as np
 import numpy.typing as npt
 
 from federation.errors import BudgetExhaustedError, InvalidRequestError, PolicyError
-from federation.privacy import Charge, add_noise, compose, gaussian_charge, laplace_charge
+from federation.privacy import (
+    Charge,
+    RandomSource,
+    add_noise,
+    compose,
+    gaussian_charge,
+    laplace_charge,
+)
 from federation.queries import (
     All,
     Any,
@@ -305,7 +312,7 @@ class DatasetEngine:
         self._cache: OrderedDict[tuple[object, ...], npt.NDArray[np.int64]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def execute(self, plan: Plan, *, rng: np.random.Generator) -> tuple[GroupRelease, ...]:
+    def execute(self, plan: Plan, *, rng: RandomSource) -> tuple[GroupRelease, ...]:
         """Compute each measurement exactly, then release it with integer noise."""
         mask = self._mask(plan.request.query.where)
         groups = self._groups(plan.group_column)

@@ -1,4 +1,9 @@
-"""Gaussian noise for DP-SGD from a cryptographically secure stream (AES-128-CTR).
+"""A node's randomness, all from AES-128-CTR: DP-SGD's Gaussian noise and every other draw.
+
+``GaussianStream`` draws DP-SGD's gradient noise; ``CryptoRandom`` makes the uniform,
+geometric and byte draws of the integer mechanisms and Poisson sampling (the node's
+``rng``), in place of numpy's non-cryptographic PCG64. The rest of this docstring is about
+the Gaussian noise.
 
 DP-SGD's guarantee rests on the noise being unpredictable to whoever sees the update. The
 party that sees it, the coordinator, also chooses the weights a node trains from, so it
@@ -38,10 +43,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["KEY_BYTES", "GaussianStream"]
+__all__ = ["KEY_BYTES", "CryptoRandom", "GaussianStream"]
 
 KEY_BYTES = 16  # AES-128
 POOL = 1 << 18  # values per refill on the CPU (1 MiB of float32: in cache)
@@ -137,3 +144,61 @@ class GaussianStream:
             torch.mul(source, scale, out=flat[done : done + take])
             self._next += take
             done += take
+
+
+class CryptoRandom:
+    """A node's generator for every other DP draw: AES-128-CTR under one key.
+
+    It has the draws ``federation.privacy``'s samplers and Poisson sampling make
+    (``random``, ``geometric``, ``bytes``; a ``federation.privacy.RandomSource``), so a node
+    hands it out where a ``numpy.random.Generator`` would go. numpy's generators (PCG64)
+    are not cryptographic: one Analyze request can show a consumer tens of thousands of
+    noise values whose true cells it knows (a wide histogram of known-empty bins at a tiny
+    epsilon), and whoever recovered the generator's state from them would read the other
+    cells' noise too. Here every draw is keystream.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        """Start the stream for ``key`` (16 bytes, used for this generator only).
+
+        Raises:
+            ValueError: ``key`` is not 16 bytes.
+        """
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"the key must be {KEY_BYTES} bytes; got {len(key)}")
+        self._cipher = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    def bytes(self, length: int) -> bytes:
+        """``length`` keystream bytes."""
+        if length < 0:
+            raise ValueError(f"length must be >= 0; got {length}")
+        return self._cipher.update(bytes(length))
+
+    def _words(self, size: int) -> npt.NDArray[np.uint64]:
+        return np.frombuffer(self.bytes(8 * size), dtype="<u8").astype(np.uint64)
+
+    def random(self, size: int) -> npt.NDArray[np.float64]:
+        """``size`` uniform floats ``k / 2**53`` in [0, 1), k uniform on 53 bits."""
+        return (self._words(size) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def geometric(self, p: float, size: int) -> npt.NDArray[np.int64]:
+        """``size`` trial counts up to the first success at rate ``p`` (support 1, 2, ...).
+
+        By inversion: ``ceil(ln u / ln(1 - p))`` with ``u = (k + 1/2) / 2**53`` in (0, 1),
+        so P(G > k) = (1 - p)**k up to float64 rounding; the largest value is about
+        ``37.4 / -ln(1 - p)``, 37 times the scale (numpy's own sampler stops near 44).
+
+        Raises:
+            ValueError: ``p`` is not in (0, 1].
+        """
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"p must be in (0, 1]; got {p!r}")
+        if p == 1.0:
+            self._words(size)  # keep the stream's position a function of the calls alone
+            return np.ones(size, dtype=np.int64)
+        u = ((self._words(size) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        trials = np.ceil(np.log(u) / math.log1p(-p))
+        # As numpy does, saturate rather than wrap where p is so small the count would not
+        # fit (the samplers refuse such scales before any draw).
+        top = math.nextafter(2.0**63, 0.0)  # the largest float64 an int64 holds
+        return np.maximum(np.minimum(trials, top), 1.0).astype(np.int64)

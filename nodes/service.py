@@ -36,6 +36,7 @@ from federation.errors import (
     status_for,
 )
 from federation.models import ModelBuilder
+from federation.privacy import RandomSource
 from federation.releases import NodeDescription, Release
 from nodes import rounds
 from nodes._unary import CallEndedError, CapturedHandlers, read_single
@@ -44,7 +45,7 @@ from nodes.cohort import suppress_small_cohorts
 from nodes.config import NodeConfig
 from nodes.guard import Admission, Guard
 from nodes.ledger import Ledger
-from nodes.noise import KEY_BYTES
+from nodes.noise import KEY_BYTES, CryptoRandom
 from nodes.training import TrainingEngine
 
 __all__ = ["NodeService", "RngFactory", "add_node_service"]
@@ -53,12 +54,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M")
-RngFactory = Callable[[], np.random.Generator]
+RngFactory = Callable[[], RandomSource]
 
 
-def system_rng() -> np.random.Generator:
-    """A fresh generator seeded from the OS CSPRNG for each release."""
-    return np.random.default_rng(secrets.randbits(128))
+def system_rng() -> RandomSource:
+    """A fresh AES-128-CTR generator keyed from the OS CSPRNG for each release."""
+    return CryptoRandom(secrets.token_bytes(KEY_BYTES))
 
 
 def system_noise_key() -> bytes:

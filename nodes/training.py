@@ -87,6 +87,7 @@ from federation.models import (
 )
 from federation.privacy import (
     Charge,
+    RandomSource,
     Spend,
     add_noise,
     compose,
@@ -486,7 +487,7 @@ def check_weights(plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]
 # ------------------------------------------------------------------ DP-SGD primitives
 
 
-def poisson_sample(n: int, sample_rate: float, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+def poisson_sample(n: int, sample_rate: float, rng: RandomSource) -> npt.NDArray[np.int64]:
     """Return the sorted indices of a Poisson sample of ``range(n)``: each kept w.p. q.
 
     Exact and O(q n): the gaps between kept indices of a Bernoulli(q) process are i.i.d.
@@ -793,7 +794,7 @@ class _Stepper:
         self.step_size = plan.learning_rate / max(plan.sample_rate * examples, 1.0)
         self.sigma = plan.noise_multiplier * plan.clip_norm
 
-    def step(self, rng: np.random.Generator) -> None:
+    def step(self, rng: RandomSource) -> None:
         """Sample a Poisson batch, take an SGD step on its clipped sum plus Gaussian noise."""
         plan = self.plan
         index = torch.from_numpy(poisson_sample(self.n, plan.sample_rate, rng))
@@ -963,7 +964,7 @@ class TrainingEngine:
         plan: TrainPlan,
         global_weights: Mapping[str, npt.NDArray[np.generic]],
         *,
-        rng: np.random.Generator,
+        rng: RandomSource,
         noise_key: bytes | None = None,
         in_place: bool = False,
     ) -> LocalUpdate:
@@ -972,10 +973,10 @@ class TrainingEngine:
         Call only once ``plan.charge`` is durable in the ledger. Every random draw
         (sampling, count and metric noise) comes from ``rng``; the gradient noise comes
         from AES-128-CTR under ``noise_key`` (16 bytes, for this round only), by default
-        the first 16 bytes ``rng`` gives. The node's Train handler passes a key straight
-        from the OS CSPRNG, so no output of ``rng`` (a PCG64, whose state its outputs
-        determine) bears on the noise; tests leave it out to reproduce a round from
-        ``rng`` alone.
+        the first 16 bytes ``rng`` gives. A node's Train handler passes a key of its own
+        from the OS CSPRNG (and its ``rng`` is itself AES-CTR, ``nodes.noise.CryptoRandom``),
+        so nothing the round releases bears on the noise key; tests leave it out to
+        reproduce a round from a seeded numpy ``rng`` alone.
 
         With ``in_place`` the engine takes ``global_weights`` over: on a CPU device, their
         (writable, float32, C-contiguous) buffers become the model's parameters, DP-SGD
@@ -1091,7 +1092,7 @@ class TrainingEngine:
         return model
 
     def _metrics(
-        self, model: nn.Module, data: _Tensors, plan: TrainPlan, rng: np.random.Generator
+        self, model: nn.Module, data: _Tensors, plan: TrainPlan, rng: RandomSource
     ) -> tuple[tuple[str, float, NoiseInfo], ...]:
         """Loss and accuracy on the held-out records as DP means (noisy sum / noisy count)."""
         count_charge, loss_charge, correct_charge = plan.metrics_charges

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,7 @@ __all__ = [
     "DISCRETE_GAUSSIAN",
     "DISCRETE_LAPLACE",
     "EXACT_SIGMA_MAX",
+    "RandomSource",
     "add_noise",
     "analytic_gaussian_sigma",
     "discrete_gaussian_delta",
@@ -38,6 +40,24 @@ __all__ = [
     "sample_discrete_gaussian",
     "sample_discrete_laplace",
 ]
+
+
+class RandomSource(Protocol):
+    """The draws the samplers make: ``numpy.random.Generator`` has them, and so does a node's
+    ``nodes.noise.CryptoRandom`` (AES-128-CTR), which is what nodes use."""
+
+    def random(self, size: int) -> npt.NDArray[np.float64]:
+        """``size`` uniform floats in [0, 1)."""
+        ...
+
+    def geometric(self, p: float, size: int) -> npt.NDArray[np.int64]:
+        """``size`` trial counts up to the first success (support 1, 2, ...)."""
+        ...
+
+    def bytes(self, length: int) -> bytes:
+        """``length`` uniform bytes."""
+        ...
+
 
 DISCRETE_LAPLACE = "discrete_laplace"
 DISCRETE_GAUSSIAN = "discrete_gaussian"
@@ -83,6 +103,11 @@ def _check_scale(value: float, *, name: str) -> None:
 # difference of two saturated draws is 0: noise would vanish exactly when epsilon is tiny.
 # Fail closed far below that (draws beyond 2**62 then have probability < exp(-2**22)).
 MAX_NOISE_SCALE = 2.0**40
+# And below 1/32 (epsilon above 32 per unit of sensitivity) float64 no longer holds the law:
+# at a Laplace scale under 1/36.7, p = 1 - exp(-1/scale) rounds to 1 and the noise is
+# exactly 0 (an exact release charged as epsilon-DP); a Gaussian's exp(-1/(2 sigma**2))
+# underflows near sigma = 0.026. At 1/32 both are still represented.
+MIN_NOISE_SCALE = 1.0 / 32.0
 
 
 def _check_noise_scale(scale: float, *, what: str) -> None:
@@ -90,6 +115,12 @@ def _check_noise_scale(scale: float, *, what: str) -> None:
         raise InvalidRequestError(
             f"{what}: the noise scale would be {scale:.3g}, above the sampler's limit of "
             f"{MAX_NOISE_SCALE:.3g}; ask for a larger epsilon"
+        )
+    if not scale >= MIN_NOISE_SCALE:
+        raise InvalidRequestError(
+            f"{what}: the noise scale would be {scale:.3g}, below the sampler's limit of "
+            f"{MIN_NOISE_SCALE:.3g} (the noise would round to exactly 0); ask for a smaller "
+            "epsilon"
         )
 
 
@@ -135,14 +166,13 @@ def laplace_charge(*, epsilon: float, sensitivity: int) -> Charge:
     )
 
 
-def sample_discrete_laplace(
-    *, scale: float, size: int, rng: np.random.Generator
-) -> npt.NDArray[np.int64]:
+def sample_discrete_laplace(*, scale: float, size: int, rng: RandomSource) -> npt.NDArray[np.int64]:
     """Draw ``size`` samples with P(x) proportional to exp(-|x| / scale), x an integer.
 
     The difference of two iid geometric variables on {0, 1, ...} with ratio exp(-1/scale)
-    (CKS 2020, arXiv:2004.00010, Sec. 5). numpy draws the geometric by inversion in float64,
-    so the law is exact up to float rounding; the output is an integer.
+    (CKS 2020, arXiv:2004.00010, Sec. 5). The geometric is drawn in float64 (numpy's
+    search or inversion; ``CryptoRandom``'s inversion), so the law is exact up to float
+    rounding; the output is an integer.
 
     Raises:
         InvalidRequestError: ``scale`` is not finite and > 0 or ``size`` < 0.
@@ -425,7 +455,7 @@ def gaussian_charge(*, epsilon: float, delta: float, sensitivity: int) -> Charge
 
 
 def sample_discrete_gaussian(
-    *, sigma: float, size: int, rng: np.random.Generator
+    *, sigma: float, size: int, rng: RandomSource
 ) -> npt.NDArray[np.int64]:
     """Draw ``size`` samples with P(x) proportional to exp(-x**2 / (2 sigma**2)), x an integer.
 
@@ -463,7 +493,7 @@ def sample_discrete_gaussian(
 
 
 def add_noise(
-    values: npt.NDArray[np.int64], charge: Charge, *, rng: np.random.Generator
+    values: npt.NDArray[np.int64], charge: Charge, *, rng: RandomSource
 ) -> npt.NDArray[np.int64]:
     """Return ``values`` plus independent integer noise as ``charge`` describes.
 

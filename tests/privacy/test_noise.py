@@ -8,8 +8,10 @@ what a correct sampler would fail with over a random seed:
 - empirical privacy ratio: one-sided 4.5 standard errors per outcome k (alpha = 3.4e-6),
   at most about 60 outcomes per mechanism, so below 3e-4 per mechanism.
 
-Power checks feed the same tests a sampler whose scale is a few per cent off, or a
-mechanism whose epsilon is 1.5 times the claimed one, and assert that they are caught.
+Each check runs with numpy's generator and with the node's AES-128-CTR ``CryptoRandom``
+(what nodes draw from). Power checks feed the same tests a sampler whose scale is a few
+per cent off, or a mechanism whose epsilon is 1.5 times the claimed one, and assert that
+they are caught.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ import pytest
 from scipy import stats
 
 from federation.privacy import (
+    RandomSource,
     add_noise,
     laplace_charge,
     sample_discrete_gaussian,
     sample_discrete_laplace,
 )
+from nodes.noise import CryptoRandom
+
+RNGS = [
+    pytest.param(np.random.default_rng, id="numpy"),
+    pytest.param(lambda seed: CryptoRandom(seed.to_bytes(16, "little")), id="aes-ctr"),
+]
+MakeRng = Callable[[int], RandomSource]
 
 SAMPLES = 200_000
 CHI_SQUARE_ALPHA = 1e-3
@@ -103,14 +113,14 @@ def _check_moments(samples: npt.NDArray[np.int64], pmf: Pmf) -> None:
     assert abs(sample_var - var) <= Z_LIMIT * var_se, (sample_var, var, var_se)
 
 
-Sampler = Callable[[float, np.random.Generator], npt.NDArray[np.int64]]
+Sampler = Callable[[float, RandomSource], npt.NDArray[np.int64]]
 
 
-def _laplace(scale: float, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+def _laplace(scale: float, rng: RandomSource) -> npt.NDArray[np.int64]:
     return sample_discrete_laplace(scale=scale, size=SAMPLES, rng=rng)
 
 
-def _gaussian(sigma: float, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+def _gaussian(sigma: float, rng: RandomSource) -> npt.NDArray[np.int64]:
     return sample_discrete_gaussian(sigma=sigma, size=SAMPLES, rng=rng)
 
 
@@ -124,11 +134,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("make_rng", RNGS)
 @pytest.mark.parametrize(("sampler", "exact", "scale"), CASES)
 def test_sampler_matches_exact_law(
-    sampler: Sampler, exact: Callable[[float], Pmf], scale: float
+    sampler: Sampler, exact: Callable[[float], Pmf], scale: float, make_rng: MakeRng
 ) -> None:
-    samples = sampler(scale, np.random.default_rng(20240601))
+    samples = sampler(scale, make_rng(20240601))
     assert samples.dtype == np.int64
     assert samples.shape == (SAMPLES,)
     pmf = exact(scale)
@@ -136,20 +147,22 @@ def test_sampler_matches_exact_law(
     _check_moments(samples, pmf)
 
 
+@pytest.mark.parametrize("make_rng", RNGS)
 @pytest.mark.parametrize(("sampler", "exact", "scale"), CASES)
 def test_checks_catch_a_three_percent_scale_error(
-    sampler: Sampler, exact: Callable[[float], Pmf], scale: float
+    sampler: Sampler, exact: Callable[[float], Pmf], scale: float, make_rng: MakeRng
 ) -> None:
-    samples = sampler(scale * 1.03, np.random.default_rng(20240601))
+    samples = sampler(scale * 1.03, make_rng(20240601))
     pmf = exact(scale)
     assert _chi_square_pvalue(samples, pmf) < CHI_SQUARE_ALPHA
     with pytest.raises(AssertionError):
         _check_moments(samples, pmf)
 
 
+@pytest.mark.parametrize("make_rng", RNGS)
 @pytest.mark.parametrize("scale", [0.1, 2.0**24])
-def test_laplace_sampler_extreme_scales(scale: float) -> None:
-    samples = sample_discrete_laplace(scale=scale, size=SAMPLES, rng=np.random.default_rng(5))
+def test_laplace_sampler_extreme_scales(scale: float, make_rng: MakeRng) -> None:
+    samples = sample_discrete_laplace(scale=scale, size=SAMPLES, rng=make_rng(5))
     q = math.exp(-1.0 / scale)
     var = 2 * q / (-math.expm1(-1.0 / scale)) ** 2
     if scale < 1:
@@ -163,7 +176,12 @@ def test_laplace_sampler_extreme_scales(scale: float) -> None:
 
 
 def _privacy_log_ratios(
-    epsilon: float, sensitivity: int, *, claimed_epsilon: float, seed: int
+    epsilon: float,
+    sensitivity: int,
+    *,
+    claimed_epsilon: float,
+    seed: int,
+    make_rng: MakeRng = np.random.default_rng,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Empirical log P[M(D) = k] / P[M(D') = k] and its standard error, on well-populated k.
 
@@ -172,7 +190,7 @@ def _privacy_log_ratios(
     """
     del claimed_epsilon
     charge = laplace_charge(epsilon=epsilon, sensitivity=sensitivity)
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     on_d = add_noise(np.zeros(SAMPLES, dtype=np.int64), charge, rng=rng)
     on_d_prime = add_noise(np.full(SAMPLES, sensitivity, dtype=np.int64), charge, rng=rng)
     low = int(min(on_d.min(), on_d_prime.min()))
@@ -185,11 +203,14 @@ def _privacy_log_ratios(
     return np.log(n_d / n_d_prime), np.sqrt(1 / n_d + 1 / n_d_prime)
 
 
+@pytest.mark.parametrize("make_rng", RNGS)
 @pytest.mark.parametrize(("epsilon", "sensitivity"), [(1.0, 1), (0.5, 3), (0.1, 1)])
 def test_laplace_empirical_privacy_ratio_within_e_to_epsilon(
-    epsilon: float, sensitivity: int
+    epsilon: float, sensitivity: int, make_rng: MakeRng
 ) -> None:
-    log_ratio, se = _privacy_log_ratios(epsilon, sensitivity, claimed_epsilon=epsilon, seed=11)
+    log_ratio, se = _privacy_log_ratios(
+        epsilon, sensitivity, claimed_epsilon=epsilon, seed=11, make_rng=make_rng
+    )
     assert log_ratio.size >= 6
     assert np.all(np.abs(log_ratio) <= epsilon + Z_LIMIT * se), np.max(np.abs(log_ratio) - se)
     # The bound is attained: away from the two means, the ratio is e**+-epsilon.

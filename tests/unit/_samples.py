@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from federation.queries import Mechanism
 from federation.releases import BudgetStatus, NoiseInfo, Receipt
 from federation.training import TrainResult
@@ -30,3 +33,22 @@ def train_result(**changes: Any) -> TrainResult:
         job_epsilon=0.3,
     )
     return dataclasses.replace(result, **changes)
+
+
+class NoNoise:
+    """A ``federation.privacy.RandomSource`` whose draws make every integer noise 0.
+
+    Geometric draws are all 1 (the discrete Laplace is their difference) and uniforms all
+    0 (the discrete Gaussian accepts its zero proposal): exact execution, for tests that
+    check what an engine computes. Nodes never use it.
+    """
+
+    def random(self, size: int) -> npt.NDArray[np.float64]:
+        return np.zeros(size)
+
+    def geometric(self, p: float, size: int) -> npt.NDArray[np.int64]:
+        del p
+        return np.ones(size, dtype=np.int64)
+
+    def bytes(self, length: int) -> bytes:
+        return bytes(length)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from _samples import NoNoise
 
 from federation.coordinator.analytics import QueryResult, combine
 from federation.queries import (
@@ -41,9 +42,9 @@ SCHEMA = DatasetSchema(
 # 40 records in the north, 5 in the south, none in the east.
 INCOME = np.array([10.0] * 40 + [90.0] * 5)
 REGION = np.array(["north"] * 40 + ["south"] * 5, dtype=object)
-# At this epsilon every discrete-noise scale rounds to an exactly-zero draw (see
-# tests/unit/test_analytics_plan.py): the suppression rule can be checked on exact counts.
-EXACT = 1e9
+# Executed with NoNoise draws (every integer noise is 0): the suppression rule can be
+# checked on exact counts.
+EXACT = 1.0
 MIN_COHORT = 10
 
 
@@ -51,12 +52,12 @@ def _request(query: Query, epsilon: float) -> AnalyzeRequest:
     return AnalyzeRequest(query=query, epsilon=epsilon, delta=0.0, mechanism=Mechanism.LAPLACE)
 
 
-def _policy(min_cohort: int, epsilon: float = EXACT) -> ConsumerPolicy:
+def _policy(min_cohort: int) -> ConsumerPolicy:
     return ConsumerPolicy(
         name="acme",
-        epsilon=epsilon,
+        epsilon=1e9,
         delta=1e-6,
-        max_epsilon_per_release=epsilon,
+        max_epsilon_per_release=8.0,
         min_cohort=min_cohort,
     )
 
@@ -65,7 +66,7 @@ def _release(query: Query, *, min_cohort: int = MIN_COHORT) -> tuple[GroupReleas
     engine = DatasetEngine(table_from_arrays({"income": INCOME, "region": REGION}, schema=SCHEMA))
     policy = _policy(min_cohort)
     plan = plan_query(_request(query, EXACT), schema=SCHEMA, policy=policy)
-    groups = engine.execute(plan, rng=np.random.default_rng(0))
+    groups = engine.execute(plan, rng=NoNoise())
     return suppress_small_cohorts(groups, query=query, min_cohort=policy.min_cohort)
 
 
@@ -124,8 +125,8 @@ def test_quantile_is_suppressed_by_its_group_total() -> None:
 
 def test_guarded_sum_buys_a_count_with_a_share_of_epsilon() -> None:
     request = _request(Sum("credit", "income"), 1.0)
-    plain = plan_query(request, schema=SCHEMA, policy=_policy(0, epsilon=10.0))
-    guarded = plan_query(request, schema=SCHEMA, policy=_policy(MIN_COHORT, epsilon=10.0))
+    plain = plan_query(request, schema=SCHEMA, policy=_policy(0))
+    guarded = plan_query(request, schema=SCHEMA, policy=_policy(MIN_COHORT))
     assert [p.name for p in plain.parts] == ["sum"]
     assert [p.name for p in guarded.parts] == ["sum", "count"]
     sum_part, count_part = guarded.parts

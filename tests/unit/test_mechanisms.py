@@ -173,7 +173,7 @@ def _draw(sampler: Callable[..., np.ndarray], seed: int, *, size: int) -> np.nda
 
 def test_add_noise_keeps_shape_and_shifts_values() -> None:
     values = np.arange(12, dtype=np.int64).reshape(3, 4)
-    charge = laplace_charge(epsilon=1e3, sensitivity=1)  # scale 1e-3: noise is almost surely 0
+    charge = laplace_charge(epsilon=30.0, sensitivity=1)  # P(noise != 0) = 2e-13
     noisy = add_noise(values, charge, rng=np.random.default_rng(0))
     assert noisy.dtype == np.int64
     np.testing.assert_array_equal(noisy, values)
@@ -275,3 +275,13 @@ def test_smallest_accepted_laplace_still_adds_noise() -> None:
     charge = laplace_charge(epsilon=1e-6, sensitivity=2**20)
     noisy = add_noise(np.full(64, 5, dtype=np.int64), charge, rng=np.random.default_rng(1))
     assert np.count_nonzero(noisy != 5) == 64
+
+
+def test_an_epsilon_so_large_the_noise_rounds_to_zero_is_refused() -> None:
+    # Past epsilon / sensitivity ~ 36.7, 1 - exp(-1/scale) is 1.0 in float64: every
+    # geometric draw is 1 and the "DP" release is exact. Refused before any charge.
+    assert laplace_charge(epsilon=32.0, sensitivity=1).noise_scale == 1 / 32
+    with pytest.raises(InvalidRequestError, match="would round to exactly 0"):
+        laplace_charge(epsilon=40.0, sensitivity=1)
+    with pytest.raises(InvalidRequestError, match="would round to exactly 0"):
+        gaussian_charge(epsilon=2000.0, delta=1e-6, sensitivity=1)
