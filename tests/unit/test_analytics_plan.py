@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -392,6 +393,20 @@ def test_laplace_noise_is_described_in_released_units(engine: DatasetEngine) -> 
     assert noise.scale == pytest.approx(500_000.0 / 0.5)
     [value] = group.measurement("sum").values
     assert (value / noise.granularity).is_integer()
+
+
+def test_consumers_never_share_cache_entries(data: dict[str, np.ndarray]) -> None:
+    # A cached column answers ~50x faster: shared entries would let one consumer time
+    # which bounds and bins another had just queried. Same query, two consumers: two
+    # entries, and each consumer's second query reuses only its own.
+    engine = DatasetEngine(table_from_arrays(data, schema=SCHEMA))
+    query = Histogram("credit", "income", bins=8, bounds=(0.0, 90_000.0), group_by="region")
+    beta = dataclasses.replace(EXACT_POLICY, name="beta")
+    for policy in (EXACT_POLICY, beta, EXACT_POLICY):
+        plan = plan_query(_request(query, EXACT_EPSILON), schema=SCHEMA, policy=policy)
+        engine.execute(plan, rng=NoNoise())
+    owners = sorted(key[1] for key in engine._cache)
+    assert owners == ["acme", "acme", "beta", "beta"]  # (bins, codes) each
 
 
 def test_value_on_a_bin_edge_is_counted_in_the_bin_its_label_names() -> None:
