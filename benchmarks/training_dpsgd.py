@@ -52,6 +52,7 @@ from federation.metrics import roc_auc
 from federation.models import ModelSpec, build_model, initial_arrays
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
+from nodes.noise import CryptoRandom
 from nodes.training import (
     TrainingEngine,
     TrainPlan,
@@ -162,7 +163,8 @@ def _time_federation(
     plan = _plan(spec, sample_rate=rate, local_steps=steps, target_epsilon=3.0)
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0)
     start = time.perf_counter()
-    engine.train(plan, weights, rng=np.random.default_rng(seed))
+    # A node's own draws: Poisson sampling and the DP count from CryptoRandom (AES-CTR).
+    engine.train(plan, weights, rng=CryptoRandom(seed.to_bytes(16, "little")))
     return rate * n * steps / (time.perf_counter() - start)
 
 

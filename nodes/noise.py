@@ -55,6 +55,7 @@ POOL = 1 << 18  # values per refill on the CPU (1 MiB of float32: in cache)
 POOL_DEVICE = 1 << 22  # accelerators: fewer, larger kernel launches
 _RADIUS_BITS = 53
 _ANGLE_BITS = 24
+_OUT_DTYPES = (torch.float32, torch.float64)
 _PAIR_BYTES = 12  # 8 for the radius (an int64, 53 bits used), 4 for the angle (24 used)
 
 
@@ -102,6 +103,9 @@ class GaussianStream:
         self._trig = torch.empty(pairs, dtype=torch.float32, device=on)
         self._pool = torch.empty(2 * pairs, dtype=torch.float32, device=on)
         self.device = self._pool.device  # "cuda" resolved to "cuda:0"
+        # On the CPU, fills go through numpy views: a small fill (a logistic regression's
+        # 20 values per step) costs ~2 us there, ~8 us through torch's out= ops.
+        self._pool_np = self._pool.numpy() if self.device.type == "cpu" else None
         self._next = self._pool.numel()  # empty: the first fill refills
 
     def _refill(self) -> None:
@@ -128,22 +132,38 @@ class GaussianStream:
         self._next = 0
 
     def fill(self, out: torch.Tensor, scale: float = 1.0) -> None:
-        """Overwrite ``out`` (contiguous float32 on this device) with N(0, scale**2) values."""
-        if out.dtype != torch.float32 or not out.is_contiguous() or out.device != self.device:
+        """Overwrite ``out`` (contiguous float32 or float64 on this device) with N(0, scale**2).
+
+        The values have float32's precision in either dtype (the pool is float32).
+        """
+        if out.dtype not in _OUT_DTYPES or not out.is_contiguous() or out.device != self.device:
             raise ValueError(
-                "out must be a contiguous float32 tensor on "
+                "out must be a contiguous float32 or float64 tensor on "
                 f"{self.device}; got {out.dtype} on {out.device}"
             )
-        flat = out.view(-1)
-        done, total = 0, flat.numel()
+        size = self._pool.numel()
+        done, total = 0, out.numel()
+        pool_np = self._pool_np
+        if pool_np is None:
+            flat = out.view(-1)
+        else:
+            flat_np = out.detach().numpy().reshape(-1)
+            factor = np.float32(scale)
         while done < total:
-            if self._next == self._pool.numel():
+            if self._next == size:
                 self._refill()
-            take = min(total - done, self._pool.numel() - self._next)
-            source = self._pool[self._next : self._next + take]
-            torch.mul(source, scale, out=flat[done : done + take])
-            self._next += take
+            take = min(total - done, size - self._next)
+            start, stop = self._next, self._next + take
+            if pool_np is None:
+                torch.mul(self._pool[start:stop], scale, out=flat[done : done + take])
+            else:
+                np.multiply(pool_np[start:stop], factor, out=flat_np[done : done + take])
+            self._next = stop
             done += take
+
+
+_BUFFER = 1 << 14
+_ZEROS = bytes(_BUFFER)
 
 
 class CryptoRandom:
@@ -167,15 +187,27 @@ class CryptoRandom:
         if len(key) != KEY_BYTES:
             raise ValueError(f"the key must be {KEY_BYTES} bytes; got {len(key)}")
         self._cipher = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        # The next keystream bytes, made _BUFFER at a time: small draws (a few hundred
+        # geometric gaps per DP-SGD step) then cost a slice, not a cipher call.
+        self._buffer = b""
+        self._at = 0
 
     def bytes(self, length: int) -> bytes:
-        """``length`` keystream bytes."""
+        """The next ``length`` keystream bytes (in stream order, whatever the call sizes)."""
         if length < 0:
             raise ValueError(f"length must be >= 0; got {length}")
-        return self._cipher.update(bytes(length))
+        head = self._buffer[self._at : self._at + length]
+        self._at += len(head)
+        need = length - len(head)
+        if need == 0:
+            return head
+        if need >= _BUFFER:
+            return head + self._cipher.update(bytes(need))
+        self._buffer, self._at = self._cipher.update(_ZEROS), need
+        return head + self._buffer[:need]
 
     def _words(self, size: int) -> npt.NDArray[np.uint64]:
-        return np.frombuffer(self.bytes(8 * size), dtype="<u8").astype(np.uint64)
+        return np.frombuffer(self.bytes(8 * size), dtype="<u8")
 
     def random(self, size: int) -> npt.NDArray[np.float64]:
         """``size`` uniform floats ``k / 2**53`` in [0, 1), k uniform on 53 bits."""
@@ -196,9 +228,15 @@ class CryptoRandom:
         if p == 1.0:
             self._words(size)  # keep the stream's position a function of the calls alone
             return np.ones(size, dtype=np.int64)
-        u = ((self._words(size) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-        trials = np.ceil(np.log(u) / math.log1p(-p))
+        # ln u = ln(k + 1/2) - 53 ln 2, u = (k + 1/2) / 2**53: one array op fewer.
+        trials = (self._words(size) >> np.uint64(11)).astype(np.float64)
+        trials += 0.5
+        np.log(trials, out=trials)
+        trials -= 53.0 * math.log(2.0)
+        trials /= math.log1p(-p)
+        np.ceil(trials, out=trials)
         # As numpy does, saturate rather than wrap where p is so small the count would not
         # fit (the samplers refuse such scales before any draw).
         top = math.nextafter(2.0**63, 0.0)  # the largest float64 an int64 holds
-        return np.maximum(np.minimum(trials, top), 1.0).astype(np.int64)
+        # trials > 0 (ln u < 0): ceil is already >= 1.
+        return np.minimum(trials, top, out=trials).astype(np.int64)

@@ -42,9 +42,11 @@ Two floating-point rules keep a coordinator's weights (finite, but as large as i
 from defeating the clipping or the noise. A record whose gradient or norm overflows
 (inf/NaN) contributes nothing to the sum, so every record's contribution stays finite with
 norm <= ``clip_norm``. And the noise is added to the clipped sum before the sum touches
-the weights: the sum and the noise meet in a buffer (float32, rounding at about the
-noise's own precision, as in Opacus), and each weight then takes one add of ``-step *
-(sum + noise)``, a function of the noisy sum (post-processing). Adding the sum to the
+the weights: the sum (accumulated over records in float64) and the noise meet in a
+float64 buffer, rounding far below the noise's scale, and each weight then takes one add
+of ``-step * (sum + noise)`` rounded to float32, a function of the noisy sum
+(post-processing). In float32 (as in Opacus) a sum over millions of records that all push
+one coordinate grows in steps wider than the noise, which then rounds away. Adding the sum to the
 weights and then the noise would round ``w - step * sum`` first, and with weights whose
 float spacing is near ``step * clip_norm`` that rounding reveals the un-noised sum.
 
@@ -785,8 +787,12 @@ class _Stepper:
         chunk = _NOISE_CHUNK_CPU if first.device.type == "cpu" else _NOISE_CHUNK_DEVICE
         # A block holds at least one row, so a row wider than the chunk widens the buffer.
         size = min(sum(r.numel() for r in rows), max([chunk] + [r.shape[1] for r in rows]))
-        self.noise = torch.empty(size, device=first.device, dtype=first.dtype)
-        self.batches = _noise_batches(rows, self.noise)
+        # The clipped sum and the noise meet in float64: in float32 a sum over millions of
+        # records that all push one coordinate grows in steps wider than the noise (and
+        # than one record), so the noise would round away and one record would show.
+        self.noise = torch.empty(size, device=first.device, dtype=torch.float64)
+        self.noisy = torch.empty(size, device=first.device, dtype=first.dtype)
+        self.batches = _noise_batches(rows, self.noise, self.noisy)
         self.n = data.train_x.shape[0]
         # Divide by the expected batch size q * n_dp, where n_dp is this round's released DP
         # count, never the true n: the update's noise spread is lr * sigma / (q * divisor),
@@ -804,26 +810,38 @@ class _Stepper:
             if index.numel():
                 sums = self._clipped_sum(self.data.train_x[index], self.data.train_y[index])
             with _one_cpu_thread(self.noise.device):
-                for noise, pieces, targets, sources in self.batches:
+                for noise, noisy, pieces, targets, sources in self.batches:
                     self.stream.fill(noise, self.sigma)
                     if sums is not None:
                         for piece in pieces:
                             _add_rows(piece.source, sums[piece.param], piece.start, piece.stop)
+                    noisy.copy_(noise)  # rounding the noisy sum: post-processing
                     torch._foreach_add_(targets, sources, alpha=-self.step_size)
 
     def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> list[_GradientRows]:
         """The clipped gradient sum of every parameter, as rows, in parameter order."""
+        # Summed over records in float64 (see __init__): each record's clipped part is
+        # float32, the sum of them is not rounded to float32 again.
         if self.layers is None:
-            dense, _ = clipped_gradient_sum(self.model, x, y, clip_norm=self.plan.clip_norm)
-            return [_rows(dense[name]) for name in self.names]
+            per_sample = per_sample_gradients(self.model, x, y)
+            clipped, _ = clip_per_sample(per_sample, self.plan.clip_norm)
+            return [_rows(clipped[name].sum(0, dtype=torch.float64)) for name in self.names]
         # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
         sums: dict[int, _GradientRows] = {}
         pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
-        for layer, scaled, a in pairs:
-            sums[self.position[id(layer.weight)]] = (scaled, a)
+        for layer, scaled32, a in pairs:
+            scaled = scaled32.double()
+            sums[self.position[id(layer.weight)]] = (scaled, a.double())
             if layer.bias is not None:
                 sums[self.position[id(layer.bias)]] = scaled.sum(0).unsqueeze(1)
         return [sums[i] for i in range(len(self.names))]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and values, NaN equal to NaN (a NaN sentinel is unchanged)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def _check_buffers_kept(
@@ -831,7 +849,7 @@ def _check_buffers_kept(
 ) -> None:
     """Refuse to release a model whose buffers training changed (they carry no noise)."""
     for name, buffer in model.named_buffers():
-        if name not in before or not torch.equal(buffer, before[name]):
+        if name not in before or not _same(buffer, before[name]):
             raise RuntimeError(
                 f"architecture {architecture!r} changed its buffer {name!r} while training "
                 "in eval mode; buffers are released without noise, so nothing is released"
@@ -875,35 +893,33 @@ def _add_rows(out: torch.Tensor, part: _GradientRows, start: int, stop: int) -> 
         out.add_(part[start:stop])
 
 
+_Batch = tuple[torch.Tensor, torch.Tensor, list[_Piece], list[torch.Tensor], list[torch.Tensor]]
+
+
 def _noise_batches(
-    rows: list[torch.Tensor], noise: torch.Tensor
-) -> list[tuple[torch.Tensor, list[_Piece], list[torch.Tensor], list[torch.Tensor]]]:
+    rows: list[torch.Tensor], noise: torch.Tensor, out: torch.Tensor
+) -> list[_Batch]:
     """Pack every row of ``rows`` (parameters as ``(rows, row_len)``) into noise draws.
 
-    Returns, per draw of at most ``noise.numel()`` values: the buffer part to fill, its
-    pieces (whole rows of one parameter each), and the pieces' targets and sources as
-    lists for ``_foreach_add_``. Small tensors share one draw (a small model takes one
-    noise fill and one ``_foreach_add_`` per step) and large ones span several. Together
-    the pieces cover each coordinate exactly once. Every row fits in ``noise``.
+    Returns, per draw of at most ``noise.numel()`` values: the part of ``noise`` (where
+    noise and clipped sum meet) to fill, the same part of ``out`` (the same values in the
+    weights' dtype), the pieces (whole rows of one parameter each, their ``source`` in
+    ``noise``), and the pieces' targets with their slices of ``out``, as lists for
+    ``_foreach_add_``. Small tensors share one draw (a small model takes one noise fill
+    and one ``_foreach_add_`` per step) and large ones span several. Together the pieces
+    cover each coordinate exactly once. Every row fits in ``noise``.
     """
     size = noise.numel()
-    batches: list[tuple[torch.Tensor, list[_Piece], list[torch.Tensor], list[torch.Tensor]]]
-    batches = []
+    batches: list[_Batch] = []
     pieces: list[_Piece] = []
+    outs: list[torch.Tensor] = []
     filled = 0
 
     def flush() -> None:
-        nonlocal pieces, filled
+        nonlocal pieces, outs, filled
         if pieces:
-            batches.append(
-                (
-                    noise[:filled],
-                    pieces,
-                    [p.target for p in pieces],
-                    [p.source for p in pieces],
-                )
-            )
-        pieces, filled = [], 0
+            batches.append((noise[:filled], out[:filled], pieces, [p.target for p in pieces], outs))
+        pieces, outs, filled = [], [], 0
 
     for param, matrix in enumerate(rows):
         count, width = matrix.shape
@@ -917,6 +933,7 @@ def _noise_batches(
                 continue
             source = noise[filled : filled + take * width].view(take, width)
             pieces.append(_Piece(param, start, start + take, matrix[start : start + take], source))
+            outs.append(out[filled : filled + take * width].view(take, width))
             start += take
             filled += take * width
             if filled == size:

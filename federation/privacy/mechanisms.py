@@ -103,10 +103,11 @@ def _check_scale(value: float, *, name: str) -> None:
 # difference of two saturated draws is 0: noise would vanish exactly when epsilon is tiny.
 # Fail closed far below that (draws beyond 2**62 then have probability < exp(-2**22)).
 MAX_NOISE_SCALE = 2.0**40
-# And below 1/32 (epsilon above 32 per unit of sensitivity) float64 no longer holds the law:
-# at a Laplace scale under 1/36.7, p = 1 - exp(-1/scale) rounds to 1 and the noise is
-# exactly 0 (an exact release charged as epsilon-DP); a Gaussian's exp(-1/(2 sigma**2))
-# underflows near sigma = 0.026. At 1/32 both are still represented.
+# And below 1/32 (epsilon above 32 per unit of sensitivity) refuse too: at a Laplace scale
+# under 1/36.7, p = 1 - exp(-1/scale) rounds to 1 and the noise is exactly 0 (an exact
+# release charged as epsilon-DP); a Gaussian's exp(-1/(2 sigma**2)) underflows near sigma
+# = 0.026. At 1/32 the noise is still there, but float sampling truncates every scale's
+# tail near 37 scales (here at |x| <= 1; P(beyond) ~ e**-37), as numpy's sampler does.
 MIN_NOISE_SCALE = 1.0 / 32.0
 
 

@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ from nodes.training import (
     TrainPlan,
     _check_float32_noise,
     _feature_matrix,
+    _rows,
     _Stepper,
     _Tensors,
     clip_per_sample,
@@ -530,6 +533,58 @@ def test_batch_norm_and_dropout_train_in_eval_mode_and_keep_their_statistics(
     assert update.metrics
 
 
+class _QuietCounting(_Counting):
+    """Counts only in passes without autograd (evaluation): the per-sample pass runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            self.seen += x.shape[0]
+        return x
+
+
+def test_preflight_refuses_an_architecture_whose_forward_writes_a_buffer(table: Table) -> None:
+    def quiet(spec: ModelSpec, dim: int) -> nn.Module:
+        return nn.Sequential(_QuietCounting(), nn.Linear(dim, 1))
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "quiet": quiet}
+    policy = dataclasses.replace(POLICY, allowed_models=("quiet",))
+    spec = ModelSpec("quiet", "credit", FEATURES, "defaulted")
+    plan = plan_training(**_request(spec=spec, policy=policy, local_steps=1), registry=registry)
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    with pytest.raises(InvalidRequestError, match="changed its buffer '0.seen'"):
+        TrainingEngine(table, registry=registry).preflight(plan, weights)
+
+
+def test_a_nan_buffer_left_alone_is_unchanged(table: Table) -> None:
+    def sentinel(spec: ModelSpec, dim: int) -> nn.Module:
+        model = nn.Sequential(nn.Tanh(), nn.Linear(dim, 1))
+        model.register_buffer("missing", torch.tensor([math.nan]), persistent=False)
+        return model
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "sentinel": sentinel}
+    policy = dataclasses.replace(POLICY, allowed_models=("sentinel",))
+    spec = ModelSpec("sentinel", "credit", FEATURES, "defaulted")
+    plan = plan_training(**_request(spec=spec, policy=policy, local_steps=1), registry=registry)
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    engine.preflight(plan, weights)
+    engine.train(plan, weights, rng=np.random.default_rng(0))
+
+
+def test_the_train_handler_preflights_before_it_charges() -> None:
+    # Nodes run as processes in the end-to-end tests: read the order from the source.
+    from nodes.service import NodeService
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(NodeService)))
+    [handler] = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and "trainer.preflight(" in ast.unparse(node)
+    ]
+    body = ast.unparse(handler)
+    assert 0 < body.index("trainer.preflight(") < body.index("self.ledger.charge(")
+
+
 def test_an_architecture_that_changes_a_buffer_is_refused_and_releases_nothing(
     table: Table,
 ) -> None:
@@ -734,6 +789,37 @@ def test_the_noise_joins_the_clipped_sum_before_the_weights_round_it(architectur
         total += w.size
     assert agree_once >= 0.999 * total  # (the float32 sum + noise may round a hair apart)
     assert agree_twice <= 0.95 * total  # the setting tells the two orders apart
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
+def test_a_huge_clipped_sum_does_not_round_the_noise_away(architecture: str) -> None:
+    # Millions of records that all push one coordinate make a sum S near 5e7 * clip. In
+    # float32 S + noise moved in steps of 4 (ulp(5e7)), so noise of sigma 0.5 rounded away
+    # and S showed to one record (a review ran it at 30M rows: N, N+1, N+2 each gave one
+    # fixed value). The sum is now taken over records in float64 and meets the noise
+    # there; only the noisy sum is rounded for the weights.
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
+    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 32))
+    policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
+    planned = plan_training(**_request(spec=spec, policy=policy), registry=registry)
+    plan = dataclasses.replace(planned, local_steps=1, sample_rate=1.0, noise_multiplier=0.5)
+    x, y = _batch(rows=3, dim=plan.input_dim)
+    model = build_model(spec, input_dim=plan.input_dim, registry=registry)
+    stepper = _Stepper(
+        model, _all_in_every_batch(x, y), plan, GaussianStream(bytes(16)), examples=1.0
+    )
+    sums = stepper._clipped_sum(x, y)
+    for part in sums:  # summed over records in float64
+        for tensor in part if isinstance(part, tuple) else (part,):
+            assert tensor.dtype == torch.float64
+    huge = 5e7 * plan.clip_norm
+    stepper._clipped_sum = lambda x, y: [  # type: ignore[method-assign]
+        torch.full(_rows(p).shape, huge, dtype=torch.float64) for p in model.parameters()
+    ]
+    stepper.step(np.random.default_rng(0))
+    noise = stepper.noise - huge  # the last block: the noise the sum met, unrounded
+    sigma = plan.noise_multiplier * plan.clip_norm
+    assert noise.std().item() == pytest.approx(sigma, rel=6 / (2 * noise.numel()) ** 0.5)
 
 
 def test_a_record_whose_gradient_overflows_contributes_nothing() -> None:
