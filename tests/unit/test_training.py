@@ -39,6 +39,7 @@ from nodes.training import (
     LOSS_UPPER,
     TrainingEngine,
     TrainPlan,
+    _add_rows,
     _check_float32_noise,
     _feature_matrix,
     _rows,
@@ -809,9 +810,9 @@ def test_a_huge_clipped_sum_does_not_round_the_noise_away(architecture: str) -> 
         model, _all_in_every_batch(x, y), plan, GaussianStream(bytes(16)), examples=1.0
     )
     sums = stepper._clipped_sum(x, y)
-    for part in sums:  # summed over records in float64
-        for tensor in part if isinstance(part, tuple) else (part,):
-            assert tensor.dtype == torch.float64
+    for part in sums:  # summed over records in float64 (a Linear's in parts: _add_rows)
+        if not isinstance(part, tuple):
+            assert part.dtype == torch.float64
     huge = 5e7 * plan.clip_norm
     stepper._clipped_sum = lambda x, y: [  # type: ignore[method-assign]
         torch.full(_rows(p).shape, huge, dtype=torch.float64) for p in model.parameters()
@@ -820,6 +821,17 @@ def test_a_huge_clipped_sum_does_not_round_the_noise_away(architecture: str) -> 
     noise = stepper.noise - huge  # the last block: the noise the sum met, unrounded
     sigma = plan.noise_multiplier * plan.clip_norm
     assert noise.std().item() == pytest.approx(sigma, rel=6 / (2 * noise.numel()) ** 0.5)
+
+
+def test_a_linear_layers_sum_covers_every_record_in_float32_parts() -> None:
+    # 10,000 records: three float32 products of at most 4,096 records, summed in float64.
+    generator = torch.Generator().manual_seed(0)
+    scaled = torch.rand(10_000, 5, generator=generator)
+    a = torch.rand(10_000, 3, generator=generator)
+    out = torch.zeros(2, 3, dtype=torch.float64)
+    _add_rows(out, (scaled, a), 1, 3, torch.empty(2, 3))
+    expected = scaled.double()[:, 1:3].T @ a.double()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0.0)
 
 
 def test_a_record_whose_gradient_overflows_contributes_nothing() -> None:
