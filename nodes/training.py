@@ -591,8 +591,8 @@ def _ghost_factors(
     Returns:
         ``(layer, scaled, a)`` per Linear layer, whose clipped gradient sum is
         ``scaled.T @ a`` (weight) and ``scaled.sum(0)`` (bias): no per-sample gradient,
-        and not even the summed gradient, is materialised; and the per-sample norms
-        before clipping.
+        and not even the summed gradient, is materialised (``scaled`` is float64, ``a``
+        the layer's input); and the per-sample norms before clipping.
     """
     with torch.no_grad():
         inputs: list[torch.Tensor] = []
@@ -601,16 +601,19 @@ def _ghost_factors(
             inputs.append(h)
             h = layer(h)
         g = torch.sigmoid(h).sub_(y.reshape(-1, 1))
-        squares = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        # Norms in float64: in float32 a coordinator's weights could make |g|^2 underflow
+        # to 0 (g ~ 1e-23) while |a| ~ 1e19, so a record read as norm 0 went unclipped.
+        squares = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
         pairs: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
         for position in range(len(layers) - 1, -1, -1):
             layer, a = layers[position], inputs[position]
             if isinstance(layer, nn.Linear):
                 # |g a^T|^2 + |g|^2 = |g|^2 (|a|^2 + 1): weight and bias parts of the norm.
-                input_squares = torch.linalg.vecdot(a, a)
+                a64, g64 = a.double(), g.double()
+                input_squares = torch.linalg.vecdot(a64, a64)
                 if layer.bias is not None:
                     input_squares += 1.0
-                squares.addcmul_(torch.linalg.vecdot(g, g), input_squares)
+                squares.addcmul_(torch.linalg.vecdot(g64, g64), input_squares)
                 pairs.append((layer, a, g))
                 if position > 0:
                     g = g @ layer.weight
@@ -627,8 +630,10 @@ def _ghost_factors(
                 (layer, torch.where(finite, a, 0.0), torch.where(finite, g, 0.0))
                 for layer, a, g in pairs
             ]
-        scaled = [(layer, g * factors, a) for layer, a, g in pairs]
-    return scaled, norms
+        # float64: g * factor rounded to float32 (subnormal for tiny g) could move a
+        # record's contribution past the clip.
+        scaled = [(layer, g.double() * factors, a) for layer, a, g in pairs]
+    return scaled, norms.to(x.dtype)
 
 
 def _ghost_clipped_sum(
@@ -639,9 +644,9 @@ def _ghost_clipped_sum(
     sums: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for layer, scaled, a in pairs:
-            sums[id(layer.weight)] = scaled.T @ a
+            sums[id(layer.weight)] = (scaled.T @ a.double()).to(a.dtype)
             if layer.bias is not None:
-                sums[id(layer.bias)] = scaled.sum(0)
+                sums[id(layer.bias)] = scaled.sum(0).to(a.dtype)
     return sums, norms
 
 
@@ -813,9 +818,8 @@ class _Stepper:
                 for noise, noisy, pieces, targets, sources in self.batches:
                     self.stream.fill(noise, self.sigma)
                     if sums is not None:
-                        for piece, scratch in zip(pieces, sources, strict=True):
-                            part = sums[piece.param]
-                            _add_rows(piece.source, part, piece.start, piece.stop, scratch)
+                        for piece in pieces:
+                            _add_rows(piece.source, sums[piece.param], piece.start, piece.stop)
                     noisy.copy_(noise)  # rounding the noisy sum: post-processing
                     torch._foreach_add_(targets, sources, alpha=-self.step_size)
 
@@ -831,10 +835,11 @@ class _Stepper:
         sums: dict[int, _GradientRows] = {}
         pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
         for layer, scaled, a in pairs:
-            sums[self.position[id(layer.weight)]] = (scaled, a)  # see _add_rows
+            # float64 products: a product of two float32 numbers is exact there, so no
+            # rounding of the un-noised sum can lean one way over millions of records.
+            sums[self.position[id(layer.weight)]] = (scaled, a.double())
             if layer.bias is not None:
-                bias = scaled.sum(0, dtype=torch.float64)
-                sums[self.position[id(layer.bias)]] = bias.unsqueeze(1)
+                sums[self.position[id(layer.bias)]] = scaled.sum(0).unsqueeze(1)
         return [sums[i] for i in range(len(self.names))]
 
 
@@ -885,26 +890,11 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         _THREADS_LOCK.release()
 
 
-# A Linear layer's clipped sum (c * G)^T A is a float32 product over at most this many
-# records at a time (its rounding then stays below 2**12 * clip * 2**-24, far below the
-# noise), each part added to the float64 buffer: float32 speed for ordinary batches,
-# float64 accumulation across millions of records.
-_FLOAT32_RECORDS = 1 << 12
-
-
-def _add_rows(
-    out: torch.Tensor, part: _GradientRows, start: int, stop: int, scratch: torch.Tensor
-) -> None:
-    """``out += rows start:stop`` of a parameter's clipped gradient sum (``out`` float64).
-
-    ``scratch`` is a float32 tensor of ``out``'s shape, overwritten.
-    """
+def _add_rows(out: torch.Tensor, part: _GradientRows, start: int, stop: int) -> None:
+    """``out += rows start:stop`` of a parameter's clipped gradient sum (all float64)."""
     if isinstance(part, tuple):
         scaled, a = part
-        for first in range(0, a.shape[0], _FLOAT32_RECORDS):
-            last = first + _FLOAT32_RECORDS
-            torch.mm(scaled[first:last, start:stop].T, a[first:last], out=scratch)
-            out.add_(scratch)
+        out.addmm_(scaled[:, start:stop].T, a)
     else:
         out.add_(part[start:stop])
 

@@ -823,15 +823,57 @@ def test_a_huge_clipped_sum_does_not_round_the_noise_away(architecture: str) -> 
     assert noise.std().item() == pytest.approx(sigma, rel=6 / (2 * noise.numel()) ** 0.5)
 
 
-def test_a_linear_layers_sum_covers_every_record_in_float32_parts() -> None:
-    # 10,000 records: three float32 products of at most 4,096 records, summed in float64.
-    generator = torch.Generator().manual_seed(0)
-    scaled = torch.rand(10_000, 5, generator=generator)
-    a = torch.rand(10_000, 3, generator=generator)
-    out = torch.zeros(2, 3, dtype=torch.float64)
-    _add_rows(out, (scaled, a), 1, 3, torch.empty(2, 3))
-    expected = scaled.double()[:, 1:3].T @ a.double()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0.0)
+def _logistic_stepper(x: torch.Tensor, y: torch.Tensor, clip_norm: float) -> _Stepper:
+    spec = ModelSpec("logistic", "credit", FEATURES, "defaulted")
+    plan = dataclasses.replace(
+        _plan(spec=spec), local_steps=1, sample_rate=1.0, clip_norm=clip_norm
+    )
+    model = nn.Linear(x.shape[1], 1)
+    return _Stepper(model, _all_in_every_batch(x, y), plan, GaussianStream(bytes(16)), examples=1.0)
+
+
+def _summed(stepper: _Stepper, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Each parameter's clipped sum as the step adds it to the noise (float64)."""
+    out = []
+    for part, param in zip(stepper._clipped_sum(x, y), stepper.model.parameters(), strict=True):
+        rows = torch.zeros(_rows(param).shape, dtype=torch.float64)
+        _add_rows(rows, part, 0, rows.shape[0])
+        out.append(rows)
+    return out
+
+
+def test_a_structured_sum_over_many_records_is_exact_to_float64() -> None:
+    # A review's case: one feature alternating between two values, zero weights. Float32
+    # parts of 4,096 records each rounded the same way, so dropping one record moved the
+    # sum by ~N * 2**-24 * clip (1.45 clips at 40M records). The products are float64 now.
+    n = 100_000
+    x = torch.where(torch.arange(n) % 2 == 0, 0.5166, 0.9971).reshape(-1, 1).float()
+    y = torch.zeros(n)
+    stepper = _logistic_stepper(x, y, clip_norm=1.0)
+    with torch.no_grad():
+        stepper.model.weight.zero_()
+        stepper.model.bias.zero_()
+    weight, bias = _summed(stepper, x, y)
+    # The same sum in float64 from the float32 inputs: g = 0.5, norm = g sqrt(x^2 + 1).
+    x64 = x.double().reshape(-1)
+    norms = 0.5 * torch.sqrt(x64**2 + 1)
+    factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+    assert abs(weight.item() - float((0.5 * factors * x64).sum())) <= 1e-6
+    assert abs(bias.item() - float((0.5 * factors).sum())) <= 1e-6
+
+
+def test_a_gradient_too_small_for_float32_squares_is_still_clipped() -> None:
+    # Weights that make activations ~1e19 and g ~ 1e-23: in float32 |g|^2 underflowed to
+    # 0, the norm read 0 and the record went unclipped (2.6e-4 against a clip of 1e-6).
+    x = torch.tensor([[1.8e19], [1.8e19]])
+    y = torch.zeros(2)
+    stepper = _logistic_stepper(x, y, clip_norm=1e-6)
+    with torch.no_grad():
+        stepper.model.weight.fill_(-53.0 / 1.8e19)
+        stepper.model.bias.zero_()
+    weight, bias = _summed(stepper, x, y)
+    total = float(torch.sqrt(weight.pow(2).sum() + bias.pow(2).sum()))
+    assert 0.0 < total <= 2 * 1e-6
 
 
 def test_a_record_whose_gradient_overflows_contributes_nothing() -> None:
