@@ -755,18 +755,26 @@ def _one_step(
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
-def test_the_noise_joins_the_clipped_sum_before_the_weights_round_it(architecture: str) -> None:
-    # With step * gradient near the float spacing of the weights, rounding w - step * sum
-    # before the noise is added would publish the un-noised sum through the rounding. The
-    # release must be w - step * (sum + noise) rounded once: post-processing of the noisy sum.
+def _one_step_plan(
+    architecture: str, **changes: Any
+) -> tuple[dict[str, ModelBuilder], ModelSpec, TrainPlan]:
+    """A one-step, every-record plan (noise multiplier 0.5) for mlp or tanh_net (64, 32)."""
     registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
     spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 32))
     policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
     planned = plan_training(**_request(spec=spec, policy=policy), registry=registry)
     plan = dataclasses.replace(
-        planned, local_steps=1, sample_rate=1.0, learning_rate=3e-7, noise_multiplier=0.5
+        planned, local_steps=1, sample_rate=1.0, noise_multiplier=0.5, **changes
     )
+    return registry, spec, plan
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
+def test_the_noise_joins_the_clipped_sum_before_the_weights_round_it(architecture: str) -> None:
+    # With step * gradient near the float spacing of the weights, rounding w - step * sum
+    # before the noise is added would publish the un-noised sum through the rounding. The
+    # release must be w - step * (sum + noise) rounded once: post-processing of the noisy sum.
+    registry, spec, plan = _one_step_plan(architecture, learning_rate=3e-7)
     x, y = _batch(rows=3, dim=plan.input_dim)
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=5, registry=registry)
     # The same noise draws, alone: from zero weights with no records to train on.
@@ -799,11 +807,7 @@ def test_a_huge_clipped_sum_does_not_round_the_noise_away(architecture: str) -> 
     # and S showed to one record (a review ran it at 30M rows: N, N+1, N+2 each gave one
     # fixed value). The sum is now taken over records in float64 and meets the noise
     # there; only the noisy sum is rounded for the weights.
-    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
-    spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 32))
-    policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
-    planned = plan_training(**_request(spec=spec, policy=policy), registry=registry)
-    plan = dataclasses.replace(planned, local_steps=1, sample_rate=1.0, noise_multiplier=0.5)
+    registry, spec, plan = _one_step_plan(architecture)
     x, y = _batch(rows=3, dim=plan.input_dim)
     model = build_model(spec, input_dim=plan.input_dim, registry=registry)
     stepper = _Stepper(
