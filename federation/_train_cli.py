@@ -148,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def format_history(result: TrainingResult) -> str:
     """Render a training job's rounds as a table: nodes, epsilon so far, DP metrics, time."""
-    nodes = sorted({n.node for r in result.history for n in r.nodes})
+    nodes = sorted({n for r in result.history for n in r.job_epsilon})
     header = f"{'round':>5} {'nodes':>6} " + " ".join(f"{'ε ' + n:>14}" for n in nodes)
     header += f" {'loss':>8} {'accuracy':>9} {'time s':>7}  missing"
     lines = [header]

@@ -169,6 +169,28 @@ class Coordinator:
             )
         return next(iter(schemas.values()))
 
+    def _schema_misfits(
+        self, dataset: str, schema: DatasetSchema, names: Sequence[str]
+    ) -> dict[str, FederationError]:
+        """The described nodes among ``names`` whose ``dataset`` differs from ``schema``
+        (or who lack it), with why: a node that joins a running job late is checked
+        against the job's schema and, if it differs, left out rather than stopping the job.
+        """
+        misfits: dict[str, FederationError] = {}
+        for name in names:
+            try:
+                theirs = self._descriptions[name].dataset(dataset)
+            except InvalidRequestError as err:
+                misfits[name] = err
+                continue
+            problems = check_compatible({"the job": schema, name: theirs})
+            if problems:
+                misfits[name] = SchemaMismatchError(
+                    f"node {name!r} holds another schema of dataset {dataset!r} than the "
+                    "job's:\n  " + "\n  ".join(problems)
+                )
+        return misfits
+
     # ---------------------------------------------------------------- analytics
 
     def analyze(

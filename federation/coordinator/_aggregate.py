@@ -211,22 +211,61 @@ class ServerOptimizer:
                 self.state[f"v/{n}"] = np.full(s, tau * tau, dtype=np.float32)
 
     def step(self, weights: Arrays, average: Mapping[str, npt.NDArray[np.float32]]) -> None:
-        """Update ``weights`` in place from the round's ``average``.
+        """Update ``weights`` (and the moments) in place from the round's ``average``.
 
-        FedAvg is one fused pass; the adaptive optimizers go block by block, so their
-        temporaries stay block-sized.
+        All or nothing: a finite average can still step to a value float32 cannot hold (a
+        huge ``delta``, whose square FedAdam/FedYogi keep in ``v``, or FedAvg's
+        ``x + lr (avg - x)`` at ``lr > 1``). Such a step would leave infinite moments (every
+        later step of those coordinates stalls) or NaN weights (which the checkpoint would
+        then keep), so the whole step is computed once on block-sized copies and checked
+        first; only a step finite everywhere is applied. FedAvg at ``lr <= 1`` is a convex
+        combination of finite values and is applied in one fused pass.
+
+        Raises:
+            InvalidRequestError: the step is not finite somewhere; nothing was changed.
         """
+        if self.name != "fedavg" or self.lr > 1:
+            for name, x in weights.items():
+                if not self._apply(name, x, average[name], commit=False):
+                    raise InvalidRequestError(
+                        f"the server step ({self.name}, lr {self.lr:g}) on tensor {name!r} "
+                        "is not finite in float32 (an average far from the global weights)"
+                    )
         for name, x in weights.items():
-            flat_x = x.reshape(-1)
-            flat_avg = average[name].reshape(-1)
-            if self.name == "fedavg":
-                # x + lr (avg - x) as one fused pass with no temporary (exactly avg at lr 1).
-                torch.from_numpy(flat_x).lerp_(torch.from_numpy(flat_avg), self.lr)
-                continue
-            m = self.state[f"m/{name}"].reshape(-1)
-            v = self.state[f"v/{name}"].reshape(-1)
-            for b in _blocks(flat_x.size):
-                self._adaptive(flat_x[b], flat_avg[b], m[b], v[b])
+            self._apply(name, x, average[name], commit=True)
+
+    def _apply(
+        self,
+        name: str,
+        x: npt.NDArray[np.float32],
+        average: npt.NDArray[np.float32],
+        *,
+        commit: bool,
+    ) -> bool:
+        """Step one tensor block by block: in place, or on copies (returns whether finite)."""
+        flat_x = x.reshape(-1)
+        flat_avg = average.reshape(-1)
+        if self.name == "fedavg" and commit:
+            # x + lr (avg - x) as one fused pass with no temporary (exactly avg at lr 1).
+            torch.from_numpy(flat_x).lerp_(torch.from_numpy(flat_avg), self.lr)
+            return True
+        moments = self.name != "fedavg"
+        m = self.state[f"m/{name}"].reshape(-1) if moments else flat_x
+        v = self.state[f"v/{name}"].reshape(-1) if moments else flat_x
+        for b in _blocks(flat_x.size):
+            xb, mb, vb = flat_x[b], m[b], v[b]
+            if not commit:
+                xb, mb, vb = xb.copy(), mb.copy(), vb.copy()
+            with np.errstate(over="ignore", invalid="ignore"):
+                if moments:
+                    self._adaptive(xb, flat_avg[b], mb, vb)
+                else:  # the same fused lerp as the commit, on a copy
+                    torch.from_numpy(xb).lerp_(torch.from_numpy(flat_avg[b]), self.lr)
+            if not commit and not all(
+                math.isfinite(float(t.sum(dtype=np.float64))) for t in (xb, mb, vb)
+            ):
+                return False
+        return True
 
     def _adaptive(
         self,

@@ -9,14 +9,17 @@ with ``safetensors.torch.load_file`` (tests check it).
 A checkpoint directory holds ``round-NNNNN.safetensors`` (global weights under ``weights/``
 and the server optimizer's moments under ``m/`` and ``v/``) and ``checkpoint.json``, which
 names that file and carries everything else (spec, settings, history, receipts). Each is
-written to a temporary name and renamed, weights first: the JSON is the commit point, so a
-crash leaves the previous checkpoint intact.
+written to a temporary name, flushed to disk (``fsync``) and renamed, weights first, and
+the directory is synced after each rename: the JSON is the commit point, and the previous
+round's weights are deleted only once the new JSON is durable, so a crash or a power loss
+leaves the previous checkpoint or the new one, never neither.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = "federation-training-checkpoint"
 CHECKPOINT_VERSION = 1
+_TENSORS_NAME = re.compile(r"round-[0-9]{5,}\.safetensors")
 
 Arrays = Mapping[str, npt.NDArray[np.float32]]
 Loaded = dict[str, npt.NDArray[np.float32]]
@@ -71,6 +75,33 @@ def write_safetensors(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably: temporary file, fsync, rename,
+    then fsync the directory (so the rename itself survives a power loss)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable, where the OS can."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory handles (Windows): the rename is all there is
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; nothing more can be done
+    finally:
+        os.close(fd)
 
 
 def read_safetensors(path: Path, *, prefix: str = "") -> dict[str, npt.NDArray[np.float32]]:
@@ -170,9 +201,7 @@ def save_checkpoint(
         **document,
     }
     path = directory / CHECKPOINT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_durably(path, json.dumps(body, indent=1, sort_keys=True))
     for old in directory.glob("round-*.safetensors"):
         if old.name != tensors_name:
             old.unlink(missing_ok=True)
@@ -196,7 +225,11 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, object], Loaded, Loaded]
         raise ConfigError(f"{path} is not a federation training checkpoint")
     if body.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path}: checkpoint version {body.get('version')!r} is not supported")
-    tensors = directory / str(body["tensors_file"])
+    name = body.get("tensors_file")
+    if not isinstance(name, str) or not _TENSORS_NAME.fullmatch(name):
+        # Only a file this directory's checkpoints write: never a path to another job's.
+        raise ConfigError(f"{path}: tensors_file {name!r} is not a round-NNNNN.safetensors name")
+    tensors = directory / name
     weights = read_safetensors(tensors, prefix="weights/")
     state = {
         name: array

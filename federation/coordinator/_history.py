@@ -68,6 +68,10 @@ class RoundRecord:
             averaged per coordinate (see ``_aggregate``).
         failures: ``(node, reason)`` for every node in ``missing`` or ``partial``.
         duration_s: wall-clock seconds of the round.
+        charged: nodes that charged the round (their result arrived) but whose update was
+            not used whole: listed in ``partial`` or ``missing`` too. Their cost counts in
+            ``epsilon`` and ``job_epsilon``; their receipts are kept without the released
+            values (the coordinator does not hold the update they commit to).
     """
 
     round: int
@@ -76,6 +80,7 @@ class RoundRecord:
     partial: tuple[str, ...]
     failures: tuple[tuple[str, str], ...]
     duration_s: float
+    charged: tuple[NodeRound, ...] = ()
 
     @property
     def answered(self) -> tuple[str, ...]:
@@ -84,13 +89,13 @@ class RoundRecord:
 
     @property
     def epsilon(self) -> dict[str, float]:
-        """This round's epsilon charged per node."""
-        return {n.node: n.epsilon for n in self.nodes}
+        """This round's epsilon charged per node (``charged`` nodes included)."""
+        return {n.node: n.epsilon for n in (*self.nodes, *self.charged)}
 
     @property
     def job_epsilon(self) -> dict[str, float]:
-        """The job's epsilon so far per node."""
-        return {n.node: n.job_epsilon for n in self.nodes}
+        """The job's epsilon so far per node that charged this round."""
+        return {n.node: n.job_epsilon for n in (*self.nodes, *self.charged)}
 
     def metric(self, name: str) -> float | None:
         """A DP metric averaged over the nodes, weighted by their noisy counts; None if absent."""
@@ -113,6 +118,7 @@ class RoundRecord:
             "partial": list(self.partial),
             "failures": [list(f) for f in self.failures],
             "duration_s": self.duration_s,
+            "charged": [n.to_dict() for n in self.charged],
         }
 
     @classmethod
@@ -125,4 +131,5 @@ class RoundRecord:
             partial=tuple(data["partial"]),
             failures=tuple((str(a), str(b)) for a, b in data["failures"]),
             duration_s=float(data["duration_s"]),
+            charged=tuple(NodeRound.from_dict(n) for n in data.get("charged", ())),
         )

@@ -49,6 +49,7 @@ from federation.coordinator._checkpoint import (
     read_safetensors,
     save_checkpoint,
     write_safetensors,
+    write_text_durably,
 )
 from federation.coordinator._history import NodeRound, RoundRecord
 from federation.errors import (
@@ -132,7 +133,8 @@ class TrainingResult:
         state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
         write_safetensors(target, state, metadata={"format": "federation-model"})
         sidecar = target.with_name(target.name + ".json")
-        sidecar.write_text(
+        write_text_durably(
+            sidecar,
             json.dumps(
                 {
                     "format": "federation-model",
@@ -143,7 +145,7 @@ class TrainingResult:
                     "schema": None if self.schema is None else self.schema.to_dict(),
                 },
                 indent=1,
-            )
+            ),
         )
         return sidecar
 
@@ -208,6 +210,9 @@ class _Job:
     # Not part of ``config``: each round's receipts name their own digest, so a resumed job
     # may use another one (and checkpoints from before it existed still resume).
     tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST
+    # The dataset's schema the nodes agreed on when the job (or its resumption) started: a
+    # node described later must hold the same.
+    schema: DatasetSchema | None = None
 
 
 def train(
@@ -321,6 +326,7 @@ def train(
     job.min_nodes = len(job.names) if min_nodes is None else min_nodes
     job.round_timeout_s = round_timeout_s
     job.tensor_digest = tensor_digest
+    job.schema = schema
     _run(coordinator, job, directory, progress=progress, on_round=on_round)
     model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
     return TrainingResult(
@@ -413,8 +419,17 @@ def _round(
             error,
         )
     names = [n for n in job.names if n not in failures]
-    if names:
-        coordinator._agreed_schema(job.spec.dataset, names)
+    if job.schema is not None:
+        for name, error in coordinator._schema_misfits(job.spec.dataset, job.schema, names).items():
+            log.warning(
+                "round %d of %d: node %s dropped before training: %s",
+                round_index + 1,
+                job.rounds,
+                name,
+                error,
+            )
+            failures[name] = error
+        names = [n for n in names if n not in failures]
     futures = {
         name: pool.submit(
             _train_node,
@@ -428,20 +443,24 @@ def _round(
         for name in names
     }
     done: list[NodeRound] = []
+    charged: list[NodeRound] = []
     partial: list[str] = []
     for name, future in futures.items():
         outcome = future.result()
         if isinstance(outcome, NodeRound):
             done.append(outcome)
             continue
-        error, contributed = outcome
-        log.warning("round %d of %d: node %s dropped: %s", round_index + 1, job.rounds, name, error)
-        failures[name] = error
-        if contributed:
+        log.warning(
+            "round %d of %d: node %s dropped: %s", round_index + 1, job.rounds, name, outcome.error
+        )
+        failures[name] = outcome.error
+        if outcome.contributed:
             partial.append(name)
+        if outcome.charged is not None:
+            charged.append(outcome.charged)
     if len(done) < job.min_nodes:
         label = f"round {round_index + 1} of {job.rounds}"
-        raise _quorum_error(label, done, failures, job.min_nodes)
+        raise _quorum_error(label, [*done, *charged], failures, job.min_nodes, len(done))
     try:
         average = total.average(job.weights)
     except InvalidRequestError as err:
@@ -452,13 +471,20 @@ def _round(
             f"{', '.join(n.node for n in done)}); the "
             "global weights are unchanged and this round is not checkpointed"
         ) from err
-    job.optimizer.step(job.weights, average)
+    try:
+        job.optimizer.step(job.weights, average)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(
+            f"round {round_index + 1} of {job.rounds}: {err}; the global weights and the "
+            "optimizer state are unchanged and this round is not checkpointed"
+        ) from err
     return RoundRecord(
         round=round_index,
         nodes=tuple(done),
         missing=tuple(n for n in failures if n not in partial),
         partial=tuple(partial),
         failures=tuple((n, str(e)) for n, e in failures.items()),
+        charged=tuple(charged),
         duration_s=time.monotonic() - started,
     )
 
@@ -470,13 +496,14 @@ def _train_node(
     total: RunningSum,
     timeout_s: float,
     node_key_pem: str,
-) -> NodeRound | tuple[FederationError, bool]:
-    """Train one round at one node; return its record, or the error and whether it had
-    already added part of its update."""
+) -> NodeRound | _Failed:
+    """Train one round at one node; return its record, or what failed and what it cost."""
     sink: _HashingSink | None = None
+    released: TrainResult | None = None
 
     def on_result(result: TrainResult) -> _HashingSink:
-        nonlocal sink
+        nonlocal sink, released
+        released = result  # the node has charged this round, whatever happens next
         # The node's TrainResult names the digest its receipt used: what we asked for, or
         # SHA-256 from a node that predates the choice (it sends no name). Anything else
         # would give the job receipts its owner did not choose: drop the node before a
@@ -493,10 +520,14 @@ def _train_node(
     try:
         result = client.train(config, weights, on_result=on_result, timeout_s=timeout_s)
     except FederationError as err:
-        if sink is None:
-            return err, False
-        sink.contribution.abandon()
-        return err, any(sink.contribution.received.values())
+        contributed = False
+        if sink is not None:
+            sink.contribution.abandon()
+            contributed = any(sink.contribution.received.values())
+        charged = None
+        if released is not None:
+            charged = _charged_round(client.name, released, node_key_pem)
+        return _Failed(err, contributed, charged)
     assert sink is not None  # on_result ran: train() returned a result
     sink.contribution.complete()
     shapes = {name: tuple(a.shape) for name, a in weights.items()}
@@ -504,6 +535,16 @@ def _train_node(
     if node_key_pem:
         round_ = dataclasses.replace(round_, receipt={**round_.receipt, "node_key": node_key_pem})
     return round_
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A node's failed round: the error, whether a prefix of its update reached the sum,
+    and, if its result had arrived (the node charged the round), that round's record."""
+
+    error: FederationError
+    contributed: bool
+    charged: NodeRound | None
 
 
 class _HashingSink:
@@ -543,6 +584,23 @@ def _node_round(
             result.tensor_digest,
         )
     record = receipts.ReceiptRecord(node=node, receipt=result.receipt, released=payload)
+    return _round_of(node, result, record.to_dict())
+
+
+def _charged_round(node: str, result: TrainResult, node_key_pem: str) -> NodeRound:
+    """The record of a round a node charged but whose update was not used whole.
+
+    Its receipt is kept without the released values (``released``): the coordinator does
+    not hold the whole update the receipt commits to, so the record is evidence of the
+    charge, not a verifiable release (``federation receipts verify`` skips it).
+    """
+    receipt: dict[str, object] = {"node": node, "receipt": receipts.receipt_to_dict(result.receipt)}
+    if node_key_pem:
+        receipt["node_key"] = node_key_pem
+    return _round_of(node, result, receipt)
+
+
+def _round_of(node: str, result: TrainResult, receipt: Mapping[str, object]) -> NodeRound:
     return NodeRound(
         node=node,
         epsilon=result.cost_epsilon,
@@ -554,29 +612,37 @@ def _node_round(
         noise_multiplier=result.noise_multiplier,
         steps=result.steps,
         metrics=tuple((m.name, m.value) for m in result.metrics),
-        receipt=record.to_dict(),
+        receipt=receipt,
     )
 
 
 def _quorum_error(
     label: str,
-    done: Sequence[NodeRound],
+    charged: Sequence[NodeRound],
     failures: Mapping[str, FederationError],
     needed: int,
+    completed: int,
 ) -> FederationError:
     refusals = [e for e in failures.values() if not isinstance(e, NodeUnavailableError)]
     summary = "; ".join(f"{n}: {e}" for n, e in failures.items())
-    if refusals and len(refusals) == len(failures):
+    if charged:
+        # Those nodes charged the round although it is not applied: say what it cost.
+        spent = ", ".join(f"{n.node} (job ε {n.job_epsilon:.3g})" for n in charged)
+        summary += (
+            f"; the round was charged at {spent} and is not applied (a resumed job "
+            "runs it again, charged again)"
+        )
+    if refusals and len(refusals) == len(failures) and not charged:
         return refusals[0]
     return NodeUnavailableError(
-        f"{label}: only {len(done)} node(s) completed (need {needed}); {summary}"
+        f"{label}: only {completed} node(s) completed (need {needed}); {summary}"
     )
 
 
 def _show(bar: ProgressBar, record: RoundRecord, nodes: int) -> None:
     parts = [f"nodes {len(record.nodes)}/{nodes}"]
-    if record.nodes:
-        parts.append("ε " + " ".join(f"{n.node}={n.job_epsilon:.3g}" for n in record.nodes))
+    if record.job_epsilon:
+        parts.append("ε " + " ".join(f"{n}={e:.3g}" for n, e in record.job_epsilon.items()))
     for metric in ("loss", "accuracy"):
         value = record.metric(metric)
         if value is not None:
@@ -669,6 +735,28 @@ def _resumed_job(
     """
     body, weights, state = load_checkpoint(directory)
     where = directory / "checkpoint.json"
+    try:
+        return _job_from_checkpoint(
+            body, weights, state, where, coordinator, spec, dim, rounds, config, optimizer_name, lr
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        # A hand-edited or truncated document: a clear refusal, not a traceback.
+        raise ConfigError(f"{where} is malformed ({type(err).__name__}: {err})") from err
+
+
+def _job_from_checkpoint(
+    body: dict[str, object],
+    weights: dict[str, npt.NDArray[np.float32]],
+    state: dict[str, npt.NDArray[np.float32]],
+    where: Path,
+    coordinator: Coordinator,
+    spec: ModelSpec,
+    dim: int,
+    rounds: int,
+    config: dict[str, Any],
+    optimizer_name: ServerOptimizerName,
+    lr: float,
+) -> _Job:
     if _spec_from_dict(body["spec"]) != spec or body["input_dim"] != dim:  # type: ignore[arg-type]
         raise InvalidRequestError(f"{where} is for another model spec: {body['spec']}")
     if body["total_rounds"] != rounds or body["config"] != config:
@@ -692,7 +780,21 @@ def _resumed_job(
     if set(state) != set(optimizer.state):
         raise ConfigError(f"{where}: optimizer state does not match {optimizer_name}")
     for key, array in state.items():
-        optimizer.state[key][...] = array
+        target = optimizer.state[key]
+        if array.shape != target.shape:
+            raise ConfigError(
+                f"{where}: optimizer moment {key!r} has shape {array.shape}, expected "
+                f"{target.shape}"
+            )
+        # The moments steer every later step: a NaN or a negative second moment would
+        # turn the weights NaN after the next (charged) round.
+        if not np.isfinite(array).all() or (key.startswith("v/") and (array < 0).any()):
+            raise ConfigError(
+                f"{where}: optimizer moment {key!r} holds NaN, infinite"
+                + (" or negative" if key.startswith("v/") else "")
+                + " values"
+            )
+        target[...] = array
     history = [RoundRecord.from_dict(r) for r in body["history"]]  # type: ignore[attr-defined]
     if len(history) != int(body["round"]) + 1:  # type: ignore[call-overload]
         raise ConfigError(

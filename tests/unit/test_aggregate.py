@@ -137,6 +137,35 @@ def test_adaptive_steps_follow_reddi_et_al(name: str) -> None:
     assert set(optimizer.state) == {"m/w", "m/b", "v/w", "v/b"}
 
 
+@pytest.mark.parametrize(
+    ("name", "lr", "far"),
+    [("fedadam", 0.1, 1e20), ("fedyogi", 0.1, 1e20), ("fedavg", 3.0, 2e38)],
+)
+def test_a_step_float32_cannot_hold_is_refused_and_changes_nothing(
+    name: str, lr: float, far: float
+) -> None:
+    """A finite average far from the weights: delta**2 (or lr * delta) overflows float32.
+
+    Applied, FedAdam's v would stay infinite (those coordinates never move again), FedYogi's
+    would turn NaN the round after, and FedAvg at lr > 1 would step to inf.
+    """
+    optimizer = ServerOptimizer(name, SHAPES, lr=lr)  # type: ignore[arg-type]
+    weights = _update(1)
+    optimizer.step(weights, _update(2))  # a normal round first: the moments are non-trivial
+    before = {n: a.copy() for n, a in weights.items()}
+    state = {n: a.copy() for n, a in optimizer.state.items()}
+    average = {n: a.copy() for n, a in weights.items()}
+    average["b"][-1] = np.float32(far)  # the last block of the last tensor: after others
+    with pytest.raises(InvalidRequestError, match="'b' is not finite"):
+        optimizer.step(weights, average)
+    for n in SHAPES:
+        np.testing.assert_array_equal(weights[n], before[n])
+    for n, a in state.items():
+        np.testing.assert_array_equal(optimizer.state[n], a)
+    optimizer.step(weights, _update(3))  # the job goes on from the unchanged state
+    assert all(np.isfinite(a).all() for a in (*weights.values(), *optimizer.state.values()))
+
+
 def test_unknown_optimizer_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="fedavg, fedadam or fedyogi"):
         ServerOptimizer("sgd", SHAPES, lr=1.0)  # type: ignore[arg-type]

@@ -73,6 +73,7 @@ READER_ALLOWED = {
     ("federation/_workdir.py", ".read_text"): "reads owner.json and /proc/<pid>/stat of its dirs",
     ("federation/coordinator/_checkpoint.py", ".open"): "writes a model or checkpoint file",
     ("federation/coordinator/_checkpoint.py", ".read_text"): "reads its own checkpoint.json",
+    ("federation/coordinator/_checkpoint.py", "os.open"): "opens a directory to fsync a rename",
     ("federation/coordinator/training.py", ".read_text"): "reads a saved model's JSON sidecar",
 }
 

@@ -20,8 +20,8 @@ from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation.coordinator._aggregate import RunningSum
 from federation.coordinator.client import NodeClient
-from federation.coordinator.training import NodeRound, _train_node
-from federation.errors import FederationError, InvalidRequestError
+from federation.coordinator.training import NodeRound, _Failed, _train_node
+from federation.errors import InvalidRequestError
 from federation.models import ModelSpec
 from federation.training import (
     TensorDigest,
@@ -162,9 +162,7 @@ def _update() -> dict[str, npt.NDArray[np.float32]]:
     }
 
 
-def _run_round(
-    node: _StreamedNode, asked: TensorDigest
-) -> tuple[NodeRound | tuple[FederationError, bool], RunningSum]:
+def _run_round(node: _StreamedNode, asked: TensorDigest) -> tuple[NodeRound | _Failed, RunningSum]:
     weights = {n: np.zeros_like(a) for n, a in node.update.items()}
     spec = ModelSpec("logistic", "credit", ("a",), "y")
     config = TrainConfig(spec, 0, 1, 1.0, 1e-7, 0.1, 1, 0.1, 1.0, "job", tensor_digest=asked)
@@ -204,11 +202,16 @@ def test_the_coordinator_hashes_the_update_with_the_digest_the_node_used(
 
 def test_a_node_that_answers_sha256_with_blake3_is_dropped_before_its_update_is_summed() -> None:
     round_, total = _run_round(_StreamedNode("blake3", _update()), "sha256")
-    assert isinstance(round_, tuple)
-    error, contributed = round_
-    assert "committed to its update with blake3; this job asked for sha256" in str(error)
-    assert not contributed
+    assert isinstance(round_, _Failed)
+    assert "committed to its update with blake3; this job asked for sha256" in str(round_.error)
+    assert not round_.contributed
     assert all(not s.any() for s in total.sums.values())
+    # Its result had arrived, so the node charged the round: the history keeps that cost,
+    # with the receipt but no released values (the update was never taken in).
+    assert round_.charged is not None
+    assert round_.charged.epsilon == _result("blake3").cost_epsilon
+    assert "released" not in round_.charged.receipt
+    assert set(receipts.find_receipt_records([round_.charged.receipt])) == set()
 
 
 def test_a_receipt_that_does_not_match_the_update_is_reported_at_once(

@@ -1,0 +1,276 @@
+"""The coordinator's rounds when nodes fail: what the history records, what stops a job.
+
+Nodes here are in-process stand-ins whose update stream goes through the real
+``NodeClient._read_update`` (the wire reader, chunk checks included) into the real
+``train`` loop, ``RunningSum`` and checkpoints; end-to-end runs over real node processes
+are in ``tests/integration/test_training_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import safetensors.numpy
+from _samples import train_result
+
+from federation import receipts, wire
+from federation._proto.v1 import node_pb2 as pb
+from federation._train_cli import format_history
+from federation.coordinator import Coordinator
+from federation.coordinator.client import NodeClient
+from federation.coordinator.training import TrainingResult, train
+from federation.errors import (
+    ConfigError,
+    FederationError,
+    InvalidRequestError,
+    NodeUnavailableError,
+)
+from federation.models import ModelSpec
+from federation.schema import Column, ColumnType, DatasetSchema
+from federation.training import TrainConfig, TrainResult
+
+Arrays = dict[str, npt.NDArray[np.float32]]
+
+SCHEMA = DatasetSchema(
+    "credit",
+    (
+        Column("a", ColumnType.FLOAT, lower=0.0, upper=1.0),
+        Column("b", ColumnType.FLOAT, lower=0.0, upper=1.0),
+        Column("y", ColumnType.BOOL, domain=("false", "true")),
+    ),
+)
+SPEC = ModelSpec("mlp", "credit", ("a", "b"), "y", hidden=(4,))
+
+
+class _Node:
+    """Answers each round with ``weights + shift``; ``faults[round]`` changes that round:
+    ``"break"`` (the stream fails after two chunks), ``"huge"`` (an update of 1e20s)."""
+
+    def __init__(self, name: str, shift: float, faults: dict[int, str] | None = None) -> None:
+        self.name = name
+        self.shift = np.float32(shift)
+        self.faults = faults or {}
+        self.charged = 0  # rounds this node charged (its result was sent)
+
+    def train(
+        self,
+        config: TrainConfig,
+        weights: Arrays,
+        *,
+        on_result: Callable[[TrainResult], Any],
+        timeout_s: float,
+    ) -> TrainResult:
+        del timeout_s
+        fault = self.faults.get(config.round)
+        update = {n: w + self.shift for n, w in weights.items()}
+        if fault == "huge":
+            update = {n: np.full_like(w, 1e20) for n, w in weights.items()}
+        self.charged += 1
+        result = train_result(
+            noisy_examples=100.0,
+            job_epsilon=0.3 * self.charged,
+            receipt=dataclasses.replace(train_result().receipt, node_name=self.name),
+        )
+        headers = wire.tensor_headers(update)
+        opening = pb.TrainResponse(result=wire.train_result_to_proto(result, tensors=headers))
+        frames = [opening.SerializeToString(), *wire.iter_chunk_frames(update, chunk_bytes=8)]
+
+        def stream() -> Iterator[bytes]:
+            if fault == "break":
+                yield from frames[:3]
+                raise NodeUnavailableError(f"{self.name}: the connection dropped")
+            yield from frames
+
+        reader = SimpleNamespace(name=self.name)
+        return NodeClient._read_update(reader, stream(), headers, on_result)  # type: ignore[arg-type]
+
+
+class _Coordinator:
+    """The parts of ``Coordinator`` a training job uses, over ``_Node``s.
+
+    ``late`` nodes cannot be described when the job starts and are described (with their
+    own schema) at the first round.
+    """
+
+    _schema_misfits = Coordinator._schema_misfits
+
+    def __init__(self, nodes: list[_Node], late: dict[str, DatasetSchema] | None = None) -> None:
+        self.clients = {n.name: n for n in nodes}
+        self.late = dict(late or {})
+        self._descriptions = {
+            n.name: SimpleNamespace(dataset=lambda _name: SCHEMA)
+            for n in nodes
+            if n.name not in self.late
+        }
+
+    def schema(self, dataset: str) -> DatasetSchema:
+        del dataset
+        return SCHEMA
+
+    def _describe_missing(self, names: list[str]) -> dict[str, FederationError]:
+        for name in names:
+            if name not in self._descriptions:
+                theirs = self.late[name]
+                self._descriptions[name] = SimpleNamespace(dataset=lambda _name, s=theirs: s)
+        return {}
+
+    def _receipt_key(self, name: str) -> str:
+        del name
+        return ""
+
+
+def _train(coordinator: _Coordinator, **options: Any) -> TrainingResult:
+    options.setdefault("rounds", 2)
+    return train(coordinator, SPEC, target_epsilon=1.0, progress=False, **options)  # type: ignore[arg-type]
+
+
+def test_a_node_whose_stream_breaks_is_partial_and_its_charge_stays_in_the_history() -> None:
+    a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "break"})
+    result = _train(_Coordinator([a, b]), min_nodes=1)
+    last = result.history[1]
+    assert last.answered == ("A",)
+    assert last.partial == ("B",)
+    # B charged round 2 before its stream broke: its spend is in the history and the table.
+    assert [n.node for n in last.charged] == ["B"]
+    assert last.job_epsilon == {"A": pytest.approx(0.6), "B": pytest.approx(0.6)}
+    assert last.epsilon["B"] == pytest.approx(0.3)
+    table = format_history(result)
+    assert "B (partial)" in table
+    assert table.splitlines()[2].split()[2:4] == ["0.6", "0.6"]
+    # Its receipt is kept as evidence of the charge, without released values: the
+    # coordinator does not hold the update it commits to, so nothing claims to verify it.
+    receipt = last.charged[0].receipt
+    assert receipt["receipt"]["node"] == "B"  # type: ignore[index]
+    assert "released" not in receipt
+    document = [r.to_dict() for r in result.history]
+    assert {r.receipt.node_name for r in receipts.find_receipt_records(document)} == {"A", "B"}
+    assert len(list(receipts.find_receipt_records(document))) == 3  # A twice, B once
+    assert type(result.history[1]).from_dict(last.to_dict()) == last
+
+
+def test_a_failed_quorum_says_which_nodes_charged_the_unapplied_round() -> None:
+    a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "break"})
+    with pytest.raises(NodeUnavailableError) as caught:
+        _train(_Coordinator([a, b]), min_nodes=2)
+    message = str(caught.value)
+    assert "round 2 of 2: only 1 node(s) completed (need 2)" in message
+    assert "charged at A (job ε 0.6), B (job ε 0.6) and is not applied" in message
+
+
+def test_a_node_that_joins_late_with_another_schema_misses_rounds_not_the_job() -> None:
+    other = DatasetSchema("credit", (*SCHEMA.columns, Column("z", ColumnType.FLOAT, 0.0, 1.0)))
+    a, b, c = _Node("A", 0.0), _Node("B", 1.0), _Node("C", 2.0)
+    result = _train(_Coordinator([a, b, c], late={"C": other}), min_nodes=2)
+    for record in result.history:
+        assert record.answered == ("A", "B")
+        assert record.missing == ("C",)
+        reason = dict(record.failures)["C"]
+        assert "node 'C' holds another schema of dataset 'credit'" in reason
+        assert "'z'" in reason
+    assert c.charged == 0  # never sent weights, never charged
+
+
+@pytest.mark.parametrize("optimizer", ["fedadam", "fedyogi"])
+def test_a_step_float32_cannot_hold_stops_the_job_before_the_checkpoint(
+    optimizer: str, tmp_path: Path
+) -> None:
+    # Finite updates of 1e20: the average is finite, delta**2 is not. Applied, FedAdam's v
+    # would be infinite for good and FedYogi's NaN the round after, in the checkpoint too.
+    a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "huge"})
+    with pytest.raises(InvalidRequestError, match="round 2 of 3: the server step"):
+        _train(
+            _Coordinator([a, b]),
+            rounds=3,
+            server_optimizer=optimizer,
+            checkpoint_dir=tmp_path,
+        )
+    body = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert body["round"] == 0  # round 1's checkpoint; round 2 left nothing behind
+    tensors = safetensors.numpy.load_file(str(tmp_path / body["tensors_file"]))
+    assert all(np.isfinite(t).all() for t in tensors.values())
+
+
+def _resume(tmp_path: Path) -> TrainingResult:
+    return _train(
+        _Coordinator([_Node("A", 0.0), _Node("B", 1.0)]),
+        rounds=3,
+        server_optimizer="fedadam",
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A fedadam job's checkpoint after its 3rd and last round (resuming it trains nothing,
+    once the checks below pass)."""
+    _train(
+        _Coordinator([_Node("A", 0.0), _Node("B", 1.0)]),
+        rounds=3,
+        server_optimizer="fedadam",
+        checkpoint_dir=tmp_path,
+    )
+    return tmp_path
+
+
+def _edit_tensor(directory: Path, name: str, value: npt.NDArray[np.float32]) -> None:
+    body = json.loads((directory / "checkpoint.json").read_text())
+    path = directory / body["tensors_file"]
+    tensors = safetensors.numpy.load_file(str(path))
+    tensors[name] = value
+    safetensors.numpy.save_file(tensors, str(path))
+
+
+def test_an_intact_checkpoint_resumes(checkpoint: Path) -> None:
+    assert len(_resume(checkpoint).history) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.full((4, 2), np.nan, np.float32), "'v/0.weight' holds NaN, infinite or negative"),
+        (np.full((4, 2), -1.0, np.float32), "'v/0.weight' holds NaN, infinite or negative"),
+        (np.zeros(1, np.float32), r"'v/0.weight' has shape \(1,\), expected \(4, 2\)"),
+    ],
+)
+def test_a_tampered_optimizer_moment_is_refused(
+    checkpoint: Path, value: npt.NDArray[np.float32], message: str
+) -> None:
+    _edit_tensor(checkpoint, "v/0.weight", value)
+    with pytest.raises(ConfigError, match=message):
+        _resume(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda body: body.pop("spec"), r"is malformed \(KeyError: 'spec'\)"),
+        (lambda body: body["history"][0].pop("nodes"), r"is malformed \(KeyError: 'nodes'\)"),
+        (lambda body: body.update(round="x"), "is malformed"),
+        (
+            lambda body: body.update(tensors_file="../elsewhere/round-00002.safetensors"),
+            "is not a round-NNNNN.safetensors name",
+        ),
+        (
+            lambda body: body.update(tensors_file="/tmp/round-00002.safetensors"),  # noqa: S108
+            "is not a round-NNNNN.safetensors name",
+        ),
+    ],
+)
+def test_a_malformed_checkpoint_document_is_a_config_error(
+    checkpoint: Path, edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    path = checkpoint / "checkpoint.json"
+    body = json.loads(path.read_text())
+    edit(body)
+    path.write_text(json.dumps(body))
+    with pytest.raises(ConfigError, match=message):
+        _resume(checkpoint)
