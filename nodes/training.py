@@ -236,8 +236,9 @@ def plan_training(
             ``noise_multiplier_floor``).
         PolicyError: the architecture is not in the consumer's ``allowed_models``, or
             ``delta`` exceeds the per-release cap.
-        BudgetExhaustedError: ``target_epsilon`` or ``metrics_epsilon`` exceeds the
-            consumer's per-release cap (a training job is one release).
+        BudgetExhaustedError: the job's whole spend (every round's update, count and
+            metrics, composed) exceeds the consumer's per-release cap: a training job is
+            one release.
     """
     _check_schedule(round, total_rounds, local_steps, job_id)
     _check_numbers(sample_rate, learning_rate, clip_norm)
@@ -268,12 +269,15 @@ def plan_training(
     )
     metrics = _metrics_charges(metrics_epsilon)
     charge = compose((update, examples, *metrics))
-    if charge.epsilon > policy.max_epsilon_per_release:
+    # A training job is one release: all its rounds, composed (the metrics too), must fit
+    # the cap, not only target_epsilon (the DP-SGD and counts' share).
+    whole = _job_spend(charge, total_rounds).epsilon_at(delta)
+    if whole > policy.max_epsilon_per_release:
         raise BudgetExhaustedError(
-            f"this round would cost epsilon {charge.epsilon:.4g} (update, example count and "
-            f"metrics together), above this node's per-release cap of "
-            f"{policy.max_epsilon_per_release:g} for consumer {policy.name!r}; ask for less "
-            "target or metrics epsilon, or more rounds"
+            f"this job would cost epsilon {whole:.4g} over its {total_rounds} rounds (update, "
+            f"example count and metrics together), above this node's per-release cap of "
+            f"{policy.max_epsilon_per_release:g} for consumer {policy.name!r} (a training job "
+            "is one release); ask for less target or metrics epsilon"
         )
     return TrainPlan(
         spec=spec,
@@ -471,10 +475,14 @@ def job_epsilon(plan: TrainPlan, *, rounds: int) -> float:
     The RDP curves of the rounds add up (``Spend``), so this is what the ledger reports
     for the job when each round is charged ``plan.charge``.
     """
+    return _job_spend(plan.charge, rounds).epsilon_at(plan.delta)
+
+
+def _job_spend(charge: Charge, rounds: int) -> Spend:
     spend = Spend()
     for _ in range(rounds):
-        spend = spend.plus(plan.charge)
-    return spend.epsilon_at(plan.delta)
+        spend = spend.plus(charge)
+    return spend
 
 
 def check_weights(plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:

@@ -223,9 +223,10 @@ QUICKSTART: list[Cell] = [
         The model is named, not shipped: a `ModelSpec` says which architecture (from the
         nodes' allow-list), which features and which label. Each round, every node runs
         DP-SGD on its own records (clipped per-example gradients plus Gaussian noise) and
-        sends back only its DP update; the coordinator averages them (FedAvg). The whole job
-        spends at most `target_epsilon` at each node. With `metrics_epsilon`, each node also
-        releases DP validation loss and accuracy per round, at that extra cost.
+        sends back only its DP update; the coordinator averages them (FedAvg). The job's
+        updates and counts spend `target_epsilon` at each node (a round that is retried is
+        charged again). With `metrics_epsilon`, each node also releases DP validation loss
+        and accuracy per round, at that extra cost.
         """
     ),
     code(
@@ -305,7 +306,7 @@ PRIVACY_UTILITY: list[Cell] = [
         notebook measures it on the production code path (real nodes on this machine):
 
         1. the error of a DP **mean** across the two nodes, for `epsilon` from 0.05 to 3;
-        2. the ROC-AUC of a **federated DP model**, for `epsilon` 1, 3 and 8, against the
+        2. the ROC-AUC of a **federated DP model**, for `epsilon` 0.3, 1, 3 and 8, against the
            same model trained without privacy on the pooled data (a centralised baseline
            that a real federation could never build).
 

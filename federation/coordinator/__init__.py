@@ -288,8 +288,11 @@ class Coordinator:
             notes=notes,
         )
 
-    def _over_cap(self, epsilon: float, names: Sequence[str]) -> dict[str, FederationError]:
-        """Nodes whose Describe caps one release below ``epsilon`` (0: not stated).
+    def _over_cap(
+        self, epsilon: float, names: Sequence[str], *, what: str = "epsilon"
+    ) -> dict[str, FederationError]:
+        """Nodes whose Describe caps one release below ``epsilon`` (0: not stated); ``what``
+        names the asked epsilon in the message.
 
         A cached Describe that says so is refreshed first: the operator may have raised
         the cap since (a node that cannot be described now is asked as before).
@@ -305,7 +308,7 @@ class Coordinator:
                 cap = self._descriptions[name].budget.max_epsilon_per_release
             if 0 < cap < epsilon:
                 refused[name] = BudgetExhaustedError(
-                    f"epsilon {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
+                    f"{what} {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
                     "for this consumer (from its Describe), so it was not asked"
                 )
         return refused

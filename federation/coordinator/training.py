@@ -17,6 +17,7 @@ long as ``min_nodes`` nodes completed the round. A checkpoint is written after e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -410,6 +411,14 @@ def _round(
     # A node not described yet (say, unreachable when the job started) is described and its
     # schema checked before it is sent weights; one that still cannot be misses the round.
     failures: dict[str, FederationError] = coordinator._describe_missing(job.names)
+    names = [n for n in job.names if n not in failures]
+    if job.schema is not None:
+        failures.update(coordinator._schema_misfits(job.spec.dataset, job.schema, names))
+        names = [n for n in job.names if n not in failures]
+    # A node whose Describe caps one release below what the job asks would refuse the round.
+    asked = job.config["target_epsilon"], job.config["metrics_epsilon"]
+    failures.update(coordinator._over_cap(max(asked), names, what=_CAPPED[asked[1] > asked[0]]))
+    names = [n for n in job.names if n not in failures]
     for name, error in failures.items():
         log.warning(
             "round %d of %d: node %s dropped before training: %s",
@@ -418,18 +427,11 @@ def _round(
             name,
             error,
         )
-    names = [n for n in job.names if n not in failures]
-    if job.schema is not None:
-        for name, error in coordinator._schema_misfits(job.spec.dataset, job.schema, names).items():
-            log.warning(
-                "round %d of %d: node %s dropped before training: %s",
-                round_index + 1,
-                job.rounds,
-                name,
-                error,
-            )
-            failures[name] = error
-        names = [n for n in names if n not in failures]
+    if len(names) < job.min_nodes:
+        # Asking the others would charge them for a round that cannot be applied.
+        raise _quorum_error(
+            f"round {round_index + 1} of {job.rounds}", [], failures, job.min_nodes, 0, asked=False
+        )
     futures = {
         name: pool.submit(
             _train_node,
@@ -616,26 +618,39 @@ def _round_of(node: str, result: TrainResult, receipt: Mapping[str, object]) -> 
     )
 
 
+_CAPPED = ("target_epsilon", "metrics_epsilon")
+
+
 def _quorum_error(
     label: str,
     charged: Sequence[NodeRound],
     failures: Mapping[str, FederationError],
     needed: int,
     completed: int,
+    *,
+    asked: bool = True,
 ) -> FederationError:
     refusals = [e for e in failures.values() if not isinstance(e, NodeUnavailableError)]
-    summary = "; ".join(f"{n}: {e}" for n, e in failures.items())
-    if charged:
+    if not asked:
+        note = "; no node was asked, so nothing was charged"
+    elif charged:
         # Those nodes charged the round although it is not applied: say what it cost.
         spent = ", ".join(f"{n.node} (job ε {n.job_epsilon:.3g})" for n in charged)
-        summary += (
-            f"; the round was charged at {spent} and is not applied (a resumed job "
-            "runs it again, charged again)"
+        note = (
+            f"; the round was charged at {spent} and is not applied (a resumed job runs "
+            "it again, charged again)"
         )
-    if refusals and len(refusals) == len(failures) and not charged:
-        return refusals[0]
+    else:
+        note = ""
+    if refusals and len(refusals) == len(failures):
+        # Keep the refusal's class (a BudgetExhaustedError stays one) and add the note.
+        first = copy.copy(refusals[0])
+        others = "; ".join(f"{n}: {e}" for n, e in failures.items() if e is not refusals[0])
+        first.args = (f"{label}: {first}" + (f"; {others}" if others else "") + note,)
+        return first
+    summary = "; ".join(f"{n}: {e}" for n, e in failures.items())
     return NodeUnavailableError(
-        f"{label}: only {completed} node(s) completed (need {needed}); {summary}"
+        f"{label}: only {completed} node(s) completed (need {needed}); {summary}{note}"
     )
 
 
@@ -739,6 +754,8 @@ def _resumed_job(
         return _job_from_checkpoint(
             body, weights, state, where, coordinator, spec, dim, rounds, config, optimizer_name, lr
         )
+    except FederationError:
+        raise  # the checks' own refusals (another job, bad weights)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         # A hand-edited or truncated document: a clear refusal, not a traceback.
         raise ConfigError(f"{where} is malformed ({type(err).__name__}: {err})") from err

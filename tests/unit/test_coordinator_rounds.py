@@ -28,6 +28,7 @@ from federation.coordinator import Coordinator
 from federation.coordinator.client import NodeClient
 from federation.coordinator.training import TrainingResult, train
 from federation.errors import (
+    BudgetExhaustedError,
     ConfigError,
     FederationError,
     InvalidRequestError,
@@ -52,13 +53,20 @@ SPEC = ModelSpec("mlp", "credit", ("a", "b"), "y", hidden=(4,))
 
 class _Node:
     """Answers each round with ``weights + shift``; ``faults[round]`` changes that round:
-    ``"break"`` (the stream fails after two chunks), ``"huge"`` (an update of 1e20s)."""
+    ``"break"`` (the stream fails after two chunks), ``"huge"`` (an update of 1e20s),
+    ``"refuse"`` (a budget refusal, nothing charged)."""
 
-    def __init__(self, name: str, shift: float, faults: dict[int, str] | None = None) -> None:
+    def __init__(
+        self, name: str, shift: float, faults: dict[int, str] | None = None, cap: float = 0.0
+    ) -> None:
         self.name = name
         self.shift = np.float32(shift)
         self.faults = faults or {}
+        self.cap = cap  # its per-release cap, as its Describe shows (0: not stated)
         self.charged = 0  # rounds this node charged (its result was sent)
+
+    def describe(self) -> SimpleNamespace:
+        return _described(SCHEMA, self.cap)
 
     def train(
         self,
@@ -70,6 +78,8 @@ class _Node:
     ) -> TrainResult:
         del timeout_s
         fault = self.faults.get(config.round)
+        if fault == "refuse":  # refused before any charge, as a node does
+            raise BudgetExhaustedError(f"node {self.name!r}: cannot afford the rest of the job")
         update = {n: w + self.shift for n, w in weights.items()}
         if fault == "huge":
             update = {n: np.full_like(w, 1e20) for n, w in weights.items()}
@@ -93,6 +103,13 @@ class _Node:
         return NodeClient._read_update(reader, stream(), headers, on_result)  # type: ignore[arg-type]
 
 
+def _described(schema: DatasetSchema, cap: float = 0.0) -> SimpleNamespace:
+    """What a node's Describe tells: its dataset's schema and its per-release cap."""
+    return SimpleNamespace(
+        dataset=lambda _name: schema, budget=SimpleNamespace(max_epsilon_per_release=cap)
+    )
+
+
 class _Coordinator:
     """The parts of ``Coordinator`` a training job uses, over ``_Node``s.
 
@@ -101,15 +118,16 @@ class _Coordinator:
     """
 
     _schema_misfits = Coordinator._schema_misfits
+    _over_cap = Coordinator._over_cap
 
-    def __init__(self, nodes: list[_Node], late: dict[str, DatasetSchema] | None = None) -> None:
+    def __init__(
+        self,
+        nodes: list[_Node],
+        late: dict[str, DatasetSchema] | None = None,
+    ) -> None:
         self.clients = {n.name: n for n in nodes}
         self.late = dict(late or {})
-        self._descriptions = {
-            n.name: SimpleNamespace(dataset=lambda _name: SCHEMA)
-            for n in nodes
-            if n.name not in self.late
-        }
+        self._descriptions = {n.name: n.describe() for n in nodes if n.name not in self.late}
 
     def schema(self, dataset: str) -> DatasetSchema:
         del dataset
@@ -118,8 +136,7 @@ class _Coordinator:
     def _describe_missing(self, names: list[str]) -> dict[str, FederationError]:
         for name in names:
             if name not in self._descriptions:
-                theirs = self.late[name]
-                self._descriptions[name] = SimpleNamespace(dataset=lambda _name, s=theirs: s)
+                self._descriptions[name] = _described(self.late[name])
         return {}
 
     def _receipt_key(self, name: str) -> str:
@@ -144,6 +161,8 @@ def test_a_node_whose_stream_breaks_is_partial_and_its_charge_stays_in_the_histo
     assert last.epsilon["B"] == pytest.approx(0.3)
     table = format_history(result)
     assert "B (partial)" in table
+    assert "B last missed round 2: " in table
+    assert "the connection dropped" in table
     assert table.splitlines()[2].split()[2:4] == ["0.6", "0.6"]
     # Its receipt is kept as evidence of the charge, without released values: the
     # coordinator does not hold the update it commits to, so nothing claims to verify it.
@@ -156,6 +175,14 @@ def test_a_node_whose_stream_breaks_is_partial_and_its_charge_stays_in_the_histo
     assert type(result.history[1]).from_dict(last.to_dict()) == last
 
 
+def test_the_summary_flags_a_node_whose_job_spend_ended_above_the_target() -> None:
+    # These stand-in nodes report 0.3 more job epsilon per charged round, as a node whose
+    # round was retried would end above the job's target.
+    result = _train(_Coordinator([_Node("A", 0.0)]), rounds=4)
+    assert "job ε 1.2 is above --target-epsilon 1" in format_history(result, target_epsilon=1.0)
+    assert "above --target-epsilon" not in format_history(result, target_epsilon=1.2)
+
+
 def test_a_failed_quorum_says_which_nodes_charged_the_unapplied_round() -> None:
     a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "break"})
     with pytest.raises(NodeUnavailableError) as caught:
@@ -163,6 +190,32 @@ def test_a_failed_quorum_says_which_nodes_charged_the_unapplied_round() -> None:
     message = str(caught.value)
     assert "round 2 of 2: only 1 node(s) completed (need 2)" in message
     assert "charged at A (job ε 0.6), B (job ε 0.6) and is not applied" in message
+
+
+def test_a_refusal_that_breaks_quorum_keeps_its_class_and_names_who_was_charged() -> None:
+    a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "refuse"})
+    with pytest.raises(BudgetExhaustedError) as caught:
+        _train(_Coordinator([a, b]))
+    message = str(caught.value)
+    assert message.startswith("round 2 of 2: node 'B': cannot afford the rest of the job")
+    assert "charged at A (job ε 0.6) and is not applied" in message
+
+
+def test_a_job_some_node_caps_below_its_epsilon_asks_nobody_when_quorum_cannot_be_met() -> None:
+    # B's Describe caps one release at 0.5, below the job's target: it would refuse, and
+    # asking A alone would charge A for a round that cannot be applied.
+    a, b = _Node("A", 0.0), _Node("B", 1.0, cap=0.5)
+    with pytest.raises(BudgetExhaustedError) as caught:
+        _train(_Coordinator([a, b]))
+    message = str(caught.value)
+    assert "target_epsilon 1 exceeds node 'B''s per-release cap of 0.5" in message
+    assert message.endswith("no node was asked, so nothing was charged")
+    assert a.charged == b.charged == 0
+    # With a quorum of one, A trains and B is listed with the reason, never asked.
+    result = _train(_Coordinator([a, b]), min_nodes=1)
+    assert [r.answered for r in result.history] == [("A",), ("A",)]
+    assert "per-release cap of 0.5" in dict(result.history[0].failures)["B"]
+    assert b.charged == 0
 
 
 def test_a_node_that_joins_late_with_another_schema_misses_rounds_not_the_job() -> None:

@@ -48,6 +48,7 @@ from nodes.training import (
     clip_per_sample,
     clipped_gradient_sum,
     holdout_mask,
+    job_epsilon,
     per_sample_gradients,
     plan_training,
     poisson_sample,
@@ -449,7 +450,7 @@ def test_dp_sgd_noise_has_the_planned_scale_on_every_tensor(
 
 
 def test_update_releases_weights_count_and_metrics(engine: TrainingEngine, table: Table) -> None:
-    plan = _short(2, metrics_epsilon=3.0)
+    plan = _short(2, metrics_epsilon=1.0)
     weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=1)
     update = engine.train(plan, weights, rng=np.random.default_rng(1))
     assert update.steps == 2
@@ -727,10 +728,22 @@ def test_a_noise_scale_float32_cannot_carry_is_refused() -> None:
             _check_float32_noise(sigma, clip)
 
 
-def test_a_round_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
-    # target 9 in one round plus metrics 9: each alone is under the cap of 10.
-    with pytest.raises(BudgetExhaustedError, match="this round would cost epsilon"):
+def test_a_job_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
+    # A training job is one release. target 9 in one round plus metrics 9: each alone is
+    # under the cap of 10. Target 6 over 5 rounds with metrics 2 per round: every round
+    # (and the target) fits, the job composed does not.
+    with pytest.raises(
+        BudgetExhaustedError, match="this job would cost epsilon 17.92 over its 1 rounds"
+    ):
         _plan(target_epsilon=9.0, metrics_epsilon=9.0, total_rounds=1)
+    plan = _plan(target_epsilon=6.0, metrics_epsilon=0.0, total_rounds=5)
+    assert plan.charge.epsilon < 10
+    assert job_epsilon(plan, rounds=5) <= 6.0
+    with pytest.raises(BudgetExhaustedError, match=r"cost epsilon 1\d\.\d+ over its 5 rounds"):
+        _plan(target_epsilon=6.0, metrics_epsilon=2.0, total_rounds=5)
+    assert (
+        job_epsilon(_plan(target_epsilon=6.0, metrics_epsilon=0.5, total_rounds=5), rounds=5) < 10
+    )
 
 
 # ------------------------------------------------------------------ floating point vs DP
