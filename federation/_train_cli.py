@@ -22,6 +22,16 @@ __all__ = ["add_train_parser", "format_history", "run_train"]
 DEFAULT_MLP_HIDDEN = (64, 64)
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that names each option's default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``train`` command to the CLI's subparsers."""
     t = sub.add_parser(
@@ -29,29 +39,40 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="train a model across the nodes with DP-SGD at each node",
         description="Federated training: each node runs DP-SGD on its own records and "
         "returns a DP model update; the coordinator averages them each round.",
+        formatter_class=_DefaultsShown,
     )
-    t.add_argument("--config", type=Path, default=Path("federation.toml"))
-    t.add_argument("--dataset", required=True)
+    t.add_argument(
+        "--config", type=Path, default=Path("federation.toml"), help="the nodes and your identity"
+    )
+    t.add_argument("--dataset", required=True, help="the dataset's name at the nodes")
     t.add_argument(
         "--model",
         default="mlp",
-        help="architecture: logistic, mlp, or one the nodes register (their allow-list)",
+        help="architecture the nodes build and allow you (allowed_models): logistic or mlp",
     )
     t.add_argument(
         "--hidden", default=None, help="hidden layer widths, e.g. 64,64 (default for mlp: 64,64)"
     )
     t.add_argument("--features", required=True, help="comma-separated input columns")
     t.add_argument("--target", required=True, help="the bool label column")
-    t.add_argument("--rounds", type=int, required=True)
+    t.add_argument("--rounds", type=int, required=True, help="federated rounds")
     t.add_argument(
-        "--target-epsilon", type=float, required=True, help="epsilon of the whole job per node"
+        "--target-epsilon",
+        type=float,
+        required=True,
+        help="epsilon of the whole job per node (a retried round is charged again)",
     )
     t.add_argument("--delta", type=float, default=1e-7, help="delta of the job per node")
     t.add_argument("--sample-rate", type=float, default=0.01, help="Poisson rate per step")
     t.add_argument("--local-steps", type=int, default=10, help="DP-SGD steps per round")
-    t.add_argument("--learning-rate", type=float, default=0.5)
-    t.add_argument("--clip-norm", type=float, default=1.0)
-    t.add_argument("--server-optimizer", choices=["fedavg", "fedadam", "fedyogi"], default="fedavg")
+    t.add_argument("--learning-rate", type=float, default=0.5, help="local SGD step size")
+    t.add_argument("--clip-norm", type=float, default=1.0, help="per-record gradient clip")
+    t.add_argument(
+        "--server-optimizer",
+        choices=["fedavg", "fedadam", "fedyogi"],
+        default="fedavg",
+        help="how the coordinator steps from the round's average",
+    )
     t.add_argument("--server-lr", type=float, help="default 1 for fedavg, 0.01 otherwise")
     t.add_argument(
         "--metrics-epsilon",
@@ -72,6 +93,12 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="hash the receipts commit to each update with (sha256: where a FIPS hash is required)",
     )
     t.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out model (otherwise the job is refused before any "
+        "round: that model cost privacy budget)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -89,6 +116,10 @@ def _hidden(text: str | None, model: str) -> tuple[int, ...]:
     return DEFAULT_MLP_HIDDEN if model == "mlp" else ()
 
 
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Run ``federation train``; return the exit code."""
     from federation.coordinator import Coordinator
@@ -96,6 +127,11 @@ def run_train(args: argparse.Namespace) -> int:
     from federation.models import ModelSpec
 
     check_output_file(args.out, what="--out")  # before any round is charged
+    if not args.overwrite and (args.out.exists() or _sidecar(args.out).exists()):
+        raise InvalidRequestError(
+            f"--out: {args.out} already holds a model; pass --overwrite to replace it, or "
+            "choose another file (nothing was charged)"
+        )
     if args.resume and args.checkpoint_dir is None:
         raise InvalidRequestError("--resume needs --checkpoint-dir (where the checkpoint is)")
 
@@ -140,20 +176,29 @@ def run_train(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(format_history(result))
+        print(format_history(result, target_epsilon=args.target_epsilon))
         print(f"model saved: {args.out} (spec in {sidecar.name})")
     sys.stdout.flush()
     return 0
 
 
-def format_history(result: TrainingResult) -> str:
-    """Render a training job's rounds as a table: nodes, epsilon so far, DP metrics, time."""
+def format_history(result: TrainingResult, *, target_epsilon: float | None = None) -> str:
+    """Render a training job's rounds as a table: nodes, epsilon so far, DP metrics, time.
+
+    Below it: why each node that missed a round last missed one, and, given the job's
+    ``target_epsilon``, each node whose job spend ended above it (retried rounds).
+    """
     nodes = sorted({n for r in result.history for n in r.job_epsilon})
     header = f"{'round':>5} {'nodes':>6} " + " ".join(f"{'ε ' + n:>14}" for n in nodes)
     header += f" {'loss':>8} {'accuracy':>9} {'time s':>7}  missing"
     lines = [header]
+    last_spent: dict[str, float] = {}
+    reasons: dict[str, tuple[int, str]] = {}
     for r in result.history:
         eps = r.job_epsilon
+        last_spent.update(eps)
+        for node, reason in r.failures:
+            reasons[node] = (r.round, reason)
         cells = " ".join(f"{eps[n]:>14.4g}" if n in eps else f"{'-':>14}" for n in nodes)
         loss, accuracy = r.metric("loss"), r.metric("accuracy")
         lines.append(
@@ -163,4 +208,18 @@ def format_history(result: TrainingResult) -> str:
             + ", ".join(r.missing + tuple(f"{p} (partial)" for p in r.partial))
         )
     lines.append(f"job {result.job_id}: ε is each node's composed spend for this job so far")
+    for node, (round_index, reason) in sorted(reasons.items()):
+        short = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
+        lines.append(f"{node} last missed round {round_index + 1}: {short}")
+    if target_epsilon is not None:
+        for node, spent in sorted(last_spent.items()):
+            if spent > target_epsilon * (1 + 1e-3):
+                lines.append(
+                    f"{node}: job ε {spent:.4g} is above --target-epsilon {target_epsilon:g}: "
+                    "a round that was retried (a timeout, a lost node, --resume) is charged "
+                    "again"
+                )
     return "\n".join(lines)
+
+
+_REASON_CHARS = 240

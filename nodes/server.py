@@ -7,6 +7,7 @@ bound when the config says port 0; it then waits on the standard health RPC.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import logging
@@ -63,6 +64,20 @@ class RunningNode:
         self.ledger.close()
 
 
+def _check_architectures(config: NodeConfig) -> None:
+    """Refuse an ``allowed_models`` entry this node cannot build (a typo would otherwise
+    only show as every training request for it being refused)."""
+    for consumer, policy in config.consumers.items():
+        for model in policy.allowed_models:
+            if model not in EXTENDED_REGISTRY:
+                close = difflib.get_close_matches(model, list(EXTENDED_REGISTRY), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"consumers.{consumer}.allowed_models: {model!r} is not an architecture "
+                    f"this node builds{hint}; it builds: {', '.join(EXTENDED_REGISTRY)}"
+                )
+
+
 def start_node(
     config: NodeConfig, *, insecure: bool = False, allow_broken_audit: bool = False
 ) -> RunningNode:
@@ -73,6 +88,7 @@ def start_node(
             the address cannot be bound, or the audit chain is broken (unless
             ``allow_broken_audit``, which serves anyway and records the override).
     """
+    _check_architectures(config)
     use_tls = config.tls is not None
     if not use_tls and not (insecure and config.is_loopback):
         raise ConfigError(

@@ -147,6 +147,8 @@ def check_output_file(path: Path, *, what: str = "out") -> None:
     """
     if path.is_dir():
         raise InvalidRequestError(f"{what}: {path} is a directory; name a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InvalidRequestError(f"{what}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise InvalidRequestError(f"{what}: folder {path.parent} does not exist")
     _probe(path.with_name(path.name + ".tmp"), what)

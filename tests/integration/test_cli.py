@@ -127,6 +127,16 @@ def test_train_checks_where_it_will_write_before_any_round_is_charged(
     assert bad_dir.returncode == 2, bad_dir.stderr
     assert "checkpoint directory" in bad_dir.stderr
     assert not (tmp_path / "m.safetensors").exists()
+    under_a_file = run(*common, "--out", str(a_file / "m.safetensors"))
+    assert under_a_file.returncode == 2, under_a_file.stderr
+    assert f"--out: {a_file} is a file, not a folder" in under_a_file.stderr
+    # A model already there cost privacy budget: kept unless --overwrite says otherwise.
+    kept = tmp_path / "kept.safetensors"
+    kept.write_bytes(b"a model that cost epsilon")
+    existing = run(*common, "--out", str(kept))
+    assert existing.returncode == 2, existing.stderr
+    assert "already holds a model; pass --overwrite to replace it" in existing.stderr
+    assert kept.read_bytes() == b"a model that cost epsilon"
     after = {n: d.budget.releases for n, d in fed.describe().items()}
     assert after == before
 
@@ -207,6 +217,33 @@ def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> No
     proc = run("node", "serve", "--config", str(config))
     assert proc.returncode == 2
     assert "datasets[0].name" in proc.stderr
+
+
+def test_node_serve_refuses_an_allowed_model_it_cannot_build(
+    local_fed: LocalFederation, tmp_path: Path
+) -> None:
+    # A typo in allowed_models would otherwise show only as every training request for it
+    # being refused; the node names the key, the nearest architecture and the known ones.
+    running = local_fed.processes["hong-kong"]
+    lines = [
+        'listen = "127.0.0.1:0"'
+        if line.startswith("listen =")
+        else f'state_dir = "{tmp_path / "state"}"'
+        if line.startswith("state_dir =")
+        else line
+        for line in running.config_path.read_text().splitlines()
+    ]
+    at = next(i for i, line in enumerate(lines) if line.startswith("[consumers."))
+    lines.insert(at + 1, 'allowed_models = ["logistic", "mlpp"]')
+    config = tmp_path / "node.toml"
+    config.write_text("\n".join(lines) + "\n")
+    proc = run("node", "serve", "--config", str(config), "--insecure")
+    assert proc.returncode == 2, proc.stderr
+    consumer = lines[at].removeprefix("[consumers.").rstrip("]").strip('"')
+    assert (
+        f"consumers.{consumer}.allowed_models: 'mlpp' is not an architecture this node "
+        "builds (did you mean 'mlp'?); it builds: logistic, mlp, wide-mlp"
+    ) in proc.stderr
 
 
 def test_a_second_node_on_a_serving_nodes_address_fails_to_start(
