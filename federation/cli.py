@@ -134,18 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {err}\n")
         return 2
     except FederationError as err:
-        sys.stderr.write(f"error: {type(err).__name__}: {err}\n")
+        sys.stderr.write(f"error: {type(err).__name__}: {err}{_resume_hint(args)}\n")
         return 1
     except OSError as err:  # a path the user gave: missing, a directory, not writable
         sys.stderr.write(f"error: {_os_error(err)}\n")
         return 2
     except KeyboardInterrupt:
-        hint = ""
-        directory = getattr(args, "checkpoint_dir", None)
-        if args.command == "train" and directory and (directory / "checkpoint.json").exists():
-            hint = f"; the last finished round is in {directory}: add --resume"
-        sys.stderr.write(f"interrupted{hint}\n")
+        sys.stderr.write(f"interrupted{_resume_hint(args)}\n")
         return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For a training job that stopped after a checkpoint: how to continue it."""
+    directory = getattr(args, "checkpoint_dir", None)
+    if args.command == "train" and directory and (directory / "checkpoint.json").exists():
+        again = "run the same command again" if args.resume else "add --resume"
+        return f"; the last finished round is in {directory}: {again} to continue the job"
+    return ""
 
 
 def _os_error(err: OSError) -> str:

@@ -189,7 +189,12 @@ class NodeClient:
         try:
             return self._read_update(cast(Iterator[bytes], responses), headers, on_result)
         except grpc.RpcError as err:
-            raise self._status_error(cast(grpc.Call, err)) from None
+            call = cast(grpc.Call, err)
+            error = self._status_error(call)
+            hint = _round_hint(call.code(), call.details() or "", timeout)
+            if hint:
+                error.args = (f"{error}{hint}",)
+            raise error from None
         finally:
             responses.cancel()  # type: ignore[no-untyped-call]  # a no-op once finished
 
@@ -271,4 +276,23 @@ def _refusal(call: grpc.Call) -> str:
     for key, value in call.trailing_metadata() or ():
         if key == REFUSAL_KEY:
             return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
+def _round_hint(code: grpc.StatusCode, details: str, timeout_s: float) -> str:
+    """What to change when a training round ran out of time (at either end)."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"; the round took longer than its deadline of {timeout_s:g}s: raise "
+            "--round-timeout (round_timeout_s)"
+        )
+    dropped = code == grpc.StatusCode.CANCELLED or (
+        code == grpc.StatusCode.UNAVAILABLE and "Stream removed" in details
+    )
+    if dropped:  # the call was under way, then ended (not a node that was never reached)
+        return (
+            "; if the node's log says the round was 'still running after ...s "
+            "(max_request_s)', the node cancelled it: its operator can raise max_request_s "
+            "above the round's time"
+        )
     return ""

@@ -287,6 +287,18 @@ _RAW_CONFIG = TrainConfig(
 )
 
 
+def test_a_round_past_its_deadline_says_to_raise_the_round_timeout(
+    trained_fed: LocalFederation,
+) -> None:
+    with pytest.raises(NodeUnavailableError) as caught:
+        _fed(trained_fed).train(
+            SPEC, rounds=1, target_epsilon=1.0, round_timeout_s=0.001, **TRAINING
+        )
+    message = str(caught.value)
+    assert "DEADLINE_EXCEEDED" in message
+    assert "the round took longer than its deadline of 0.001s: raise --round-timeout" in message
+
+
 def _raw_train(
     local: LocalFederation,
     node: str,
