@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from federation.errors import InvalidRequestError
+from federation.errors import ConfigError, InvalidRequestError
 from federation.training import DEFAULT_TENSOR_DIGEST, TENSOR_DIGESTS
 
 if TYPE_CHECKING:
     from federation.coordinator.training import TrainingResult
+    from federation.models import ModelBuilder
 
 __all__ = ["add_train_parser", "format_history", "run_train"]
 
@@ -48,7 +49,16 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     t.add_argument(
         "--model",
         default="mlp",
-        help="architecture the nodes build and allow you (allowed_models): logistic or mlp",
+        help="architecture the nodes build and allow you (allowed_models): logistic, mlp, "
+        "or one their operators registered (see --architecture)",
+    )
+    t.add_argument(
+        "--architecture",
+        action="append",
+        default=[],
+        metavar="NAME=TARGET",
+        help="an architecture the nodes' operators registered, and where its builder is: "
+        "NAME=package.module:function or NAME=file.py:function (repeatable)",
     )
     t.add_argument(
         "--hidden", default=None, help="hidden layer widths, e.g. 64,64 (default for mlp: 64,64)"
@@ -116,6 +126,25 @@ def _hidden(text: str | None, model: str) -> tuple[int, ...]:
     return DEFAULT_MLP_HIDDEN if model == "mlp" else ()
 
 
+def _architectures(entries: list[str]) -> dict[str, ModelBuilder]:
+    """Read ``--architecture NAME=TARGET`` options into builders."""
+    from federation.architectures import load_builder
+
+    builders: dict[str, ModelBuilder] = {}
+    for entry in entries:
+        name, sep, target = entry.partition("=")
+        if not sep or not name or not target:
+            raise InvalidRequestError(
+                f"--architecture: expected NAME=package.module:function or "
+                f"NAME=file.py:function; got {entry!r}"
+            )
+        try:
+            builders[name] = load_builder(target, base_dir=Path.cwd())
+        except ConfigError as err:
+            raise ConfigError(f"--architecture {name}: {err}") from err
+    return builders
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -142,6 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
         target=args.target,
         hidden=_hidden(args.hidden, args.model),
     )
+    architectures = _architectures(args.architecture)
     with Coordinator.from_config(args.config) as fed:
         result = fed.train(
             spec,
@@ -162,6 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress and not args.json,
             seed=args.seed,
             tensor_digest=args.tensor_digest,
+            architectures=architectures,
         )
     sidecar = result.save(args.out)
     if args.json:

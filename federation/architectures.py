@@ -1,5 +1,12 @@
 """Architectures beyond the built-ins, which a node allows only where its policy names them.
 
+An operator registers its own in the node config (``[architectures]``, a name and where
+its builder is: ``"package.module:function"`` or ``"file.py:function"``); the node imports
+that code itself, at start, from its own disk: nothing a coordinator sends is ever run.
+A coordinator that trains one passes the same builder (``train(architectures=...)``,
+``federation train --architecture NAME=TARGET``) to build the global model it averages
+into. :func:`load_builder` resolves a target for both.
+
 ``wide-mlp`` is ``mlp`` without the 4096-unit width cap, up to ``WIDE_MLP_MAX_PARAMETERS``
 parameters: it exists to move models of hundreds of millions of parameters (the transfer
 benchmark). Every node knows it, but ``plan_training`` refuses it with PERMISSION_DENIED
@@ -14,15 +21,28 @@ an operator opts in per consumer, knowing such a model takes gigabytes of node m
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 from torch import nn
 
-from federation.errors import InvalidRequestError
+from federation.errors import ConfigError, InvalidRequestError
 from federation.models import MAX_HIDDEN_LAYERS, MODEL_REGISTRY, ModelBuilder, ModelSpec
 
-__all__ = ["EXTENDED_REGISTRY", "WIDE_MLP", "WIDE_MLP_MAX_PARAMETERS", "parameter_count"]
+__all__ = [
+    "EXTENDED_REGISTRY",
+    "WIDE_MLP",
+    "WIDE_MLP_MAX_PARAMETERS",
+    "load_builder",
+    "parameter_count",
+    "registry_with",
+]
 
 WIDE_MLP = "wide-mlp"
 WIDE_MLP_MAX_PARAMETERS = 2**31 - 1  # 8 GiB of float32: past every gRPC limit, on purpose
@@ -60,3 +80,65 @@ EXTENDED_REGISTRY: MappingProxyType[str, ModelBuilder] = MappingProxyType(
     {**MODEL_REGISTRY, WIDE_MLP: _wide_mlp}
 )
 """The built-ins plus ``wide-mlp``: what nodes serve and the coordinator builds from."""
+
+_ARCHITECTURE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
+    """Import a model builder: ``"package.module:function"`` or ``"path/file.py:function"``.
+
+    A relative file path is taken from ``base_dir`` (a node config's folder). The builder is
+    called as ``builder(spec, input_dim)`` and returns a ``torch.nn.Module`` whose last
+    output is one logit per record.
+
+    Raises:
+        ConfigError: a malformed target, a module or file that does not import, or a
+            name there that is not a callable.
+    """
+    where, _, attribute = target.rpartition(":")
+    if not where or not attribute.isidentifier():
+        raise ConfigError(f"{target!r} is not 'package.module:function' or 'file.py:function'")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            # A private module name per file: two files may share a stem.
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+            spec = importlib.util.spec_from_file_location(f"_federation_arch_{digest}", path)
+            if spec is None or spec.loader is None:
+                raise ConfigError(f"{target!r}: cannot load {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        elif _MODULE.fullmatch(where):
+            module = importlib.import_module(where)
+        else:
+            raise ConfigError(f"{target!r}: {where!r} is neither a module name nor a .py file")
+    except ConfigError:
+        raise
+    except Exception as err:  # the operator's own code: whatever it raises on import
+        raise ConfigError(f"{target!r} does not import: {type(err).__name__}: {err}") from err
+    builder = getattr(module, attribute, None)
+    if not callable(builder):
+        raise ConfigError(f"{target!r}: {attribute!r} is not a function in {where}")
+    return builder  # type: ignore[no-any-return]
+
+
+def registry_with(extra: Mapping[str, ModelBuilder] | None) -> Mapping[str, ModelBuilder]:
+    """The built-ins (``EXTENDED_REGISTRY``) plus ``extra``, which may not redefine them.
+
+    Raises:
+        InvalidRequestError: a name that is not one, or that a built-in already has (what
+            ``"mlp"`` builds must be the same everywhere).
+    """
+    if not extra:
+        return EXTENDED_REGISTRY
+    for name in extra:
+        if not _ARCHITECTURE_NAME.fullmatch(name):
+            raise InvalidRequestError(
+                f"architecture names are 1-64 letters, digits, '-' or '_'; got {name!r}"
+            )
+        if name in EXTENDED_REGISTRY:
+            raise InvalidRequestError(f"architecture {name!r} is built in; choose another name")
+    return MappingProxyType({**EXTENDED_REGISTRY, **extra})

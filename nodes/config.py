@@ -16,7 +16,7 @@ import math
 import re
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, cast
@@ -243,6 +243,11 @@ class NodeConfig:
         device: the torch device DP-SGD trains on: ``"cpu"`` (default), ``"cuda"``,
             ``"cuda:N"``, ``"mps"`` or ``"xpu[:N]"``; the node refuses to start if it is
             not available. Analytics always run on the CPU.
+        architectures: the operator's own model architectures, name -> where its builder
+            is (``"package.module:function"``, or ``"/abs/path/file.py:function"``; the
+            loader makes a relative file path absolute). The node imports them at start
+            (``federation.architectures.load_builder``); consumers may train them where
+            their ``allowed_models`` name them.
 
     Raises:
         ConfigError: a field breaks its rule (the message names the field).
@@ -260,10 +265,12 @@ class NodeConfig:
     max_request_s: float = 300.0
     max_request_read_s: float = _DERIVED
     device: str = "cpu"
+    architectures: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A private copy behind a read-only view: no caller can change a policy at runtime.
         object.__setattr__(self, "consumers", MappingProxyType(dict(self.consumers)))
+        object.__setattr__(self, "architectures", MappingProxyType(dict(self.architectures)))
         object.__setattr__(self, "datasets", tuple(self.datasets))
         if not _NAME_RE.fullmatch(self.name):
             raise _FieldError("name", f"{_NAME_RULE}; got {self.name!r}")
@@ -426,7 +433,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
     Raises:
         ConfigError: the first broken rule; the message starts with the key path.
     """
-    _check_keys(data, "", ("node", "datasets", "consumers", "tls"))
+    _check_keys(data, "", ("node", "datasets", "consumers", "tls", "architectures"))
     if "node" not in data:
         raise ConfigError("node: missing required table [node]")
     node = _table(data["node"], "node", "[node]")
@@ -443,6 +450,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
     datasets = _datasets(data, base_dir)
     consumers = _consumers(data)
     tls = _tls(data["tls"], base_dir) if "tls" in data else None
+    architectures = _architectures(data.get("architectures", {}), base_dir)
     try:
         return NodeConfig(
             name=name,
@@ -457,6 +465,7 @@ def parse_config(data: Mapping[str, object], *, base_dir: Path) -> NodeConfig:
             max_request_s=max_request_s,
             max_request_read_s=max_request_read_s,
             device=device,
+            architectures=architectures,
         )
     except _FieldError as err:
         where = err.field if err.field in ("datasets", "consumers") else f"node.{err.field}"
@@ -489,6 +498,30 @@ _CONSUMER_KEYS = (
     "max_concurrent_requests",
 )
 _TLS_KEYS = ("ca", "cert", "key", "revocation")
+
+
+def _architectures(raw: object, base_dir: Path) -> dict[str, str]:
+    """Read ``[architectures]``: name -> ``"module:function"`` or ``"file.py:function"``.
+
+    Only the form is checked here (names, targets; a relative ``.py`` path made absolute
+    against ``base_dir``); the node imports them when it starts.
+    """
+    table = _table(raw, "architectures", "[architectures]")
+    out: dict[str, str] = {}
+    for name, value in table.items():
+        where = _key_path("architectures", name)
+        if not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: an architecture name is {_NAME_RULE}")
+        if not isinstance(value, str) or ":" not in value:
+            raise ConfigError(
+                f"{where}: expected 'package.module:function' or 'file.py:function'; "
+                f"got {_show(value)}"
+            )
+        module, _, function = value.rpartition(":")
+        if module.endswith(".py"):
+            module = str(_resolve(base_dir, module, where))
+        out[name] = f"{module}:{function}"
+    return out
 
 
 def _datasets(data: Mapping[str, object], base_dir: Path) -> tuple[DatasetConfig, ...]:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from federation import pki, privacy
-from federation.architectures import EXTENDED_REGISTRY
-from federation.errors import ConfigError
+from federation.architectures import load_builder, registry_with
+from federation.errors import ConfigError, InvalidRequestError
+from federation.models import ModelBuilder
 from nodes.analytics import DatasetEngine
 from nodes.audit_verify import open_ledger
 from nodes.config import NodeConfig, load_config
@@ -64,18 +66,30 @@ class RunningNode:
         self.ledger.close()
 
 
-def _check_architectures(config: NodeConfig) -> None:
-    """Refuse an ``allowed_models`` entry this node cannot build (a typo would otherwise
-    only show as every training request for it being refused)."""
+def _registry(config: NodeConfig) -> Mapping[str, ModelBuilder]:
+    """The architectures this node builds: the built-ins and its operator's own."""
+    builders: dict[str, ModelBuilder] = {}
+    for name, target in config.architectures.items():
+        try:
+            builders[name] = load_builder(target)
+        except ConfigError as err:
+            raise ConfigError(f"architectures.{name}: {err}") from err
+    try:
+        registry = registry_with(builders)
+    except InvalidRequestError as err:
+        raise ConfigError(f"architectures: {err}") from err
+    # Refuse an allowed_models entry this node cannot build (a typo would otherwise only
+    # show as every training request for it being refused).
     for consumer, policy in config.consumers.items():
         for model in policy.allowed_models:
-            if model not in EXTENDED_REGISTRY:
-                close = difflib.get_close_matches(model, list(EXTENDED_REGISTRY), n=1)
+            if model not in registry:
+                close = difflib.get_close_matches(model, list(registry), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(
                     f"consumers.{consumer}.allowed_models: {model!r} is not an architecture "
-                    f"this node builds{hint}; it builds: {', '.join(EXTENDED_REGISTRY)}"
+                    f"this node builds{hint}; it builds: {', '.join(registry)}"
                 )
+    return registry
 
 
 def start_node(
@@ -88,7 +102,7 @@ def start_node(
             the address cannot be bound, or the audit chain is broken (unless
             ``allow_broken_audit``, which serves anyway and records the override).
     """
-    _check_architectures(config)
+    registry = _registry(config)
     use_tls = config.tls is not None
     if not use_tls and not (insecure and config.is_loopback):
         raise ConfigError(
@@ -112,7 +126,7 @@ def start_node(
     # Training shares each dataset's in-memory columns; the engine builds features lazily.
     try:
         trainers = {
-            name: TrainingEngine(engine.table, device=config.device, registry=EXTENDED_REGISTRY)
+            name: TrainingEngine(engine.table, device=config.device, registry=registry)
             for name, engine in engines.items()
         }
     except ConfigError as err:
@@ -124,7 +138,7 @@ def start_node(
         ledger=ledger,
         guard=guard,
         trainers=trainers,
-        registry=EXTENDED_REGISTRY,
+        registry=registry,
     )
     # Message size, keepalive, idle and connection-age limits: see nodes.limits.
     options = server_options(

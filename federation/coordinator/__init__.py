@@ -33,7 +33,7 @@ from federation.wire import AnalyzeRequest
 if TYPE_CHECKING:
     # Training loads torch; importing federation must not (seconds), so it loads on use.
     from federation.coordinator.training import RoundRecord, TrainingResult
-    from federation.models import ModelSpec
+    from federation.models import ModelBuilder, ModelSpec
 
 __all__ = [
     "Coordinator",
@@ -346,6 +346,7 @@ class Coordinator:
         seed: int = 0,
         on_round: Callable[[RoundRecord], None] | None = None,
         tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
+        architectures: Mapping[str, ModelBuilder] | None = None,
     ) -> TrainingResult:
         """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
 
@@ -378,6 +379,7 @@ class Coordinator:
             seed=seed,
             on_round=on_round,
             tensor_digest=tensor_digest,
+            architectures=architectures,
         )
 
     # ---------------------------------------------------------------- plumbing

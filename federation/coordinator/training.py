@@ -37,7 +37,7 @@ import torch
 from federation import receipts
 from federation._html import training_result_html
 from federation._progress import ProgressBar, progress_bar
-from federation.architectures import EXTENDED_REGISTRY
+from federation.architectures import EXTENDED_REGISTRY, registry_with
 from federation.coordinator._aggregate import (
     Contribution,
     RunningSum,
@@ -238,6 +238,7 @@ def train(
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
     tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
+    architectures: Mapping[str, ModelBuilder] | None = None,
 ) -> TrainingResult:
     """Train ``spec`` across the coordinator's nodes with DP-SGD at each node.
 
@@ -270,6 +271,9 @@ def train(
             (where auditors require a FIPS hash). A node from before this option hashes with
             SHA-256 whatever is asked, and the coordinator follows it; a node that answers
             with any other digest is dropped from the round before its update is summed.
+        architectures: builders of architectures the nodes' operators registered
+            (``[architectures]`` in their node configs), by name: the coordinator builds
+            the global model from the same one. The built-ins need none.
 
     Returns:
         The global model and the per-round history.
@@ -295,6 +299,13 @@ def train(
     if checkpoint_dir is not None:
         prepare_checkpoint_dir(Path(checkpoint_dir), resume=resume)
     lr = DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr
+    registry = registry_with(architectures)
+    if spec.architecture not in registry:
+        raise InvalidRequestError(
+            f"unknown architecture {spec.architecture!r}: built in are "
+            f"{', '.join(EXTENDED_REGISTRY)}; one the nodes' operators registered needs its "
+            "builder here too (architectures=..., --architecture NAME=TARGET)"
+        )
     schema = coordinator.schema(spec.dataset)
     dim = input_dim(spec, schema)
     config = {
@@ -308,9 +319,11 @@ def train(
     }
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is not None:
-        job = _resumed_job(directory, coordinator, spec, dim, rounds, config, server_optimizer, lr)
+        job = _resumed_job(
+            directory, coordinator, spec, dim, rounds, config, server_optimizer, lr, registry
+        )
     else:
-        weights = _initial_weights(spec, dim, seed)
+        weights = _initial_weights(spec, dim, seed, registry)
         shapes = {n: a.shape for n, a in weights.items()}
         job = _Job(
             spec=spec,
@@ -329,7 +342,7 @@ def train(
     job.tensor_digest = tensor_digest
     job.schema = schema
     _run(coordinator, job, directory, progress=progress, on_round=on_round)
-    model = _module_from_arrays(spec, dim, job.weights, EXTENDED_REGISTRY)
+    model = _module_from_arrays(spec, dim, job.weights, registry)
     return TrainingResult(
         model=model,
         history=job.history,
@@ -689,12 +702,14 @@ def _spec_from_dict(data: Mapping[str, Any]) -> ModelSpec:
     )
 
 
-def _initial_weights(spec: ModelSpec, dim: int, seed: int) -> Arrays:
+def _initial_weights(
+    spec: ModelSpec, dim: int, seed: int, registry: Mapping[str, ModelBuilder]
+) -> Arrays:
     """Seeded initial weights (as ``models.initial_arrays``), as zero-copy views of the
     freshly built module's tensors: one model in memory, not two."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = build_model(spec, input_dim=dim, registry=EXTENDED_REGISTRY)
+        module = build_model(spec, input_dim=dim, registry=registry)
     return {name: t.detach().numpy() for name, t in module.state_dict().items()}
 
 
@@ -740,6 +755,7 @@ def _resumed_job(
     config: dict[str, Any],
     optimizer_name: ServerOptimizerName,
     lr: float,
+    registry: Mapping[str, ModelBuilder],
 ) -> _Job:
     """Rebuild a job from its checkpoint, checking it is the same job.
 
@@ -752,7 +768,18 @@ def _resumed_job(
     where = directory / "checkpoint.json"
     try:
         return _job_from_checkpoint(
-            body, weights, state, where, coordinator, spec, dim, rounds, config, optimizer_name, lr
+            body,
+            weights,
+            state,
+            where,
+            coordinator,
+            spec,
+            dim,
+            rounds,
+            config,
+            optimizer_name,
+            lr,
+            registry,
         )
     except FederationError:
         raise  # the checks' own refusals (another job, bad weights)
@@ -773,6 +800,7 @@ def _job_from_checkpoint(
     config: dict[str, Any],
     optimizer_name: ServerOptimizerName,
     lr: float,
+    registry: Mapping[str, ModelBuilder],
 ) -> _Job:
     if _spec_from_dict(body["spec"]) != spec or body["input_dim"] != dim:  # type: ignore[arg-type]
         raise InvalidRequestError(f"{where} is for another model spec: {body['spec']}")
@@ -791,7 +819,7 @@ def _job_from_checkpoint(
             f"(got {lr})"
         )
     with torch.device("meta"):
-        shapes = state_shapes(build_model(spec, input_dim=dim, registry=EXTENDED_REGISTRY))
+        shapes = state_shapes(build_model(spec, input_dim=dim, registry=registry))
     check_arrays(shapes, weights)
     optimizer = ServerOptimizer(optimizer_name, shapes, lr=lr)
     if set(state) != set(optimizer.state):

@@ -39,6 +39,7 @@ from federation import (
 )
 from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
+from federation.architectures import load_builder
 from federation.coordinator import Coordinator, NodeClient
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES
 from federation.coordinator.training import (
@@ -297,6 +298,48 @@ def test_a_round_past_its_deadline_says_to_raise_the_round_timeout(
     message = str(caught.value)
     assert "DEADLINE_EXCEEDED" in message
     assert "the round took longer than its deadline of 0.001s: raise --round-timeout" in message
+
+
+OPERATOR_NET = """
+from torch import nn
+
+def tanh_net(spec, input_dim):
+    return nn.Sequential(nn.Linear(input_dim, 16), nn.Tanh(), nn.Linear(16, 1))
+"""
+
+
+def test_an_architecture_the_operators_register_trains_end_to_end(tmp_path: Path) -> None:
+    # Each node imports the builder named in its own config; the coordinator builds the
+    # global model from the same file. The coordinator sends only the name.
+    builder = tmp_path / "operator_nets.py"
+    builder.write_text(OPERATOR_NET)
+    local = LocalFederation.synthetic(
+        rows=2000,
+        epsilon=50.0,
+        max_epsilon_per_release=10.0,
+        allowed_models=["mlp", "tanh-net"],
+        workdir=tmp_path / "fed",
+    )
+    for path in local.node_configs.values():
+        with path.open("a") as config:
+            config.write(f'\n[architectures]\ntanh-net = "{builder}:tanh_net"\n')
+    with local:
+        fed = _fed(local)
+        spec = ModelSpec("tanh-net", "credit", FEATURES, "defaulted")
+        before = releases(fed)
+        with pytest.raises(InvalidRequestError, match="needs its builder here too"):
+            fed.train(spec, rounds=2, target_epsilon=2.0, **TRAINING)
+        assert releases(fed) == before  # refused before any node was asked
+        result = fed.train(
+            spec,
+            rounds=2,
+            target_epsilon=2.0,
+            architectures={"tanh-net": load_builder(f"{builder}:tanh_net")},
+            **TRAINING,
+        )
+        assert [r.answered for r in result.history] == [("hong-kong", "shenzhen")] * 2
+        assert any(isinstance(m, torch.nn.Tanh) for m in result.model.modules())
+        _assert_receipts_verify(local, result.history[-1].nodes)
 
 
 def _raw_train(
