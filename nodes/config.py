@@ -1006,7 +1006,7 @@ _CONSUMER_LINES = [
     "[consumers.example-consumer]",
     "epsilon = 1.0                   # total privacy budget",
     "delta = 1e-6                    # total delta; keep it well below 1 / number of records",
-    "max_epsilon_per_release = 0.1   # cap on one query or training run",
+    "max_epsilon_per_release = 0.1   # cap on one query, or one whole training job",
     "max_delta_per_release = 1e-7",
     'operations = ["describe", "analyze"]   # add "train" to allow federated training',
     "max_concurrent_requests = 4     # more at once are refused busy (RESOURCE_EXHAUSTED)",
@@ -1014,9 +1014,13 @@ _CONSUMER_LINES = [
     "# no extra privacy cost, and no extra formal guarantee either (0: off).",
     "min_cohort = 0",
     "# For training:",
-    '# allowed_models = ["logistic", "mlp"]',
+    '# allowed_models = ["logistic", "mlp"]   # built in: logistic, mlp, wide-mlp',
     "# noise_multiplier_floor = 1.0",
     "# max_rounds = 100",
+    "",
+    "# Your own architectures, importable here (consumers' allowed_models may list them):",
+    "# [architectures]",
+    '# tabular-net = "models/tabular_net.py:build"   # build(spec, input_dim) -> nn.Module',
 ]
 
 _TLS_LINES = [
