@@ -28,7 +28,9 @@ class _DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        default = action.default
+        shown = default is not None and default is not False and default != argparse.SUPPRESS
+        if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -50,7 +52,7 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--model",
         default="mlp",
         help="architecture the nodes build and allow you (allowed_models): logistic, mlp, "
-        "or one their operators registered (see --architecture)",
+        "wide-mlp, or one their operators registered (see --architecture)",
     )
     t.add_argument(
         "--architecture",
@@ -207,17 +209,17 @@ def run_train(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(format_history(result, target_epsilon=args.target_epsilon))
+        print(format_history(result))
         print(f"model saved: {args.out} (spec in {sidecar.name})")
     sys.stdout.flush()
     return 0
 
 
-def format_history(result: TrainingResult, *, target_epsilon: float | None = None) -> str:
+def format_history(result: TrainingResult) -> str:
     """Render a training job's rounds as a table: nodes, epsilon so far, DP metrics, time.
 
-    Below it: why each node that missed a round last missed one, and, given the job's
-    ``target_epsilon``, each node whose job spend ended above it (retried rounds).
+    Below it: why each node that missed a round last missed one, and each node whose job
+    spend ended above what the job was planned to cost (a round charged twice).
     """
     nodes = sorted({n for r in result.history for n in r.job_epsilon})
     header = f"{'round':>5} {'nodes':>6} " + " ".join(f"{'ε ' + n:>14}" for n in nodes)
@@ -242,13 +244,14 @@ def format_history(result: TrainingResult, *, target_epsilon: float | None = Non
     for node, (round_index, reason) in sorted(reasons.items()):
         short = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
         lines.append(f"{node} last missed round {round_index + 1}: {short}")
-    if target_epsilon is not None:
+    planned = result.planned_epsilon
+    if planned is not None:
         for node, spent in sorted(last_spent.items()):
-            if spent > target_epsilon * (1 + 1e-3):
+            if spent > planned * (1 + 1e-3):
                 lines.append(
-                    f"{node}: job ε {spent:.4g} is above --target-epsilon {target_epsilon:g}: "
-                    "a round that was retried (a timeout, a lost node, --resume) is charged "
-                    "again"
+                    f"{node}: job ε {spent:.4g} is above the {planned:.4g} this job was "
+                    "planned to cost: a round that was retried (a timeout, a lost node, "
+                    "--resume) is charged again"
                 )
     return "\n".join(lines)
 

@@ -150,7 +150,7 @@ def _train(fed: Coordinator, pooled: Columns, *, rows: int, seed: int) -> None:
     )  # fmt: skip
     for record in result.history:
         spent = ", ".join(f"{n} {e:.2f}" for n, e in sorted(record.job_epsilon.items()))
-        out.write(f"round {record.round + 1}: nodes {len(record.job_epsilon)}, epsilon {spent}\n")
+        out.write(f"round {record.round + 1}: nodes {len(record.nodes)}, epsilon {spent}\n")
     held_out = _pooled(
         {
             name: synthetic_credit(jurisdiction=name, rows=max(rows // 4, 2000), seed=seed + 99 + i)

@@ -57,10 +57,8 @@ removing one record changes one part by that record and nothing else.
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -90,12 +88,9 @@ from federation.models import (
 from federation.privacy import (
     Charge,
     RandomSource,
-    Spend,
     add_noise,
-    compose,
-    laplace_charge,
-    subsampled_gaussian_charge,
 )
+from federation.privacy.training import EXAMPLES_EPSILON_SHARE, job_spend, round_charges
 from federation.queries import Mechanism
 from federation.releases import NoiseInfo
 from federation.schema import ColumnType, DatasetSchema
@@ -121,11 +116,6 @@ __all__ = [
     "plan_training",
     "poisson_sample",
 ]
-
-EXAMPLES_EPSILON_SHARE = 0.01
-"""Share of ``target_epsilon`` spent, over the job, on the DP example counts (one per round,
-``target_epsilon * share / total_rounds`` each, discrete Laplace). DP-SGD gets the rest, so
-the job's composed spend (updates + counts) stays at or below ``target_epsilon``."""
 
 HOLDOUT_BUCKETS = 10  # one record in HOLDOUT_BUCKETS (by hash of its values) is held out
 LOSS_UPPER = 10.0  # per-record validation loss is clamped to [0, LOSS_UPPER]
@@ -250,9 +240,17 @@ def plan_training(
             f"total_rounds {total_rounds} exceeds this node's max_rounds of "
             f"{policy.max_rounds} for consumer {policy.name!r}; run fewer rounds"
         )
-    steps = total_rounds * local_steps
-    sgd_epsilon = target_epsilon * (1.0 - EXAMPLES_EPSILON_SHARE)
-    sigma = _noise_multiplier(sgd_epsilon, delta, sample_rate, steps)
+    _, _, loss_sensitivity = _loss_grid()
+    charges = round_charges(
+        target_epsilon=target_epsilon,
+        metrics_epsilon=metrics_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        local_steps=local_steps,
+        total_rounds=total_rounds,
+        loss_sensitivity=loss_sensitivity,
+    )
+    sigma = charges.noise_multiplier
     if sigma < policy.noise_multiplier_floor:
         raise InvalidRequestError(
             f"target_epsilon {target_epsilon:g} over {total_rounds} rounds x {local_steps} "
@@ -261,17 +259,11 @@ def plan_training(
             "for a smaller epsilon, fewer rounds or steps, or a lower sample rate"
         )
     _check_float32_noise(sigma, clip_norm)
-    update = subsampled_gaussian_charge(
-        sample_rate=sample_rate, noise_multiplier=sigma, steps=local_steps, delta=delta
-    )
-    examples = laplace_charge(
-        epsilon=target_epsilon * EXAMPLES_EPSILON_SHARE / total_rounds, sensitivity=1
-    )
-    metrics = _metrics_charges(metrics_epsilon)
-    charge = compose((update, examples, *metrics))
+    charge = charges.total
     # A training job is one release: all its rounds, composed (the metrics too), must fit
-    # the cap, not only target_epsilon (the DP-SGD and counts' share).
-    whole = _job_spend(charge, total_rounds).epsilon_at(delta)
+    # the cap, not only target_epsilon (the DP-SGD and counts' share). A coordinator
+    # computes the same (federation.privacy.training) before it asks any node.
+    whole = job_spend(charge, total_rounds).epsilon_at(delta)
     if whole > policy.max_epsilon_per_release:
         raise BudgetExhaustedError(
             f"this job would cost epsilon {whole:.4g} over its {total_rounds} rounds (update, "
@@ -293,9 +285,9 @@ def plan_training(
         charge=charge,
         metrics_epsilon=metrics_epsilon,
         job_id=job_id,
-        update_charge=update,
-        examples_charge=examples,
-        metrics_charges=metrics,
+        update_charge=charges.update,
+        examples_charge=charges.examples,
+        metrics_charges=charges.metrics,
         input_dim=dim,
         weight_shapes=tuple(shapes.items()),
     )
@@ -425,48 +417,11 @@ def _check_model(
     return state_shapes(model)
 
 
-@functools.lru_cache(maxsize=256)
-def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Opacus' RDP ``get_noise_multiplier`` for the whole job (cached: about a second)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        with warnings.catch_warnings():
-            # "Optimal order is the largest/smallest alpha": the bound is valid, perhaps loose.
-            warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-            sigma = get_noise_multiplier(
-                target_epsilon=epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-                epsilon_tolerance=min(0.01, 0.005 * epsilon),
-            )
-    except ValueError as err:  # "The privacy budget is too low."
-        raise InvalidRequestError(
-            f"target_epsilon {epsilon:g} is too small for {steps} steps at sample_rate "
-            f"{sample_rate:g} (the noise multiplier would exceed 1e6)"
-        ) from err
-    return float(sigma)
-
-
 def _loss_grid() -> tuple[float, float, int]:
     """Granularity, centre and integer sensitivity of the centred loss sum."""
     half = LOSS_UPPER / 2
     granularity = _grid(half, integer=False)
     return granularity, half, round(half / granularity)
-
-
-def _metrics_charges(metrics_epsilon: float) -> tuple[Charge, ...]:
-    if metrics_epsilon == 0:
-        return ()
-    share = metrics_epsilon / 3  # held-out count, loss sum, correct-prediction count
-    _, _, loss_sensitivity = _loss_grid()
-    return (
-        laplace_charge(epsilon=share, sensitivity=1),
-        laplace_charge(epsilon=share, sensitivity=loss_sensitivity),
-        laplace_charge(epsilon=share, sensitivity=1),
-    )
 
 
 def job_epsilon(plan: TrainPlan, *, rounds: int) -> float:
@@ -475,14 +430,7 @@ def job_epsilon(plan: TrainPlan, *, rounds: int) -> float:
     The RDP curves of the rounds add up (``Spend``), so this is what the ledger reports
     for the job when each round is charged ``plan.charge``.
     """
-    return _job_spend(plan.charge, rounds).epsilon_at(plan.delta)
-
-
-def _job_spend(charge: Charge, rounds: int) -> Spend:
-    spend = Spend()
-    for _ in range(rounds):
-        spend = spend.plus(charge)
-    return spend
+    return job_spend(plan.charge, rounds).epsilon_at(plan.delta)
 
 
 def check_weights(plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:

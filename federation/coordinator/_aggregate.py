@@ -56,6 +56,8 @@ _BLOCK = 1 << 20  # elements per in-place block: bounds the temporaries of an up
 # cache, so the add is one pass over memory (2x faster than ``+= values * w`` at 2 MiB).
 _ADD_BLOCK = 1 << 14
 _MAX_WEIGHT = 1e18  # a noisy record count; float32 reaches 3.4e38
+_DELTA_BOUND = 1e18  # |avg - x| up to this keeps delta**2 (and v) below 1e36
+_STEP_BOUND = 1e30  # weights and steps below this cannot sum past float32's 3.4e38
 
 
 def _blocks(size: int) -> Iterator[slice]:
@@ -217,14 +219,19 @@ class ServerOptimizer:
         huge ``delta``, whose square FedAdam/FedYogi keep in ``v``, or FedAvg's
         ``x + lr (avg - x)`` at ``lr > 1``). Such a step would leave infinite moments (every
         later step of those coordinates stalls) or NaN weights (which the checkpoint would
-        then keep), so the whole step is computed once on block-sized copies and checked
-        first; only a step finite everywhere is applied. FedAvg at ``lr <= 1`` is a convex
-        combination of finite values and is applied in one fused pass.
+        then keep), so nothing is applied unless the whole step is finite:
+
+        - FedAvg at ``lr = 1`` takes the (checked) average, and at ``lr < 1`` the convex
+          combination ``(1 - lr) x + lr avg``: finite for finite inputs, no check needed
+          (``x + lr (avg - x)`` is not: ``avg - x`` can overflow).
+        - Otherwise one read-only pass bounds the step (``|avg - x|``, ``|x|`` and ``|m|``);
+          within the bounds it provably stays finite, and only past them is the whole step
+          computed once on block-sized copies and checked before it is applied.
 
         Raises:
             InvalidRequestError: the step is not finite somewhere; nothing was changed.
         """
-        if self.name != "fedavg" or self.lr > 1:
+        if not (self.name == "fedavg" and self.lr <= 1) and not self._bounded(weights, average):
             for name, x in weights.items():
                 if not self._apply(name, x, average[name], commit=False):
                     raise InvalidRequestError(
@@ -233,6 +240,32 @@ class ServerOptimizer:
                     )
         for name, x in weights.items():
             self._apply(name, x, average[name], commit=True)
+
+    def _bounded(self, weights: Arrays, average: Mapping[str, npt.NDArray[np.float32]]) -> bool:
+        """Whether the step provably stays finite: ``|delta| <= 1e18`` (so ``delta**2``,
+        and ``v`` after it, stay below 1e36) and ``|x|`` and the step below 1e30. The step is
+        at most ``lr * max(|delta|, |m|) / tau`` (adaptive: ``|m|`` is a running average of
+        deltas and ``sqrt(v) + tau >= tau``) or ``lr * |delta|`` (FedAvg)."""
+        adaptive = self.name != "fedavg"
+        gain = self.lr / self.tau if adaptive else self.lr
+        scratch = np.empty(
+            min(_BLOCK, max((a.size for a in weights.values()), default=0)), np.float32
+        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, x in weights.items():
+                flat_x, flat_avg = x.reshape(-1), average[name].reshape(-1)
+                m = self.state[f"m/{name}"].reshape(-1) if adaptive else None
+                for b in _blocks(flat_x.size):
+                    delta = np.subtract(flat_avg[b], flat_x[b], out=scratch[: b.stop - b.start])
+                    largest = float(np.abs(delta).max(initial=0.0))
+                    if m is not None:
+                        largest = max(largest, float(np.abs(m[b]).max(initial=0.0)))
+                    size = float(np.abs(flat_x[b]).max(initial=0.0))
+                    if not (largest <= _DELTA_BOUND and largest * gain < _STEP_BOUND):
+                        return False
+                    if not size < _STEP_BOUND:
+                        return False
+        return True
 
     def _apply(
         self,
@@ -245,9 +278,9 @@ class ServerOptimizer:
         """Step one tensor block by block: in place, or on copies (returns whether finite)."""
         flat_x = x.reshape(-1)
         flat_avg = average.reshape(-1)
-        if self.name == "fedavg" and commit:
-            # x + lr (avg - x) as one fused pass with no temporary (exactly avg at lr 1).
-            torch.from_numpy(flat_x).lerp_(torch.from_numpy(flat_avg), self.lr)
+        if self.name == "fedavg" and self.lr == 1:
+            if commit:
+                np.copyto(flat_x, flat_avg)  # the average itself (checked finite)
             return True
         moments = self.name != "fedavg"
         m = self.state[f"m/{name}"].reshape(-1) if moments else flat_x
@@ -259,7 +292,11 @@ class ServerOptimizer:
             with np.errstate(over="ignore", invalid="ignore"):
                 if moments:
                     self._adaptive(xb, flat_avg[b], mb, vb)
-                else:  # the same fused lerp as the commit, on a copy
+                elif self.lr < 1:  # (1 - lr) x + lr avg: a convex combination, never overflows
+                    torch.from_numpy(xb).mul_(1.0 - self.lr).add_(
+                        torch.from_numpy(flat_avg[b]), alpha=self.lr
+                    )
+                else:  # lr > 1: extrapolation, checked on a copy first
                     torch.from_numpy(xb).lerp_(torch.from_numpy(flat_avg[b]), self.lr)
             if not commit and not all(
                 math.isfinite(float(t.sum(dtype=np.float64))) for t in (xb, mb, vb)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -37,7 +38,7 @@ from federation.errors import (
 )
 from federation.releases import NodeDescription, Release
 
-__all__ = ["CONSUMER_HEADER", "RECEIVE_WINDOW_BYTES", "ChunkSink", "NodeClient"]
+__all__ = ["CONSUMER_HEADER", "RECEIVE_WINDOW_BYTES", "CallGroup", "ChunkSink", "NodeClient"]
 
 CONSUMER_HEADER = "x-federation-consumer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -158,6 +159,7 @@ class NodeClient:
         on_result: Callable[[wire.TrainResult], ChunkSink],
         timeout_s: float | None = None,
         chunk_bytes: int = wire.CHUNK_BYTES,
+        group: CallGroup | None = None,
     ) -> wire.TrainResult:
         """Run one training round at the node: stream ``weights`` out, the update back.
 
@@ -172,6 +174,8 @@ class NodeClient:
             on_result: called once with the result; returns the sink for the update.
             timeout_s: deadline of the whole exchange (default: this client's timeout).
             chunk_bytes: payload per chunk sent.
+            group: the round's calls; ``group.cancel()`` (from another thread) ends this
+                one at once, as a Ctrl-C in the coordinator must.
 
         Raises:
             BudgetExhaustedError, InvalidRequestError, PolicyError, NodeUnavailableError:
@@ -186,6 +190,8 @@ class NodeClient:
         # Raw bytes both ways (no protobuf (de)serializer): federation.wire writes and reads
         # the stream's messages itself, so the chunks of a big model skip protobuf's copies.
         responses = self._train(frames, timeout=timeout, metadata=self._metadata)
+        if group is not None:
+            group.add(responses)
         try:
             return self._read_update(cast(Iterator[bytes], responses), headers, on_result)
         except grpc.RpcError as err:
@@ -197,6 +203,8 @@ class NodeClient:
             raise error from None
         finally:
             responses.cancel()  # type: ignore[no-untyped-call]  # a no-op once finished
+            if group is not None:
+                group.discard(responses)
 
     def _read_update(
         self,
@@ -277,6 +285,45 @@ def _refusal(call: grpc.Call) -> str:
         if key == REFUSAL_KEY:
             return value if isinstance(value, str) else value.decode(errors="replace")
     return ""
+
+
+class CallGroup:
+    """The calls of one training round, so that the coordinator can end them all at once.
+
+    A worker thread blocked reading a node's update wakes with CANCELLED when its call is
+    cancelled; without that, an interrupted coordinator would wait for every node's
+    round (up to the round's deadline) before it could stop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[_Cancellable] = set()
+        self._cancelled = False
+
+    def add(self, call: _Cancellable) -> None:
+        """Track ``call``; cancel it at once if the group already was."""
+        with self._lock:
+            if not self._cancelled:
+                self._calls.add(call)
+                return
+        call.cancel()
+
+    def discard(self, call: _Cancellable) -> None:
+        """Stop tracking a finished call."""
+        with self._lock:
+            self._calls.discard(call)
+
+    def cancel(self) -> None:
+        """Cancel every call in flight, and any added later."""
+        with self._lock:
+            self._cancelled = True
+            calls, self._calls = list(self._calls), set()
+        for call in calls:
+            call.cancel()
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> object: ...
 
 
 def _round_hint(code: grpc.StatusCode, details: str, timeout_s: float) -> str:

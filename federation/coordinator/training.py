@@ -53,6 +53,7 @@ from federation.coordinator._checkpoint import (
     write_text_durably,
 )
 from federation.coordinator._history import NodeRound, RoundRecord
+from federation.coordinator.client import CallGroup
 from federation.errors import (
     ConfigError,
     FederationError,
@@ -67,6 +68,7 @@ from federation.models import (
     input_dim,
     state_shapes,
 )
+from federation.privacy.training import job_spend, round_charges
 from federation.schema import DatasetSchema
 from federation.training import (
     DEFAULT_TENSOR_DIGEST,
@@ -106,6 +108,9 @@ class TrainingResult:
         job_id: the job's id at the nodes (their ledgers record it with every charge).
         schema: the dataset's public schema the nodes agreed on, which fixes how records
             become model inputs (``federation.models.encode_features``).
+        planned_epsilon: what the job costs at each node when every round is charged
+            once (``target_epsilon``, plus the metrics' share if asked for); a node whose
+            job epsilon ends above it was charged a round twice (a retry).
     """
 
     model: torch.nn.Module
@@ -114,6 +119,18 @@ class TrainingResult:
     input_dim: int
     job_id: str
     schema: DatasetSchema | None = None
+    planned_epsilon: float | None = None
+
+    def __repr__(self) -> str:
+        """One line: the job, its rounds and each node's job epsilon (not every receipt)."""
+        spent: dict[str, float] = {}
+        for record in self.history:
+            spent.update(record.job_epsilon)
+        epsilon = ", ".join(f"{n}: {e:.4g}" for n, e in sorted(spent.items()))
+        return (
+            f"TrainingResult(job_id={self.job_id!r}, spec={self.spec!r}, "
+            f"rounds={len(self.history)}, job_epsilon={{{epsilon}}})"
+        )
 
     def _repr_html_(self) -> str:
         """The history as a table in Jupyter: per round and node, cost and DP count."""
@@ -214,6 +231,9 @@ class _Job:
     # The dataset's schema the nodes agreed on when the job (or its resumption) started: a
     # node described later must hold the same.
     schema: DatasetSchema | None = None
+    # What the whole job costs at each node (every round composed, metrics included): a
+    # training job is one release there, so it must fit the node's per-release cap.
+    cost: float = 0.0
 
 
 def train(
@@ -341,6 +361,7 @@ def train(
     job.round_timeout_s = round_timeout_s
     job.tensor_digest = tensor_digest
     job.schema = schema
+    job.cost = _job_cost(config, rounds)
     _run(coordinator, job, directory, progress=progress, on_round=on_round)
     model = _module_from_arrays(spec, dim, job.weights, registry)
     return TrainingResult(
@@ -350,6 +371,7 @@ def train(
         input_dim=dim,
         job_id=job.job_id,
         schema=schema,
+        planned_epsilon=job.cost,
     )
 
 
@@ -428,9 +450,8 @@ def _round(
     if job.schema is not None:
         failures.update(coordinator._schema_misfits(job.spec.dataset, job.schema, names))
         names = [n for n in job.names if n not in failures]
-    # A node whose Describe caps one release below what the job asks would refuse the round.
-    asked = job.config["target_epsilon"], job.config["metrics_epsilon"]
-    failures.update(coordinator._over_cap(max(asked), names, what=_CAPPED[asked[1] > asked[0]]))
+    # A node whose Describe caps one release below what the job costs would refuse it.
+    failures.update(coordinator._over_cap(job.cost, names, what="this job's composed epsilon"))
     names = [n for n in job.names if n not in failures]
     for name, error in failures.items():
         log.warning(
@@ -445,23 +466,31 @@ def _round(
         raise _quorum_error(
             f"round {round_index + 1} of {job.rounds}", [], failures, job.min_nodes, 0, asked=False
         )
-    futures = {
-        name: pool.submit(
-            _train_node,
-            coordinator.clients[name],
-            config,
-            job.weights,
-            total,
-            job.round_timeout_s,
-            coordinator._receipt_key(name),
-        )
-        for name in names
-    }
+    group = CallGroup()
+    try:
+        futures = {
+            name: pool.submit(
+                _train_node,
+                coordinator.clients[name],
+                config,
+                job.weights,
+                total,
+                job.round_timeout_s,
+                coordinator._receipt_key(name),
+                group,
+            )
+            for name in names
+        }
+        outcomes = {name: future.result() for name, future in futures.items()}
+    except BaseException:
+        # Ctrl-C (or any error here): end every node's call now, or leaving the pool
+        # would wait for each round to finish, up to round_timeout_s.
+        group.cancel()
+        raise
     done: list[NodeRound] = []
     charged: list[NodeRound] = []
     partial: list[str] = []
-    for name, future in futures.items():
-        outcome = future.result()
+    for name, outcome in outcomes.items():
         if isinstance(outcome, NodeRound):
             done.append(outcome)
             continue
@@ -485,6 +514,7 @@ def _round(
             f"round {round_index + 1} of {job.rounds}: {err} (from "
             f"{', '.join(n.node for n in done)}); the "
             "global weights are unchanged and this round is not checkpointed"
+            + _charged_note([*done, *charged])
         ) from err
     try:
         job.optimizer.step(job.weights, average)
@@ -492,6 +522,7 @@ def _round(
         raise InvalidRequestError(
             f"round {round_index + 1} of {job.rounds}: {err}; the global weights and the "
             "optimizer state are unchanged and this round is not checkpointed"
+            + _charged_note([*done, *charged])
         ) from err
     return RoundRecord(
         round=round_index,
@@ -511,6 +542,7 @@ def _train_node(
     total: RunningSum,
     timeout_s: float,
     node_key_pem: str,
+    group: CallGroup | None = None,
 ) -> NodeRound | _Failed:
     """Train one round at one node; return its record, or what failed and what it cost."""
     sink: _HashingSink | None = None
@@ -533,7 +565,9 @@ def _train_node(
         return sink
 
     try:
-        result = client.train(config, weights, on_result=on_result, timeout_s=timeout_s)
+        result = client.train(
+            config, weights, on_result=on_result, timeout_s=timeout_s, group=group
+        )
     except FederationError as err:
         contributed = False
         if sink is not None:
@@ -631,7 +665,36 @@ def _round_of(node: str, result: TrainResult, receipt: Mapping[str, object]) -> 
     )
 
 
-_CAPPED = ("target_epsilon", "metrics_epsilon")
+def _job_cost(config: Mapping[str, Any], rounds: int) -> float:
+    """The job's composed epsilon at a node, as the node computes it before charging.
+
+    Settings a node would refuse for other reasons (say, a target too small for the steps)
+    give the larger of the asked epsilons: the node's own refusal then says why.
+    """
+    asked = max(config["target_epsilon"], config["metrics_epsilon"])
+    try:
+        charges = round_charges(
+            target_epsilon=config["target_epsilon"],
+            metrics_epsilon=config["metrics_epsilon"],
+            delta=config["delta"],
+            sample_rate=config["sample_rate"],
+            local_steps=config["local_steps"],
+            total_rounds=rounds,
+        )
+        return float(max(asked, job_spend(charges.total, rounds).epsilon_at(config["delta"])))
+    except (FederationError, ValueError, ArithmeticError):
+        return float(asked)
+
+
+def _charged_note(charged: Sequence[NodeRound]) -> str:
+    """Say which nodes charged a round that is not applied, and what it cost them."""
+    if not charged:
+        return ""
+    spent = ", ".join(f"{n.node} (job ε {n.job_epsilon:.3g})" for n in charged)
+    return (
+        f"; the round was charged at {spent} and is not applied (a resumed job runs it "
+        "again, charged again)"
+    )
 
 
 def _quorum_error(
@@ -644,17 +707,8 @@ def _quorum_error(
     asked: bool = True,
 ) -> FederationError:
     refusals = [e for e in failures.values() if not isinstance(e, NodeUnavailableError)]
-    if not asked:
-        note = "; no node was asked, so nothing was charged"
-    elif charged:
-        # Those nodes charged the round although it is not applied: say what it cost.
-        spent = ", ".join(f"{n.node} (job ε {n.job_epsilon:.3g})" for n in charged)
-        note = (
-            f"; the round was charged at {spent} and is not applied (a resumed job runs "
-            "it again, charged again)"
-        )
-    else:
-        note = ""
+    # Those nodes charged the round although it is not applied: say what it cost.
+    note = _charged_note(charged) if asked else "; no node was asked, so nothing was charged"
     if refusals and len(refusals) == len(failures):
         # Keep the refusal's class (a BudgetExhaustedError stays one) and add the note.
         first = copy.copy(refusals[0])

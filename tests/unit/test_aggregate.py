@@ -166,6 +166,17 @@ def test_a_step_float32_cannot_hold_is_refused_and_changes_nothing(
     assert all(np.isfinite(a).all() for a in (*weights.values(), *optimizer.state.values()))
 
 
+@pytest.mark.parametrize("lr", [1.0, 0.5, 0.1])
+def test_fedavg_up_to_unit_rate_stays_finite_however_far_the_average_is(lr: float) -> None:
+    # avg - x overflows float32 here, so x + lr (avg - x) (torch's lerp) gave NaN or inf;
+    # (1 - lr) x + lr avg is a convex combination of finite values.
+    weights = {"w": np.array([3e38, -3e38, 1.0], np.float32)}
+    average = {"w": np.array([-3e38, 3e38, 2.0], np.float32)}
+    ServerOptimizer("fedavg", {"w": (3,)}, lr=lr).step(weights, average)
+    expected = (1 - lr) * np.array([3e38, -3e38, 1.0]) + lr * np.array([-3e38, 3e38, 2.0])
+    np.testing.assert_allclose(weights["w"], expected, rtol=1e-6)
+
+
 def test_unknown_optimizer_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="fedavg, fedadam or fedyogi"):
         ServerOptimizer("sgd", SHAPES, lr=1.0)  # type: ignore[arg-type]

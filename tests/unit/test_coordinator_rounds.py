@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +29,7 @@ from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._train_cli import format_history
 from federation.coordinator import Coordinator
-from federation.coordinator.client import NodeClient
+from federation.coordinator.client import CallGroup, NodeClient
 from federation.coordinator.training import TrainingResult, train
 from federation.errors import (
     BudgetExhaustedError,
@@ -51,10 +55,27 @@ SCHEMA = DatasetSchema(
 SPEC = ModelSpec("mlp", "credit", ("a", "b"), "y", hidden=(4,))
 
 
+def _press_ctrl_c() -> None:
+    """What a user's Ctrl-C does, once the coordinator waits on its nodes' rounds."""
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """A call in flight, as ``CallGroup`` sees it: something to cancel."""
+
+    cancelled: threading.Event
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class _Node:
     """Answers each round with ``weights + shift``; ``faults[round]`` changes that round:
     ``"break"`` (the stream fails after two chunks), ``"huge"`` (an update of 1e20s),
-    ``"refuse"`` (a budget refusal, nothing charged)."""
+    ``"refuse"`` (a budget refusal, nothing charged), ``"hang"`` (runs until cancelled, and
+    interrupts the main thread as a user's Ctrl-C would)."""
 
     def __init__(
         self, name: str, shift: float, faults: dict[int, str] | None = None, cap: float = 0.0
@@ -75,9 +96,18 @@ class _Node:
         *,
         on_result: Callable[[TrainResult], Any],
         timeout_s: float,
+        group: object = None,
     ) -> TrainResult:
         del timeout_s
         fault = self.faults.get(config.round)
+        if fault == "hang":  # a round that would run until its deadline, unless cancelled
+            cancelled = threading.Event()
+            assert isinstance(group, CallGroup)
+            group.add(_Call(cancelled))
+            threading.Thread(target=_press_ctrl_c, daemon=True).start()
+            if not cancelled.wait(60):
+                raise AssertionError("the coordinator did not cancel the round's calls")
+            raise NodeUnavailableError(f"{self.name}: CANCELLED")
         if fault == "refuse":  # refused before any charge, as a node does
             raise BudgetExhaustedError(f"node {self.name!r}: cannot afford the rest of the job")
         update = {n: w + self.shift for n, w in weights.items()}
@@ -173,14 +203,19 @@ def test_a_node_whose_stream_breaks_is_partial_and_its_charge_stays_in_the_histo
     assert {r.receipt.node_name for r in receipts.find_receipt_records(document)} == {"A", "B"}
     assert len(list(receipts.find_receipt_records(document))) == 3  # A twice, B once
     assert type(result.history[1]).from_dict(last.to_dict()) == last
+    # print(result) is one line, not every receipt of every round.
+    assert repr(result).endswith("rounds=2, job_epsilon={A: 0.6, B: 0.6})")
+    assert "receipt" not in repr(result)
 
 
-def test_the_summary_flags_a_node_whose_job_spend_ended_above_the_target() -> None:
+def test_the_summary_flags_a_node_whose_job_spend_ended_above_the_plan() -> None:
     # These stand-in nodes report 0.3 more job epsilon per charged round, as a node whose
-    # round was retried would end above the job's target.
+    # round was retried would end above what the job was planned to cost.
     result = _train(_Coordinator([_Node("A", 0.0)]), rounds=4)
-    assert "job ε 1.2 is above --target-epsilon 1" in format_history(result, target_epsilon=1.0)
-    assert "above --target-epsilon" not in format_history(result, target_epsilon=1.2)
+    assert result.planned_epsilon == pytest.approx(1.0)  # target 1, no metrics
+    assert "job ε 1.2 is above the 1 this job was planned to cost" in format_history(result)
+    result.planned_epsilon = 1.2
+    assert "planned to cost" not in format_history(result)
 
 
 def test_a_failed_quorum_says_which_nodes_charged_the_unapplied_round() -> None:
@@ -208,7 +243,7 @@ def test_a_job_some_node_caps_below_its_epsilon_asks_nobody_when_quorum_cannot_b
     with pytest.raises(BudgetExhaustedError) as caught:
         _train(_Coordinator([a, b]))
     message = str(caught.value)
-    assert "target_epsilon 1 exceeds node 'B''s per-release cap of 0.5" in message
+    assert "this job's composed epsilon 1 exceeds node 'B''s per-release cap of 0.5" in message
     assert message.endswith("no node was asked, so nothing was charged")
     assert a.charged == b.charged == 0
     # With a quorum of one, A trains and B is listed with the reason, never asked.
@@ -216,6 +251,28 @@ def test_a_job_some_node_caps_below_its_epsilon_asks_nobody_when_quorum_cannot_b
     assert [r.answered for r in result.history] == [("A",), ("A",)]
     assert "per-release cap of 0.5" in dict(result.history[0].failures)["B"]
     assert b.charged == 0
+
+
+def test_ctrl_c_during_a_round_cancels_the_nodes_calls_instead_of_waiting_for_them() -> None:
+    # Leaving the round's thread pool waits for every worker: without cancelling their
+    # calls, an interrupted coordinator would hang until each round's deadline.
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _train(_Coordinator([_Node("A", 0.0, faults={0: "hang"})]), round_timeout_s=600.0)
+    assert time.monotonic() - started < 30
+
+
+def test_the_job_cost_checked_against_caps_is_the_nodes_own_metrics_included() -> None:
+    # Target 1 plus metrics 0.2 in each of 2 rounds composes to 1.1757: a node capped at
+    # 1.1 would refuse the first round (nodes.training.plan_training computes the same),
+    # so it is not asked, and A is not charged for a round that cannot be applied.
+    a, b = _Node("A", 0.0), _Node("B", 1.0, cap=1.1)
+    with pytest.raises(BudgetExhaustedError, match=r"composed epsilon 1\.17567 exceeds node 'B'"):
+        _train(_Coordinator([a, b]), metrics_epsilon=0.2)
+    assert a.charged == b.charged == 0
+    assert (
+        len(_train(_Coordinator([a, _Node("B", 1.0, cap=1.4)]), metrics_epsilon=0.2).history) == 2
+    )
 
 
 def test_a_node_that_joins_late_with_another_schema_misses_rounds_not_the_job() -> None:
@@ -238,7 +295,10 @@ def test_a_step_float32_cannot_hold_stops_the_job_before_the_checkpoint(
     # Finite updates of 1e20: the average is finite, delta**2 is not. Applied, FedAdam's v
     # would be infinite for good and FedYogi's NaN the round after, in the checkpoint too.
     a, b = _Node("A", 0.0), _Node("B", 1.0, faults={1: "huge"})
-    with pytest.raises(InvalidRequestError, match="round 2 of 3: the server step"):
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"round 2 of 3: the server step.*charged at A \(job ε 0\.6\), B \(job ε 0\.6\)",
+    ):
         _train(
             _Coordinator([a, b]),
             rounds=3,

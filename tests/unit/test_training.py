@@ -746,6 +746,28 @@ def test_a_job_over_the_per_release_cap_with_its_metrics_is_refused() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("target", "metrics", "rounds"), [(1.0, 0.0, 10), (0.9, 0.05, 10), (3.0, 0.3, 4), (8.0, 1.0, 1)]
+)
+def test_the_coordinator_computes_the_job_cost_the_node_checks(
+    target: float, metrics: float, rounds: int
+) -> None:
+    # Coordinators leave out a node whose Describe caps a release below this cost before
+    # asking anyone; it must be the node's own number, or nodes get charged for rounds
+    # another node then refuses.
+    from federation.coordinator.training import _job_cost
+
+    plan = _plan(target_epsilon=target, metrics_epsilon=metrics, total_rounds=rounds)
+    config = {
+        "target_epsilon": target,
+        "metrics_epsilon": metrics,
+        "delta": plan.delta,
+        "sample_rate": plan.sample_rate,
+        "local_steps": plan.local_steps,
+    }
+    assert _job_cost(config, rounds) == max(target, metrics, job_epsilon(plan, rounds=rounds))
+
+
 # ------------------------------------------------------------------ floating point vs DP
 
 

@@ -126,6 +126,7 @@ class _StreamedNode:
         *,
         on_result: Callable[[TrainResult], Any],
         timeout_s: float,
+        group: object = None,
     ) -> TrainResult:
         self.asked = config.tensor_digest
         result = _result(self.digest)  # the node signs what it hashed, and says which
