@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -90,7 +91,10 @@ def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
 
     A relative file path is taken from ``base_dir`` (a node config's folder). The builder is
     called as ``builder(spec, input_dim)`` and returns a ``torch.nn.Module`` whose last
-    output is one logit per record.
+    output is one logit per record; it should refuse (raise) hyper-parameters it does not
+    support, sizes included. A file is loaded on its own: what it imports must be
+    installed (its folder is not put on the import path; use the module form for a
+    package of several files).
 
     Raises:
         ConfigError: a malformed target, a module or file that does not import, or a
@@ -110,7 +114,14 @@ def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
             if spec is None or spec.loader is None:
                 raise ConfigError(f"{target!r}: cannot load {path}")
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            # Registered while it runs, as an import would: dataclasses and pickling look
+            # a module up by name.
+            sys.modules[spec.name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[spec.name]
+                raise
         elif _MODULE.fullmatch(where):
             module = importlib.import_module(where)
         else:

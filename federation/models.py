@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from federation.errors import InvalidRequestError
+from federation.errors import FederationError, InvalidRequestError
 from federation.schema import ColumnType, DatasetSchema
 
 __all__ = [
@@ -164,7 +164,9 @@ def build_model(
 
     Raises:
         InvalidRequestError: unknown architecture, or hyper-parameters out of range
-            (``mlp``: 1-8 hidden layers of width 1-4096; ``logistic``: no hidden layers).
+            (``mlp``: 1-8 hidden layers of width 1-4096; ``logistic``: no hidden layers),
+            or a registered builder that refuses the spec (any exception it raises) or
+            returns something other than a module.
     """
     if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
         raise InvalidRequestError(f"input_dim must be an integer >= 1; got {input_dim!r}")
@@ -174,7 +176,21 @@ def build_model(
         raise InvalidRequestError(
             f"model.architecture {spec.architecture!r} is not known here; known: {known}"
         )
-    return builder(spec, input_dim)
+    try:
+        model = builder(spec, input_dim)
+    except FederationError:
+        raise
+    except Exception as err:  # an operator's builder refusing the hyper-parameters it got
+        raise InvalidRequestError(
+            f"architecture {spec.architecture!r} cannot be built with hidden "
+            f"{list(spec.hidden)} and {input_dim} inputs: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise InvalidRequestError(
+            f"architecture {spec.architecture!r} built a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model
 
 
 def input_dim(spec: ModelSpec, schema: DatasetSchema) -> int:

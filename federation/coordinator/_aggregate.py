@@ -37,6 +37,7 @@ from federation.errors import InvalidRequestError
 
 __all__ = [
     "BETA1",
+    "MAX_SERVER_LR",
     "BETA2",
     "TAU",
     "Contribution",
@@ -56,6 +57,8 @@ _BLOCK = 1 << 20  # elements per in-place block: bounds the temporaries of an up
 # cache, so the add is one pass over memory (2x faster than ``+= values * w`` at 2 MiB).
 _ADD_BLOCK = 1 << 14
 _MAX_WEIGHT = 1e18  # a noisy record count; float32 reaches 3.4e38
+MAX_SERVER_LR = 1e6  # far past any useful step; keeps lr (and lr / tau) inside float32
+TAU_RANGE = (1e-12, 1e6)  # tau**2, v's start, must stay a normal float32 (> 0)
 _DELTA_BOUND = 1e18  # |avg - x| up to this keeps delta**2 (and v) below 1e36
 _STEP_BOUND = 1e30  # weights and steps below this cannot sum past float32's 3.4e38
 
@@ -199,10 +202,19 @@ class ServerOptimizer:
             raise InvalidRequestError(
                 f"server_optimizer must be fedavg, fedadam or fedyogi; got {name!r}"
             )
-        if not (math.isfinite(lr) and lr > 0):
-            raise InvalidRequestError(f"server_lr must be a finite number > 0; got {lr!r}")
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and math.isfinite(tau) and tau > 0):
-            raise InvalidRequestError("server betas must be in [0, 1) and tau > 0")
+        if not (math.isfinite(lr) and 0 < lr <= MAX_SERVER_LR):
+            raise InvalidRequestError(
+                f"server_lr must be a number > 0 and <= {MAX_SERVER_LR:g}; got {lr!r}"
+            )
+        if not (
+            0 <= beta1 < 1
+            and 0 <= beta2 < 1
+            and math.isfinite(tau)
+            and TAU_RANGE[0] <= tau <= TAU_RANGE[1]
+        ):
+            raise InvalidRequestError(
+                f"server betas must be in [0, 1) and tau in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}]"
+            )
         self.name = name
         self.lr = lr
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
@@ -247,7 +259,9 @@ class ServerOptimizer:
         at most ``lr * max(|delta|, |m|) / tau`` (adaptive: ``|m|`` is a running average of
         deltas and ``sqrt(v) + tau >= tau``) or ``lr * |delta|`` (FedAvg)."""
         adaptive = self.name != "fedavg"
-        gain = self.lr / self.tau if adaptive else self.lr
+        # As the step computes them (float32), and lr * m before it is divided by tau.
+        lr, tau = float(np.float32(self.lr)), float(np.float32(self.tau))
+        gain = max(lr, lr / tau) if adaptive else lr
         scratch = np.empty(
             min(_BLOCK, max((a.size for a in weights.values()), default=0)), np.float32
         )
@@ -257,13 +271,13 @@ class ServerOptimizer:
                 m = self.state[f"m/{name}"].reshape(-1) if adaptive else None
                 for b in _blocks(flat_x.size):
                     delta = np.subtract(flat_avg[b], flat_x[b], out=scratch[: b.stop - b.start])
-                    largest = float(np.abs(delta).max(initial=0.0))
-                    if m is not None:
-                        largest = max(largest, float(np.abs(m[b]).max(initial=0.0)))
+                    change = float(np.abs(delta).max(initial=0.0))
+                    moment = 0.0 if m is None else float(np.abs(m[b]).max(initial=0.0))
                     size = float(np.abs(flat_x[b]).max(initial=0.0))
-                    if not (largest <= _DELTA_BOUND and largest * gain < _STEP_BOUND):
+                    # NaN fails every comparison below, so a NaN anywhere is not bounded.
+                    if not (change <= _DELTA_BOUND and moment <= _DELTA_BOUND):
                         return False
-                    if not size < _STEP_BOUND:
+                    if not (max(change, moment) * gain < _STEP_BOUND and size < _STEP_BOUND):
                         return False
         return True
 

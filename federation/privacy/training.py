@@ -114,11 +114,11 @@ def round_charges(
 def job_spend(charge: Charge, rounds: int) -> Spend:
     """The composed spend of ``rounds`` rounds each charged ``charge`` (RDP curves add).
 
-    Computed in one step, not round by round: a node plans every round of a job with it.
+    Composed round by round, as the ledger composes a job's charges, so that a job this
+    accepts is never a last bit over what the ledger then reports (``rounds * rdp`` can
+    round below the sum).
     """
-    return Spend(
-        epsilon_sum=rounds * charge.epsilon,
-        delta_sum=rounds * charge.delta,
-        rdp=tuple(rounds * value for value in charge.rdp),
-        releases=rounds,
-    )
+    spend = Spend()
+    for _ in range(rounds):
+        spend = spend.plus(charge)
+    return spend

@@ -180,3 +180,32 @@ def test_fedavg_up_to_unit_rate_stays_finite_however_far_the_average_is(lr: floa
 def test_unknown_optimizer_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="fedavg, fedadam or fedyogi"):
         ServerOptimizer("sgd", SHAPES, lr=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lr": 1e39}, "server_lr must be a number > 0 and <= 1e"),  # inf in float32
+        ({"lr": 0.0}, "server_lr must be"),
+        ({"lr": 0.01, "tau": 1e-46}, "tau in"),  # 0 in float32: the first step is 0 / 0
+        ({"lr": 0.01, "tau": 1e10}, "tau in"),
+    ],
+)
+def test_server_settings_float32_cannot_step_with_are_refused_before_any_round(
+    settings: dict[str, float], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        ServerOptimizer("fedadam", SHAPES, **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_the_largest_settings_allowed_still_step_finitely_or_refuse(name: str) -> None:
+    # At lr 1e6 and tau 1e-12 the cheap bound does not hold, so the step is checked whole.
+    optimizer = ServerOptimizer(name, SHAPES, lr=1e6, tau=1e-12)  # type: ignore[arg-type]
+    weights = _update(1)
+    try:
+        optimizer.step(weights, _update(2))
+    except InvalidRequestError:
+        assert all(np.array_equal(weights[n], _update(1)[n]) for n in SHAPES)
+    else:
+        assert all(np.isfinite(a).all() for a in (*weights.values(), *optimizer.state.values()))

@@ -158,3 +158,26 @@ def test_the_train_command_reads_architecture_options(
     with pytest.raises(ConfigError, match="--architecture tanh-net: .*'nope' is not a function"):
         _architectures(["tanh-net=models/operator_nets.py:nope"])
     del builder_file
+
+
+def test_a_builder_that_refuses_a_spec_is_an_invalid_argument_not_an_internal_error() -> None:
+    # The node plans every round with build_model before any charge: an operator's builder
+    # that raises on hyper-parameters it does not support must read as a bad request.
+    def strict(spec: ModelSpec, dim: int) -> nn.Module:
+        if spec.hidden:
+            raise ValueError("tanh-net takes no hidden widths")
+        return nn.Linear(dim, 1)
+
+    def broken(spec: ModelSpec, dim: int) -> nn.Module:
+        return None  # type: ignore[return-value]
+
+    registry = registry_with({"strict": strict, "broken": broken})
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"'strict' cannot be built with hidden \[8\] and 3 inputs: ValueError: tanh-net",
+    ):
+        build_model(
+            ModelSpec("strict", "d", ("a",), "y", hidden=(8,)), input_dim=3, registry=registry
+        )
+    with pytest.raises(InvalidRequestError, match="built a NoneType, not a torch.nn.Module"):
+        build_model(ModelSpec("broken", "d", ("a",), "y"), input_dim=3, registry=registry)
