@@ -423,6 +423,22 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
     )
 
 
+def is_server_certificate(cert_pem: bytes) -> bool:
+    """Say whether a certificate may serve TLS (extended key usage serverAuth): a node's.
+
+    ``issue(role="node")`` adds serverAuth; a consumer's certificate has clientAuth only.
+
+    Raises:
+        InvalidRequestError: ``cert_pem`` is not a PEM certificate.
+    """
+    cert = _cert(cert_pem)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
+
+
 def peer_common_name(context: grpc.ServicerContext) -> str | None:
     """Return the subject common name of the caller's verified certificate, if any."""
     value = _auth_property(context, "x509_common_name")

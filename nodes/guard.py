@@ -158,6 +158,24 @@ class Guard:
             )
         return name
 
+    def _refuse_node_certificate(self, context: grpc.ServicerContext, name: str) -> None:
+        """A node's certificate (it may serve TLS) never acts as a consumer, even one of the
+        same name: consumers hold their own, and a node's key on another machine must not
+        spend a consumer's budget. Health checks, which any federation certificate may
+        make, do not come here.
+
+        Raises:
+            PolicyError: the caller's certificate is a node's (PERMISSION_DENIED).
+        """
+        if not self.use_tls:
+            return
+        cert = pki.peer_certificate(context)
+        if cert is not None and pki.is_server_certificate(cert):
+            raise PolicyError(
+                f"the caller's certificate for {name!r} is a node certificate; a consumer "
+                f"needs its own (`federation certs issue --role consumer --name {name}`)"
+            )
+
     def authorize(self, consumer: str, operation: str) -> ConsumerPolicy:
         """Return the consumer's policy if it allows ``operation``.
 
@@ -194,6 +212,7 @@ class Guard:
                 (``RESOURCE_EXHAUSTED``; nothing charged).
         """
         consumer = self.identify(context)
+        self._refuse_node_certificate(context, consumer)
         policy = self.authorize(consumer, operation)
         timeout_s = self.config.max_request_s if limit_s is None else limit_s
         with (

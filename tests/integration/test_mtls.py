@@ -397,6 +397,22 @@ def test_unknown_consumer_is_denied_and_logged(env: Env) -> None:
     assert re.search(r"refused describe: consumer 'stranger' is not in node", env.log())
 
 
+def test_a_node_certificate_cannot_act_as_a_consumer_of_the_same_name(env: Env) -> None:
+    # Issued by the federation CA for a node, with the name of a real consumer: a node's
+    # key (held on another machine, by another operator) must not spend acme-ai's budget.
+    pki_dir = env.root / "pki"
+    cert, key = pki.issue(
+        pki_dir, name="acme-ai", role="node", hosts=["127.0.0.1"], out_dir=env.root / "impostor"
+    )
+    identity = pki.Identity.load(ca=pki_dir / "ca.pem", cert=cert, key=key)
+    before = env.budget("acme-ai")
+    with closing(NodeClient(HK, env.address(), identity=identity)) as impostor:
+        message = _refused(impostor.describe, PolicyError)
+        _refused(lambda: impostor.analyze(_count()), PolicyError)
+    assert "certificate for 'acme-ai' is a node certificate; a consumer needs its own" in message
+    assert env.budget("acme-ai") == before
+
+
 # ---------------------------------------------------------------- request limits
 
 
