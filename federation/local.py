@@ -118,6 +118,7 @@ def node_config_toml(
     tls: Mapping[str, Path] | None,
     listen: str = "127.0.0.1:0",
     device: str = "cpu",
+    architectures: Mapping[str, str] | None = None,
 ) -> str:
     """Render a node config (the same format an operator writes by hand)."""
     lines = [
@@ -147,6 +148,9 @@ def node_config_toml(
         lines += [f"{key} = {_toml(value)}" for key, value in policy.items()]
     if tls is not None:
         lines += ["", "[tls]"] + [f"{key} = {_toml(path)}" for key, path in tls.items()]
+    if architectures:
+        lines += ["", "[architectures]"]
+        lines += [f"{_toml(name)} = {_toml(target)}" for name, target in architectures.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +204,7 @@ class LocalFederation:
         workdir: Path | None = None,
         allowed_models: Sequence[str] | None = None,
         device: str = "cpu",
+        architectures: Mapping[str, str] | None = None,
     ) -> LocalFederation:
         """Synthetic cross-border credit data for each node, ``rows`` rows each.
 
@@ -217,6 +222,10 @@ class LocalFederation:
                 i.e. models of hundreds of millions of parameters (gigabytes per node).
             device: where the nodes run DP-SGD ("cpu", "cuda", "cuda:N"; the node config's
                 ``device``); a node refuses to start if it is not available.
+            architectures: operator-registered architectures every node builds (its
+                config's ``[architectures]``): name -> ``"package.module:function"`` or
+                ``"/path/file.py:function"``; list their names in ``allowed_models`` too,
+                and pass the same builders to ``train(architectures=...)``.
         """
         frames = {
             name: synthetic_credit(jurisdiction=name, rows=rows, seed=seed + i)
@@ -232,6 +241,7 @@ class LocalFederation:
             workdir=workdir,
             allowed_models=allowed_models,
             device=device,
+            architectures=architectures,
         )
 
     @classmethod
@@ -297,10 +307,11 @@ class LocalFederation:
         workdir: Path | None = None,
         allowed_models: Sequence[str] | None = None,
         device: str = "cpu",
+        architectures: Mapping[str, str] | None = None,
     ) -> LocalFederation:
         """Write each node's columns to Parquet and build node configs for them.
 
-        ``allowed_models``, ``device``: see ``synthetic``.
+        ``allowed_models``, ``device``, ``architectures``: see ``synthetic``.
         """
         owns = workdir is None
         root = make_workdir() if workdir is None else workdir
@@ -317,6 +328,7 @@ class LocalFederation:
                 owns=owns,
                 allowed_models=allowed_models,
                 device=device,
+                architectures=architectures,
             )
         except BaseException:
             if owns:
@@ -337,6 +349,7 @@ class LocalFederation:
         owns: bool,
         allowed_models: Sequence[str] | None = None,
         device: str = "cpu",
+        architectures: Mapping[str, str] | None = None,
     ) -> LocalFederation:
         identity, tls_files = _make_pki(root, list(data)) if tls else (None, {})
         policy: dict[str, object] = {
@@ -361,6 +374,7 @@ class LocalFederation:
                 consumers={CONSUMER: policy},
                 tls=tls_files.get(name),
                 device=device,
+                architectures=architectures,
             )
             configs[name] = node_dir / "node.toml"
             configs[name].write_text(text)

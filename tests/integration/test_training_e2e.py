@@ -318,11 +318,11 @@ def test_an_architecture_the_operators_register_trains_end_to_end(tmp_path: Path
         epsilon=50.0,
         max_epsilon_per_release=10.0,
         allowed_models=["mlp", "tanh-net"],
+        architectures={"tanh-net": f"{builder}:tanh_net"},
         workdir=tmp_path / "fed",
     )
     for path in local.node_configs.values():
-        with path.open("a") as config:
-            config.write(f'\n[architectures]\ntanh-net = "{builder}:tanh_net"\n')
+        assert f'"tanh-net" = "{builder}:tanh_net"' in path.read_text()  # as an operator writes
     with local:
         fed = _fed(local)
         spec = ModelSpec("tanh-net", "credit", FEATURES, "defaulted")
