@@ -547,8 +547,9 @@ def _ghost_factors(
     Returns:
         ``(layer, scaled, a)`` per Linear layer, whose clipped gradient sum is
         ``scaled.T @ a`` (weight) and ``scaled.sum(0)`` (bias): no per-sample gradient,
-        and not even the summed gradient, is materialised (``scaled`` is float64, ``a``
-        the layer's input); and the per-sample norms before clipping.
+        and not even the summed gradient, is materialised (``scaled`` and ``a``, the
+        layer's input, are float64: products of float32 values, exact); and the
+        per-sample norms before clipping.
     """
     with torch.no_grad():
         inputs: list[torch.Tensor] = []
@@ -570,7 +571,7 @@ def _ghost_factors(
                 if layer.bias is not None:
                     input_squares += 1.0
                 squares.addcmul_(torch.linalg.vecdot(g64, g64), input_squares)
-                pairs.append((layer, a, g))
+                pairs.append((layer, a64, g64))  # float64 from here on (products too)
                 if position > 0:
                     g = g @ layer.weight
             else:  # ReLU: autograd's own backward kernel (passes g where a > 0)
@@ -588,7 +589,7 @@ def _ghost_factors(
             ]
         # float64: g * factor rounded to float32 (subnormal for tiny g) could move a
         # record's contribution past the clip.
-        scaled = [(layer, g.double() * factors, a) for layer, a, g in pairs]
+        scaled = [(layer, g * factors, a) for layer, a, g in pairs]
     return scaled, norms.to(x.dtype)
 
 
@@ -600,9 +601,9 @@ def _ghost_clipped_sum(
     sums: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for layer, scaled, a in pairs:
-            sums[id(layer.weight)] = (scaled.T @ a.double()).to(a.dtype)
+            sums[id(layer.weight)] = (scaled.T @ a).to(x.dtype)
             if layer.bias is not None:
-                sums[id(layer.bias)] = scaled.sum(0).to(a.dtype)
+                sums[id(layer.bias)] = scaled.sum(0).to(x.dtype)
     return sums, norms
 
 
@@ -793,7 +794,7 @@ class _Stepper:
         for layer, scaled, a in pairs:
             # float64 products: a product of two float32 numbers is exact there, so no
             # rounding of the un-noised sum can lean one way over millions of records.
-            sums[self.position[id(layer.weight)]] = (scaled, a.double())
+            sums[self.position[id(layer.weight)]] = (scaled, a)
             if layer.bias is not None:
                 sums[self.position[id(layer.bias)]] = scaled.sum(0).unsqueeze(1)
         return [sums[i] for i in range(len(self.names))]
