@@ -175,6 +175,8 @@ class Coordinator:
         """The described nodes among ``names`` whose ``dataset`` differs from ``schema``
         (or who lack it), with why: a node that joins a running job late is checked
         against the job's schema and, if it differs, left out rather than stopping the job.
+        A misfit's Describe is forgotten, so the next round describes it again: its
+        operator may have fixed the data in between, and it then rejoins the job.
         """
         misfits: dict[str, FederationError] = {}
         for name in names:
@@ -182,13 +184,15 @@ class Coordinator:
                 theirs = self._descriptions[name].dataset(dataset)
             except InvalidRequestError as err:
                 misfits[name] = err
-                continue
-            problems = check_compatible({"the job": schema, name: theirs})
-            if problems:
-                misfits[name] = SchemaMismatchError(
-                    f"node {name!r} holds another schema of dataset {dataset!r} than the "
-                    "job's:\n  " + "\n  ".join(problems)
-                )
+            else:
+                problems = check_compatible({"the job": schema, name: theirs})
+                if problems:
+                    misfits[name] = SchemaMismatchError(
+                        f"node {name!r} holds another schema of dataset {dataset!r} than the "
+                        "job's:\n  " + "\n  ".join(problems)
+                    )
+            if name in misfits:
+                del self._descriptions[name]
         return misfits
 
     # ---------------------------------------------------------------- analytics

@@ -30,7 +30,7 @@ from federation._proto.v1 import node_pb2 as pb
 from federation._train_cli import format_history
 from federation.coordinator import Coordinator
 from federation.coordinator.client import CallGroup, NodeClient
-from federation.coordinator.training import TrainingResult, train
+from federation.coordinator.training import RoundRecord, TrainingResult, train
 from federation.errors import (
     BudgetExhaustedError,
     ConfigError,
@@ -157,6 +157,7 @@ class _Coordinator:
     ) -> None:
         self.clients = {n.name: n for n in nodes}
         self.late = dict(late or {})
+        self.describes: dict[str, int] = {}
         self._descriptions = {n.name: n.describe() for n in nodes if n.name not in self.late}
 
     def schema(self, dataset: str) -> DatasetSchema:
@@ -167,6 +168,7 @@ class _Coordinator:
         for name in names:
             if name not in self._descriptions:
                 self._descriptions[name] = _described(self.late[name])
+                self.describes[name] = self.describes.get(name, 0) + 1
         return {}
 
     def _receipt_key(self, name: str) -> str:
@@ -286,6 +288,20 @@ def test_a_node_that_joins_late_with_another_schema_misses_rounds_not_the_job() 
         assert "node 'C' holds another schema of dataset 'credit'" in reason
         assert "'z'" in reason
     assert c.charged == 0  # never sent weights, never charged
+
+
+def test_a_node_left_out_for_its_schema_rejoins_once_its_operator_fixes_it() -> None:
+    other = DatasetSchema("credit", (*SCHEMA.columns, Column("z", ColumnType.FLOAT, 0.0, 1.0)))
+    a, c = _Node("A", 0.0), _Node("C", 2.0)
+    coordinator = _Coordinator([a, c], late={"C": other})
+
+    def fix_after_round_one(record: RoundRecord) -> None:
+        if record.round == 0:
+            coordinator.late["C"] = SCHEMA  # the operator fixes C's data and restarts it
+
+    result = _train(coordinator, rounds=3, min_nodes=1, on_round=fix_after_round_one)
+    assert [r.answered for r in result.history] == [("A",), ("A", "C"), ("A", "C")]
+    assert coordinator.describes["C"] == 2  # described again after the misfit, then kept
 
 
 @pytest.mark.parametrize("optimizer", ["fedadam", "fedyogi"])
