@@ -21,7 +21,15 @@ from cryptography import x509
 from federation import __version__, pki, receipts
 from federation._train_cli import add_train_parser, run_train
 from federation.coordinator import Coordinator, QueryResult
-from federation.errors import ConfigError, FederationError, InvalidRequestError
+from federation.errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    FederationError,
+    InvalidRequestError,
+    PolicyError,
+    SchemaMismatchError,
+    UnauthenticatedError,
+)
 from federation.filters import parse_filter
 from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
 from federation.releases import NodeDescription
@@ -134,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {err}\n")
         return 2
     except FederationError as err:
-        sys.stderr.write(f"error: {type(err).__name__}: {err}{_resume_hint(args)}\n")
+        sys.stderr.write(f"error: {type(err).__name__}: {err}{_resume_hint(args, err)}\n")
         return 1
     except OSError as err:  # a path the user gave: missing, a directory, not writable
         sys.stderr.write(f"error: {_os_error(err)}\n")
@@ -144,13 +152,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
-    """For a training job that stopped after a checkpoint: how to continue it."""
+def _resume_hint(args: argparse.Namespace, err: BaseException | None = None) -> str:
+    """For a training job that stopped after a checkpoint: how to continue it.
+
+    After a node's refusal (its budget, policy, authentication or schema), running the
+    same command again meets the same refusal: the hint says so.
+    """
     directory = getattr(args, "checkpoint_dir", None)
     if args.command == "train" and directory and (directory / "checkpoint.json").exists():
         again = "run the same command again" if args.resume else "add --resume"
+        if isinstance(err, _REFUSALS):
+            again = f"once the cause above is fixed, {again}"
         return f"; the last finished round is in {directory}: {again} to continue the job"
     return ""
+
+
+# Refusals that a node repeats until someone changes something (unlike a node that was
+# down, busy or slow, which a plain retry may get past).
+_REFUSALS = (BudgetExhaustedError, PolicyError, UnauthenticatedError, SchemaMismatchError)
 
 
 def _os_error(err: OSError) -> str:
