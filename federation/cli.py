@@ -147,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a path the user gave: missing, a directory, not writable
         sys.stderr.write(f"error: {_os_error(err)}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted{_resume_hint(args)}\n")
+    except KeyboardInterrupt as err:
+        # A training round's notes: which round stopped and which nodes had charged it.
+        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", ()))
+        sys.stderr.write(f"interrupted{notes}{_resume_hint(args)}\n")
         return 130
 
 

@@ -24,8 +24,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -467,6 +467,7 @@ def _round(
             f"round {round_index + 1} of {job.rounds}", [], failures, job.min_nodes, 0, asked=False
         )
     group = CallGroup()
+    futures: dict[str, Future[NodeRound | _Failed]] = {}
     try:
         futures = {
             name: pool.submit(
@@ -482,10 +483,14 @@ def _round(
             for name in names
         }
         outcomes = {name: future.result() for name, future in futures.items()}
-    except BaseException:
+    except BaseException as err:
         # Ctrl-C (or any error here): end every node's call now, or leaving the pool
         # would wait for each round to finish, up to round_timeout_s.
         group.cancel()
+        err.add_note(
+            f"round {round_index + 1} of {job.rounds} was interrupted"
+            + _charged_note(_charged_so_far(futures.values()))
+        )
         raise
     done: list[NodeRound] = []
     charged: list[NodeRound] = []
@@ -584,6 +589,28 @@ def _train_node(
     if node_key_pem:
         round_ = dataclasses.replace(round_, receipt={**round_.receipt, "node_key": node_key_pem})
     return round_
+
+
+def _charged_so_far(futures: Iterable[Future[NodeRound | _Failed]]) -> list[NodeRound]:
+    """The nodes of an interrupted round that charged it, once their cancelled calls end.
+
+    A node charges before its update leaves, so one whose result had arrived has paid
+    for a round that is not applied: the user is told, as for a failed quorum.
+    """
+    done, _ = wait(futures, timeout=_CANCELLED_CALLS_S)
+    charged = []
+    for future in done:
+        outcome = None if future.cancelled() or future.exception() else future.result()
+        if isinstance(outcome, NodeRound):
+            charged.append(outcome)
+        elif isinstance(outcome, _Failed) and outcome.charged is not None:
+            charged.append(outcome.charged)
+    return sorted(charged, key=lambda n: n.node)
+
+
+# How long an interrupted round waits for its cancelled calls to end (they end at once
+# unless a node's stream is stuck in the kernel).
+_CANCELLED_CALLS_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,9 +259,17 @@ def test_ctrl_c_during_a_round_cancels_the_nodes_calls_instead_of_waiting_for_th
     # Leaving the round's thread pool waits for every worker: without cancelling their
     # calls, an interrupted coordinator would hang until each round's deadline.
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        _train(_Coordinator([_Node("A", 0.0, faults={0: "hang"})]), round_timeout_s=600.0)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _train(
+            _Coordinator([_Node("A", 0.0, faults={0: "hang"}), _Node("B", 1.0)]),
+            round_timeout_s=600.0,
+        )
     assert time.monotonic() - started < 30
+    # B had charged the round before the interrupt: the user is told what it cost.
+    assert caught.value.__notes__ == [
+        "round 1 of 2 was interrupted; the round was charged at B (job ε 0.3) and is not "
+        "applied (a resumed job runs it again, charged again)"
+    ]
 
 
 def test_the_job_cost_checked_against_caps_is_the_nodes_own_metrics_included() -> None:
