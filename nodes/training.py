@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -131,6 +131,10 @@ MIN_CLIP_NORM = 1e-6
 _MAX_JOB_ID = 128
 _CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped norm < clip_norm
 _EVAL_BATCH = 65_536
+# At most this many per-sample gradient values at once (64 MiB of float32; vmap's
+# intermediates take a few times that): an operator's architecture's batches go through
+# in chunks of records.
+_PER_SAMPLE_VALUES = 1 << 24
 _DATA_CACHE_ENTRIES = 4
 # On CPU, noise is drawn 32768 values (128 KiB) at a time into one reused buffer, which
 # stays in cache. It is also torch's intra-op grain size: adding a slice this small runs on
@@ -621,10 +625,42 @@ def clipped_gradient_sum(
     """
     layers = _linear_stack(model)
     if layers is None:
-        clipped, norms = clip_per_sample(per_sample_gradients(model, x, y), clip_norm)
-        return {name: g.sum(0) for name, g in clipped.items()}, norms
+        sums, norms = _chunked_clipped_sum(model, x, y, clip_norm)
+        return {name: g.to(x.dtype) for name, g in sums.items()}, norms
     by_id, norms = _ghost_clipped_sum(layers, x, y, clip_norm)
     return {name: by_id[id(p)] for name, p in model.named_parameters()}, norms
+
+
+def _chunked_clipped_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample clipped gradient sums (float64) of any module, a few records at a time.
+
+    Per-sample gradients take (records x parameters) values, and the coordinator chooses
+    the sample rate: all at once, a large batch of a large model would exhaust the node's
+    memory after the round was charged. Records go through in chunks of at most
+    ``_PER_SAMPLE_VALUES`` gradient values (one record at a time for a model larger than
+    that), each chunk's clipped gradients summed into float64 totals.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    step = max(1, _PER_SAMPLE_VALUES // max(params, 1))
+    sums: dict[str, torch.Tensor] = {}
+    norms: list[torch.Tensor] = []
+    for start in range(0, x.shape[0], step):
+        chunk = per_sample_gradients(model, x[start : start + step], y[start : start + step])
+        clipped, chunk_norms = clip_per_sample(chunk, clip_norm)
+        del chunk
+        norms.append(chunk_norms)
+        for name, g in clipped.items():
+            part = g.sum(0, dtype=torch.float64)
+            if name in sums:
+                sums[name] += part
+            else:
+                sums[name] = part
+    if not norms:  # no records: zero sums
+        sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+        return sums, torch.zeros(0, dtype=x.dtype, device=x.device)
+    return sums, torch.cat(norms)
 
 
 # ------------------------------------------------------------------ execution (data)
@@ -785,9 +821,8 @@ class _Stepper:
         # Summed over records in float64 (see __init__): each record's clipped part is
         # float32, the sum of them is not rounded to float32 again.
         if self.layers is None:
-            per_sample = per_sample_gradients(self.model, x, y)
-            clipped, _ = clip_per_sample(per_sample, self.plan.clip_norm)
-            return [_rows(clipped[name].sum(0, dtype=torch.float64)) for name in self.names]
+            totals, _ = _chunked_clipped_sum(self.model, x, y, self.plan.clip_norm)
+            return [_rows(totals[name]) for name in self.names]
         # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
         sums: dict[int, _GradientRows] = {}
         pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
@@ -1034,7 +1069,7 @@ class TrainingEngine:
         try:
             clipped_gradient_sum(model, x, y, clip_norm=plan.clip_norm)
             with torch.no_grad():
-                model(x)
+                _record_logits(model)(x)  # as the metrics pass runs it
             _check_buffers_kept(model, buffers, plan.spec.architecture)
         except Exception as err:  # an operator's code: any failure means "cannot train"
             gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -1096,11 +1131,12 @@ class TrainingEngine:
         loss_grid = 0
         correct = 0
         n = data.holdout_x.shape[0]
+        logits_of = _record_logits(model)
         with torch.no_grad():
             for start in range(0, n, _EVAL_BATCH):
                 x = data.holdout_x[start : start + _EVAL_BATCH]
                 y = data.holdout_y[start : start + _EVAL_BATCH]
-                logits = model(x).reshape(y.shape)
+                logits = logits_of(x)
                 # A record whose logit overflowed (NaN loss) counts as the worst loss: its
                 # term stays bounded, and the round does not fail because it is there.
                 losses = _losses(logits, y).double().nan_to_num(nan=LOSS_UPPER)
@@ -1132,6 +1168,30 @@ class TrainingEngine:
             while len(self._cache) > _DATA_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
         return tensors
+
+
+def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> one logit per row of x``, each row's a function of that row alone.
+
+    The metrics' noise assumes one record moves only its own loss and correctness terms.
+    The built-in stacks are row-wise by construction and run batched. An operator's
+    forward might mix rows (``x - x.mean(0)``) or write a parameter from the data while
+    gradients are off, so it runs once per row (``vmap``), over copies of the parameters
+    and buffers: no row can see another, and what it writes never reaches the release.
+    """
+    if _linear_stack(model) is not None:
+        return lambda x: model(x).reshape(x.shape[0])
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def one(row: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = functional_call(model, (params, buffers), (row.unsqueeze(0),))
+        if out.numel() != 1:
+            raise ValueError(f"the model gave {out.numel()} outputs for one row, not 1 logit")
+        return out.reshape(())
+
+    logits: Callable[[torch.Tensor], torch.Tensor] = vmap(one)
+    return logits
 
 
 def _has_unsaved_buffers(model: nn.Module) -> bool:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import nodes.training as training_module
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.errors import BudgetExhaustedError, ConfigError, InvalidRequestError, PolicyError
 from federation.metrics import roc_auc
@@ -42,6 +43,7 @@ from nodes.training import (
     _add_rows,
     _check_float32_noise,
     _feature_matrix,
+    _record_logits,
     _rows,
     _Stepper,
     _Tensors,
@@ -251,6 +253,33 @@ def test_fast_clipped_sum_equals_the_materialised_one(architecture: str, clip_no
     clipped, expected_norms = clip_per_sample(per_sample_gradients(model, x, y), clip_norm)
     torch.testing.assert_close(norms, expected_norms)
     assert sums.keys() == clipped.keys()
+    for name, value in clipped.items():
+        torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [1, 200, 10**9])  # one record, a few, all at once
+def test_any_module_is_clipped_a_bounded_chunk_of_records_at_a_time(
+    budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coordinator picks the sample rate: a whole batch's per-sample gradients of a
+    # large model would exhaust memory after the charge. Chunks give the same sums.
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))  # not a stack
+    x, y = _batch()
+    clipped, expected_norms = clip_per_sample(per_sample_gradients(model, x, y), 0.5)
+    seen: list[int] = []
+    whole = training_module.per_sample_gradients
+
+    def counting(m: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(xs.shape[0])
+        return whole(m, xs, ys)
+
+    monkeypatch.setattr(training_module, "_PER_SAMPLE_VALUES", budget)
+    monkeypatch.setattr(training_module, "per_sample_gradients", counting)
+    sums, norms = clipped_gradient_sum(model, x, y, clip_norm=0.5)
+    params = sum(p.numel() for p in model.parameters())
+    assert max(seen) == max(1, min(x.shape[0], budget // params))
+    assert sum(seen) == x.shape[0]
+    torch.testing.assert_close(norms, expected_norms)
     for name, value in clipped.items():
         torch.testing.assert_close(sums[name], value.sum(0), rtol=1e-5, atol=1e-6)
 
@@ -544,17 +573,110 @@ class _QuietCounting(_Counting):
         return x
 
 
-def test_preflight_refuses_an_architecture_whose_forward_writes_a_buffer(table: Table) -> None:
+def test_what_an_architecture_writes_while_evaluating_never_reaches_the_release(
+    table: Table,
+) -> None:
+    # It writes its buffer in the metrics pass only (gradients off): that pass runs on
+    # copies of the parameters and buffers, so the released buffer is the one received.
     def quiet(spec: ModelSpec, dim: int) -> nn.Module:
         return nn.Sequential(_QuietCounting(), nn.Linear(dim, 1))
 
     registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "quiet": quiet}
     policy = dataclasses.replace(POLICY, allowed_models=("quiet",))
     spec = ModelSpec("quiet", "credit", FEATURES, "defaulted")
-    plan = plan_training(**_request(spec=spec, policy=policy, local_steps=1), registry=registry)
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
-    with pytest.raises(InvalidRequestError, match="changed its buffer '0.seen'"):
-        TrainingEngine(table, registry=registry).preflight(plan, weights)
+    engine = TrainingEngine(table, registry=registry)
+    engine.preflight(plan, weights)
+    update = engine.train(plan, weights, rng=np.random.default_rng(0))
+    assert update.metrics
+    np.testing.assert_array_equal(update.weights["0.seen"], weights["0.seen"])
+
+
+class _Centring(nn.Module):
+    """Subtracts the batch's mean: each output depends on every row of the batch."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x - x.mean(0))
+
+
+class _Recording(nn.Module):
+    """Writes the data's mean into a parameter when gradients are off (evaluation)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.centre = nn.Parameter(torch.zeros(dim))
+        self.linear = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            self.centre.data.copy_(x.mean(0))
+        return self.linear(x - self.centre)
+
+
+def test_metrics_see_each_record_alone_whatever_the_forward_mixes(table: Table) -> None:
+    # Batched, one record would move every record's loss (found by review: 369 times the
+    # loss sum's sensitivity): the metrics pass runs the forward once per record.
+    def centring(spec: ModelSpec, dim: int) -> nn.Module:
+        return _Centring(dim)
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "centring": centring}
+    policy = dataclasses.replace(POLICY, allowed_models=("centring",))
+    spec = ModelSpec("centring", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    model = engine._model(plan, weights, in_place=False)
+    data = engine._tensors(spec.features, spec.target)
+    x = data.holdout_x[:50]
+    with torch.no_grad():
+        together = _record_logits(model)(x)
+        alone = torch.cat([model(x[i : i + 1]).reshape(1) for i in range(50)])
+        mixed = model(x).reshape(50)
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(mixed, alone)  # the batched forward does mix them
+    engine.preflight(plan, weights)
+    assert engine.train(plan, weights, rng=np.random.default_rng(0)).metrics
+
+
+def test_an_architecture_that_writes_data_into_a_parameter_is_refused_before_the_charge(
+    table: Table,
+) -> None:
+    # Its metrics pass would release the held-out mean as a "parameter" (review finding).
+    def recording(spec: ModelSpec, dim: int) -> nn.Module:
+        return _Recording(dim)
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "recording": recording}
+    policy = dataclasses.replace(POLICY, allowed_models=("recording",))
+    spec = ModelSpec("recording", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    with pytest.raises(InvalidRequestError, match="'recording' cannot be trained"):
+        engine.preflight(plan, weights)
+    # Trained anyway, the write cannot reach what is released: it fails, or leaves the
+    # parameter as DP-SGD made it (never the data's mean).
+    sent = weights["centre"].copy()
+    try:
+        update = engine.train(
+            dataclasses.replace(plan, sample_rate=1e-9), weights, rng=np.random.default_rng(0)
+        )
+    except RuntimeError:
+        return
+    np.testing.assert_array_equal(update.weights["centre"], sent)
 
 
 def test_a_nan_buffer_left_alone_is_unchanged(table: Table) -> None:
@@ -605,11 +727,12 @@ def test_an_architecture_that_changes_a_buffer_is_refused_and_releases_nothing(
     # Before the charge: refused, on made-up rows (its per-sample pass cannot run).
     with pytest.raises(InvalidRequestError, match="'counting' cannot be trained"):
         engine.preflight(plan, weights)
-    # And were it trained anyway (no batch sampled, the metrics pass writes the buffer):
+    # And were it trained anyway, with a batch, the per-sample pass refuses to run it (the
+    # engine's own buffer check stands behind that), so nothing is released.
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
-    empty = dataclasses.replace(plan, sample_rate=1e-9)
-    with pytest.raises(RuntimeError, match="changed its buffer '0.seen'"):
-        engine.train(empty, weights, rng=np.random.default_rng(0))
+    full = dataclasses.replace(plan, sample_rate=0.5)
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor|changed its buffer"):
+        engine.train(full, weights, rng=np.random.default_rng(0))
 
 
 def test_in_place_training_materialises_buffers_the_weights_do_not_carry(table: Table) -> None:
