@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import sys
@@ -133,6 +134,17 @@ def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
     builder = getattr(module, attribute, None)
     if not callable(builder):
         raise ConfigError(f"{target!r}: {attribute!r} is not a function in {where}")
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # no signature to read (some C callables): call-time
+        return builder  # type: ignore[no-any-return]
+    try:
+        signature.bind(None, 1)
+    except TypeError as err:
+        raise ConfigError(
+            f"{target!r}: {attribute}{signature} cannot be called as "
+            f"{attribute}(spec, input_dim): {err}"
+        ) from None
     return builder  # type: ignore[no-any-return]
 
 

@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from federation import pki
 from federation._frames import frame_to_columns
 from federation._workdir import make_workdir
+from federation.architectures import WIDE_MLP, WIDE_MLP_MAX_PARAMETERS
 from federation.coordinator import Coordinator
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
 from federation.errors import NodeUnavailableError
@@ -219,7 +220,8 @@ class LocalFederation:
             workdir: where to put data, state and certificates (default: a temp dir).
             allowed_models: architectures the consumer may train (default: the node's,
                 ``logistic`` and ``mlp``); ``"wide-mlp"`` allows layers past 4096 units,
-                i.e. models of hundreds of millions of parameters (gigabytes per node).
+                i.e. models of hundreds of millions of parameters (gigabytes per node),
+                and lifts the nodes' ``max_model_parameters`` to ``wide-mlp``'s own cap.
             device: where the nodes run DP-SGD ("cpu", "cuda", "cuda:N"; the node config's
                 ``device``); a node refuses to start if it is not available.
             architectures: operator-registered architectures every node builds (its
@@ -360,6 +362,8 @@ class LocalFederation:
         }
         if allowed_models is not None:
             policy["allowed_models"] = list(allowed_models)
+            if WIDE_MLP in allowed_models:  # what it is for: models past the default cap
+                policy["max_model_parameters"] = WIDE_MLP_MAX_PARAMETERS
         configs = {}
         for name, columns in data.items():
             node_dir = root / name

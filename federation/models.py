@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from federation.errors import FederationError, InvalidRequestError
+from federation.errors import InvalidRequestError
 from federation.schema import ColumnType, DatasetSchema
 
 __all__ = [
@@ -178,9 +178,11 @@ def build_model(
         )
     try:
         model = builder(spec, input_dim)
-    except FederationError:
+    except InvalidRequestError:
         raise
     except Exception as err:  # an operator's builder refusing the hyper-parameters it got
+        # (any other FederationError too: a builder's BudgetExhaustedError must not read
+        # as this consumer's budget running out)
         raise InvalidRequestError(
             f"architecture {spec.architecture!r} cannot be built with hidden "
             f"{list(spec.hidden)} and {input_dim} inputs: {type(err).__name__}: {err}"

@@ -117,6 +117,10 @@ class ConsumerPolicy:
         noise_multiplier_floor: smallest DP-SGD noise multiplier accepted, >= 0.
         max_rounds: most rounds a training job is declared with and charged for at
             this node (retried rounds count), >= 1.
+        max_model_parameters: most values (parameters and buffers) of a model this
+            consumer may train here, >= 1; the default holds every ``mlp`` (the largest,
+            1024 inputs and 8 layers of 4096, is 121.6M), so ``wide-mlp`` and large
+            architectures of the operator's need it raised.
         max_concurrent_requests: requests of this consumer the node runs at once, 1-1024;
             more are refused at once with ``RESOURCE_EXHAUSTED`` marked busy
             (``NodeBusyError`` at the client; nothing charged).
@@ -135,6 +139,7 @@ class ConsumerPolicy:
     allowed_models: tuple[str, ...] = ("logistic", "mlp")
     noise_multiplier_floor: float = 0.5
     max_rounds: int = 100
+    max_model_parameters: int = 150_000_000
     max_concurrent_requests: int = 4
 
     def __post_init__(self) -> None:
@@ -196,6 +201,10 @@ class ConsumerPolicy:
             raise _FieldError("noise_multiplier_floor", f"must be finite and >= 0; got {floor}")
         if self.max_rounds < 1:
             raise _FieldError("max_rounds", f"must be an integer >= 1; got {self.max_rounds}")
+        if self.max_model_parameters < 1:
+            raise _FieldError(
+                "max_model_parameters", f"must be an integer >= 1; got {self.max_model_parameters}"
+            )
         if not 1 <= self.max_concurrent_requests <= _MAX_CONCURRENT_REQUESTS:
             raise _FieldError(
                 "max_concurrent_requests",
@@ -495,6 +504,7 @@ _CONSUMER_KEYS = (
     "allowed_models",
     "noise_multiplier_floor",
     "max_rounds",
+    "max_model_parameters",
     "max_concurrent_requests",
 )
 _TLS_KEYS = ("ca", "cert", "key", "revocation")
@@ -656,6 +666,7 @@ def _policy(name: str, table: Mapping[str, object], where: str) -> ConsumerPolic
         allowed_models=models,
         noise_multiplier_floor=_number(table, where, "noise_multiplier_floor", default=0.5),
         max_rounds=_integer(table, where, "max_rounds", default=100),
+        max_model_parameters=_integer(table, where, "max_model_parameters", default=150_000_000),
         max_concurrent_requests=_integer(table, where, "max_concurrent_requests", default=4),
     )
 
@@ -1017,6 +1028,7 @@ _CONSUMER_LINES = [
     '# allowed_models = ["logistic", "mlp"]   # built in: logistic, mlp, wide-mlp',
     "# noise_multiplier_floor = 1.0",
     "# max_rounds = 100",
+    "# max_model_parameters = 150000000   # raise it for wide-mlp or large architectures",
     "",
     "# Your own architectures, importable here (consumers' allowed_models may list them):",
     "# [architectures]",

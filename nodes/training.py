@@ -416,9 +416,31 @@ def _check_model(
         )
     with torch.device("meta"):  # checks the hyper-parameters without allocating weights
         model = build_model(spec, input_dim=dim, registry=registry)
+    try:
+        shapes = state_shapes(model)
+        tensors = [*model.parameters(), *model.buffers()]
+    except Exception as err:  # an operator's module (say, uninitialised lazy layers)
+        raise InvalidRequestError(
+            f"architecture {spec.architecture!r} built a module whose state cannot be read "
+            f"before training: {type(err).__name__}: {err}"
+        ) from err
     if not any(True for _ in model.parameters()):
         raise InvalidRequestError(f"model {spec.architecture!r} has no trainable parameters")
-    return state_shapes(model)
+    if any(t.device.type != "meta" for t in tensors):
+        # It allocated on a device of its own choosing, ignoring the node's: refuse it
+        # rather than let every request allocate a model before any check.
+        raise InvalidRequestError(
+            f"architecture {spec.architecture!r} puts its tensors on a device itself; its "
+            "builder must create them on the current (default) device"
+        )
+    size = sum(math.prod(shape) for shape in shapes.values())
+    if size > policy.max_model_parameters:
+        raise InvalidRequestError(
+            f"model {spec.architecture!r} with hidden {list(spec.hidden)} has {size:,} "
+            f"values; this node's max_model_parameters for consumer {policy.name!r} is "
+            f"{policy.max_model_parameters:,}"
+        )
+    return shapes
 
 
 def _loss_grid() -> tuple[float, float, int]:

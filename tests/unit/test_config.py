@@ -463,6 +463,11 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("negative cohort", _set("consumers/acme-ai/min_cohort", -1), "min_cohort: must be"),
     ("negative floor", _set("consumers/acme-ai/noise_multiplier_floor", -0.1), "floor: must"),
     ("zero rounds", _set("consumers/acme-ai/max_rounds", 0), "max_rounds: must be an integer >= 1"),
+    (
+        "zero model size",
+        _set("consumers/acme-ai/max_model_parameters", 0),
+        "consumers.acme-ai.max_model_parameters: must be an integer >= 1",
+    ),
     ("model twice", _set("consumers/acme-ai/allowed_models", ["mlp", "mlp"]), "lists a model"),
     (
         "quoted consumer",

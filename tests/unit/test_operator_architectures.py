@@ -181,3 +181,24 @@ def test_a_builder_that_refuses_a_spec_is_an_invalid_argument_not_an_internal_er
         )
     with pytest.raises(InvalidRequestError, match="built a NoneType, not a torch.nn.Module"):
         build_model(ModelSpec("broken", "d", ("a",), "y"), input_dim=3, registry=registry)
+
+
+def test_a_builder_that_cannot_be_called_with_spec_and_input_dim_stops_the_node(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "nets.py").write_text("def net(spec):\n    return None\n")
+    with pytest.raises(
+        ConfigError, match=r"net\(spec\) cannot be called as net\(spec, input_dim\)"
+    ):
+        load_builder("nets.py:net", base_dir=tmp_path)
+
+
+def test_a_file_builder_may_define_dataclasses(tmp_path: Path) -> None:
+    # dataclasses look their module up in sys.modules while the class is made.
+    (tmp_path / "nets.py").write_text(
+        "import dataclasses\nfrom torch import nn\n\n"
+        "@dataclasses.dataclass\nclass Widths:\n    hidden: int = 4\n\n"
+        "def net(spec, input_dim):\n    return nn.Linear(input_dim, Widths().hidden)\n"
+    )
+    builder = load_builder("nets.py:net", base_dir=tmp_path)
+    assert isinstance(builder(ModelSpec("n", "d", ("a",), "y"), 3), nn.Linear)
