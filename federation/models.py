@@ -42,6 +42,7 @@ __all__ = [
     "build_model",
     "check_arrays",
     "encode_features",
+    "has_unsaved_buffers",
     "initial_arrays",
     "input_dim",
     "state_shapes",
@@ -209,11 +210,25 @@ def input_dim(spec: ModelSpec, schema: DatasetSchema) -> int:
 
 
 def state_to_arrays(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
-    """Return the module's state as named float32, C-contiguous numpy copies."""
+    """Return the module's state as named float32, C-contiguous numpy copies.
+
+    Shapes are kept, 0-d included (BatchNorm's ``num_batches_tracked``):
+    ``np.ascontiguousarray`` would make a scalar 1-d, and the node would refuse it.
+    """
     return {
-        name: np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy().copy())
+        name: tensor.detach().to("cpu", torch.float32).numpy().copy(order="C")
         for name, tensor in module.state_dict().items()
     }
+
+
+def has_unsaved_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` has a buffer its state dict (the weights on the wire) leaves out.
+
+    Such a (non-persistent) buffer only its constructor sets: a module holding one is built
+    for real, not on ``meta``, wherever it is rebuilt from weights.
+    """
+    saved = set(module.state_dict())
+    return any(name not in saved for name, _ in module.named_buffers())
 
 
 def state_views(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
@@ -229,9 +244,10 @@ def state_views(module: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
         if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
             arrays[name] = tensor.numpy()
         else:
-            # .to() copies a device or float64 tensor; ascontiguousarray copies a strided
-            # CPU one: either way the array owns its memory, and only one copy is made.
-            arrays[name] = np.ascontiguousarray(tensor.to("cpu", torch.float32).numpy())
+            # .to() copies a device or float64 tensor; asarray(order="C") copies a strided
+            # CPU one (and keeps a 0-d shape, which ascontiguousarray would make 1-d):
+            # either way the array owns its memory, and only one copy is made.
+            arrays[name] = np.asarray(tensor.to("cpu", torch.float32).numpy(), order="C")
     return arrays
 
 

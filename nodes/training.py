@@ -80,6 +80,7 @@ from federation.models import (
     build_model,
     check_arrays,
     encode_features,
+    has_unsaved_buffers,
     input_dim,
     state_shapes,
     state_to_arrays,
@@ -1110,7 +1111,7 @@ class TrainingEngine:
         # Built on "meta" then filled from the global weights: no use of global RNG state.
         with torch.device("meta"):
             model = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
-        if _has_unsaved_buffers(model):
+        if has_unsaved_buffers(model):
             # A non-persistent buffer (an operator's architecture) is not in the weights,
             # so only the constructor can set it: build for real, RNG state kept.
             with torch.random.fork_rng(devices=[]):
@@ -1214,12 +1215,6 @@ def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     logits: Callable[[torch.Tensor], torch.Tensor] = vmap(one)
     return logits
-
-
-def _has_unsaved_buffers(model: nn.Module) -> bool:
-    """Whether ``model`` has a buffer its state dict (the weights on the wire) leaves out."""
-    saved = set(model.state_dict())
-    return any(name not in saved for name, _ in model.named_buffers())
 
 
 def _adoptable(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:

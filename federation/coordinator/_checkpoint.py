@@ -122,7 +122,7 @@ def read_safetensors(path: Path, *, prefix: str = "") -> dict[str, npt.NDArray[n
                 array = f.get_tensor(name)
                 if array.dtype != np.float32:
                     raise ConfigError(f"{path}: tensor {name!r} is {array.dtype}, not float32")
-                out[name[len(prefix) :]] = np.ascontiguousarray(array)
+                out[name[len(prefix) :]] = np.asarray(array, order="C")  # 0-d stays 0-d
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read safetensors file {path}: {err}") from err
     return out

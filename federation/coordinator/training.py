@@ -65,8 +65,10 @@ from federation.models import (
     ModelSpec,
     build_model,
     check_arrays,
+    has_unsaved_buffers,
     input_dim,
     state_shapes,
+    state_views,
 )
 from federation.privacy.training import job_spend, round_charges
 from federation.schema import DatasetSchema
@@ -791,7 +793,9 @@ def _initial_weights(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = build_model(spec, input_dim=dim, registry=registry)
-    return {name: t.detach().numpy() for name, t in module.state_dict().items()}
+    # Views where the state is float32 already; anything else (BatchNorm's int64
+    # num_batches_tracked, a float64 builder) as a float32 copy, as the wire carries it.
+    return state_views(module)
 
 
 def _module_from_arrays(
@@ -800,11 +804,18 @@ def _module_from_arrays(
     arrays: Mapping[str, npt.NDArray[np.float32]],
     registry: Mapping[str, ModelBuilder],
 ) -> torch.nn.Module:
-    """Build the module on ``meta`` and adopt ``arrays`` as its parameters (no copy)."""
+    """Build the module on ``meta`` and adopt ``arrays`` as its parameters (no copy).
+
+    A module with a buffer the weights do not carry (non-persistent) is built for real,
+    as the nodes build it, so that buffer holds what its constructor puts there.
+    """
     with torch.device("meta"):
         module = build_model(spec, input_dim=dim, registry=registry)
     shapes = state_shapes(module)
     check_arrays(shapes, arrays)
+    if has_unsaved_buffers(module):
+        with torch.random.fork_rng(devices=[]):
+            module = build_model(spec, input_dim=dim, registry=registry)
     state = {
         name: torch.from_numpy(a if a.flags.writeable else a.copy())
         for name, a in ((n, arrays[n]) for n in shapes)

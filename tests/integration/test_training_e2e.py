@@ -301,10 +301,21 @@ def test_a_round_past_its_deadline_says_to_raise_the_round_timeout(
 
 
 OPERATOR_NET = """
+import torch
 from torch import nn
 
+class TanhNet(nn.Module):
+    def __init__(self, input_dim):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(input_dim)  # its int64 num_batches_tracked: float32 on the wire
+        self.body = nn.Sequential(nn.Linear(input_dim, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.register_buffer("scale", torch.full((1,), 0.5), persistent=False)  # not on the wire
+
+    def forward(self, x):
+        return self.body(self.norm(x)) * self.scale
+
 def tanh_net(spec, input_dim):
-    return nn.Sequential(nn.Linear(input_dim, 16), nn.Tanh(), nn.Linear(16, 1))
+    return TanhNet(input_dim)
 """
 
 
@@ -339,6 +350,11 @@ def test_an_architecture_the_operators_register_trains_end_to_end(tmp_path: Path
         )
         assert [r.answered for r in result.history] == [("hong-kong", "shenzhen")] * 2
         assert any(isinstance(m, torch.nn.Tanh) for m in result.model.modules())
+        # The buffer the weights do not carry holds what its constructor set, as at the
+        # nodes (a review found it left on "meta", so the model could not run).
+        assert torch.equal(result.model.scale, torch.full((1,), 0.5))
+        result.model.eval()
+        assert result.model(torch.zeros(3, result.model.norm.num_features)).shape == (3, 1)
         _assert_receipts_verify(local, result.history[-1].nodes)
 
 

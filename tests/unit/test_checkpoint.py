@@ -101,3 +101,15 @@ def test_a_checkpoint_is_resumed_or_refused_never_overwritten(tmp_path: Path) ->
     missing = tmp_path / "never"
     prepare_checkpoint_dir(missing, resume=True)  # loading it will say there is none
     assert not missing.exists()
+
+
+def test_a_scalar_tensor_keeps_its_shape_through_a_checkpoint(tmp_path: Path) -> None:
+    # BatchNorm's num_batches_tracked is 0-d: made 1-d, the nodes would refuse the resumed
+    # job's weights.
+    weights = {"w": np.ones((2, 3), np.float32), "n": np.array(4.0, dtype=np.float32)}
+    path = tmp_path / "weights.safetensors"
+    write_safetensors(path, weights)
+    loaded = read_safetensors(path)
+    assert loaded["n"].shape == ()
+    assert loaded["w"].shape == (2, 3)
+    np.testing.assert_array_equal(loaded["n"], weights["n"])

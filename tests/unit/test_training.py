@@ -552,10 +552,10 @@ def test_batch_norm_and_dropout_train_in_eval_mode_and_keep_their_statistics(
         registry=registry,
     )
     plan = dataclasses.replace(plan, sample_rate=sample_rate)
-    # A coordinator's own float32 rendering of the state (initial_arrays refuses the
-    # integer num_batches_tracked); the node accepts it.
-    state = bn_net(spec, plan.input_dim).state_dict()
-    weights = {name: t.detach().numpy().astype(np.float32) for name, t in state.items()}
+    # The integer num_batches_tracked goes as a float32 scalar (0-d: a review found it
+    # sent 1-d, which the node refused).
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    assert weights["0.num_batches_tracked"].shape == ()
     engine = TrainingEngine(table, registry=registry)
     engine.preflight(plan, weights)
     update = engine.train(plan, weights, rng=np.random.default_rng(0))
