@@ -424,9 +424,11 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
 
 
 def is_server_certificate(cert_pem: bytes) -> bool:
-    """Say whether a certificate may serve TLS (extended key usage serverAuth): a node's.
+    """Say whether a certificate may serve TLS: a node's, or one valid for any use.
 
     ``issue(role="node")`` adds serverAuth; a consumer's certificate has clientAuth only.
+    A certificate with no extended key usage, or with anyExtendedKeyUsage, is valid for
+    every use, serving TLS included, so it counts as one that may serve.
 
     Raises:
         InvalidRequestError: ``cert_pem`` is not a PEM certificate.
@@ -435,8 +437,11 @@ def is_server_certificate(cert_pem: bytes) -> bool:
     try:
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        return False
-    return ExtendedKeyUsageOID.SERVER_AUTH in usage
+        return True
+    return (
+        ExtendedKeyUsageOID.SERVER_AUTH in usage
+        or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usage
+    )
 
 
 def peer_common_name(context: grpc.ServicerContext) -> str | None:

@@ -159,21 +159,23 @@ class Guard:
         return name
 
     def _refuse_node_certificate(self, context: grpc.ServicerContext, name: str) -> None:
-        """A node's certificate (it may serve TLS) never acts as a consumer, even one of the
-        same name: consumers hold their own, and a node's key on another machine must not
+        """A certificate that may serve TLS (a node's, or one with no extended key usage,
+        valid for any use) never acts as a consumer, even one of the same name: consumers
+        hold their own, clientAuth only, and a node's key on another machine must not
         spend a consumer's budget. Health checks, which any federation certificate may
         make, do not come here.
 
         Raises:
-            PolicyError: the caller's certificate is a node's (PERMISSION_DENIED).
+            PolicyError: the caller's certificate may serve TLS (PERMISSION_DENIED).
         """
         if not self.use_tls:
             return
         cert = pki.peer_certificate(context)
         if cert is not None and pki.is_server_certificate(cert):
             raise PolicyError(
-                f"the caller's certificate for {name!r} is a node certificate; a consumer "
-                f"needs its own (`federation certs issue --role consumer --name {name}`)"
+                f"the caller's certificate for {name!r} may serve TLS (a node's, or one "
+                "without an extended key usage limiting it to clients); a consumer needs "
+                f"its own (`federation certs issue --role consumer --name {name}`)"
             )
 
     def authorize(self, consumer: str, operation: str) -> ConsumerPolicy:

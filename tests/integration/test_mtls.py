@@ -409,7 +409,8 @@ def test_a_node_certificate_cannot_act_as_a_consumer_of_the_same_name(env: Env) 
     with closing(NodeClient(HK, env.address(), identity=identity)) as impostor:
         message = _refused(impostor.describe, PolicyError)
         _refused(lambda: impostor.analyze(_count()), PolicyError)
-    assert "certificate for 'acme-ai' is a node certificate; a consumer needs its own" in message
+    assert "certificate for 'acme-ai' may serve TLS (a node's, or one without" in message
+    assert "a consumer needs its own (`federation certs issue --role consumer" in message
     assert env.budget("acme-ai") == before
 
 

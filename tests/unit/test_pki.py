@@ -320,8 +320,14 @@ def test_a_node_refuses_to_serve_with_a_certificate_that_is_not_its_own(
         pki.check_node_certificate(consumer_pem.read_bytes(), "acme-ai")
 
 
-def _server_cert(ca_dir: Path, common: str | None, dns: list[str]) -> bytes:
-    """A server certificate made outside `federation certs` (no SAN when ``dns`` is empty)."""
+def _server_cert(
+    ca_dir: Path,
+    common: str | None,
+    dns: list[str],
+    usages: list[x509.ObjectIdentifier] | None = None,
+) -> bytes:
+    """A certificate made outside `federation certs` (no SAN when ``dns`` is empty), with
+    extended key usage ``usages`` (serverAuth by default; an empty list: no extension)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -338,8 +344,10 @@ def _server_cert(ca_dir: Path, common: str | None, dns: list[str]) -> bytes:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     )
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if usages is None else usages
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if dns:
         names = [x509.DNSName(d) for d in dns]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -356,3 +364,19 @@ def test_the_node_name_check_accepts_what_grpc_accepts(ca_dir: Path) -> None:
         pki.check_node_certificate(_server_cert(ca_dir, "hong-kong", ["other"]), "hong-kong")
     pki.check_node_certificate(_server_cert(ca_dir, None, ["hong-kong"]), "hong-kong")  # no CN
     pki.check_node_certificate(_server_cert(ca_dir, "x", ["hong-kong."]), "hong-kong")
+
+
+def test_only_a_client_only_certificate_counts_as_one_that_cannot_serve(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    # Nodes refuse a certificate that may serve TLS as a consumer: a node's, and one with
+    # no extended key usage or anyExtendedKeyUsage (valid for every use; review finding).
+    node = pki.issue(ca_dir, name="hk-serve", role="node", out_dir=tmp_path)[0]
+    consumer = pki.issue(ca_dir, name="acme-serve", role="consumer", out_dir=tmp_path)[0]
+    assert pki.is_server_certificate(node.read_bytes())
+    assert not pki.is_server_certificate(consumer.read_bytes())
+    assert pki.is_server_certificate(_server_cert(ca_dir, "x", [], usages=[]))
+    any_use = [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]
+    assert pki.is_server_certificate(_server_cert(ca_dir, "x", [], usages=any_use))
+    client = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not pki.is_server_certificate(_server_cert(ca_dir, "x", [], usages=client))
