@@ -85,7 +85,13 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default="fedavg",
         help="how the coordinator steps from the round's average",
     )
-    t.add_argument("--server-lr", type=float, help="default 1 for fedavg, 0.01 otherwise")
+    t.add_argument(
+        "--server-lr",
+        type=float,
+        # The bound is federation.coordinator._aggregate.MAX_SERVER_LR (not imported here:
+        # it would load torch for every command); a test keeps the two the same.
+        help="> 0 and <= 1e+06; default 1 for fedavg, 0.01 otherwise",
+    )
     t.add_argument(
         "--metrics-epsilon",
         type=float,
@@ -93,7 +99,9 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="> 0: DP validation loss/accuracy each round, charged per round on top of "
         "--target-epsilon",
     )
-    t.add_argument("--min-nodes", type=int, help="nodes that must complete each round")
+    t.add_argument(
+        "--min-nodes", type=int, help="nodes that must complete each round (default: all)"
+    )
     t.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round")
     t.add_argument("--checkpoint-dir", type=Path, help="checkpoint after every round here")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")

@@ -37,3 +37,15 @@ def test_after_a_refusal_the_hint_does_not_promise_that_running_again_continues(
     )
     down = _resume_hint(_args(tmp_path, resume=False), NodeUnavailableError("down"))
     assert down.endswith(": add --resume to continue the job")
+
+
+def test_the_train_help_states_the_server_lr_bound_the_coordinator_enforces() -> None:
+    from federation._train_cli import add_train_parser
+    from federation.coordinator._aggregate import MAX_SERVER_LR
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    help_text = " ".join(train.format_help().split())
+    assert f"<= {MAX_SERVER_LR:g};" in help_text
+    assert "(default: all)" in help_text
