@@ -244,4 +244,16 @@ def training_result_html(result: TrainingResult) -> str:
         f"{len(result.history)} rounds; job {escape(result.job_id[:12])}</div>"
     )
     scroll = '<div style="max-height:28em;overflow:auto">'
-    return f"<div>{summary}{scroll}{history}</div></div>"
+    own = list(dict.fromkeys(name for r in result.history for name, _ in r.evaluation))
+    evaluation = ""
+    if own:
+        own_rows: list[list[str | float]] = [
+            [str(r.round), *(dict(r.evaluation).get(name, math.nan) for name in own)]
+            for r in result.history
+        ]
+        evaluation = (
+            "<div>The coordinator's own evaluation of the global model (its own data, "
+            "no privacy cost)</div>"
+            + table(["round", *own], own_rows, numeric=[False] + [True] * len(own))
+        )
+    return f"<div>{summary}{scroll}{history}</div>{evaluation}</div>"

@@ -15,7 +15,7 @@ from federation.errors import ConfigError, InvalidRequestError
 from federation.training import DEFAULT_TENSOR_DIGEST, TENSOR_DIGESTS
 
 if TYPE_CHECKING:
-    from federation.coordinator.training import TrainingResult
+    from federation.coordinator.training import Evaluator, TrainingResult
     from federation.models import ModelBuilder
 
 __all__ = ["add_train_parser", "format_history", "run_train"]
@@ -112,6 +112,14 @@ def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=DEFAULT_TENSOR_DIGEST,
         help="hash the receipts commit to each update with (sha256: where a FIPS hash is required)",
     )
+    t.add_argument(
+        "--evaluate",
+        metavar="TARGET",
+        help="your own evaluation after every round, on your own data: "
+        "package.module:function or file.py:function, called as function(model) -> "
+        "{name: number} (e.g. returning federation.metrics.evaluator(x, y)(model)); "
+        "shown as 'own NAME' in the progress bar and summary, no privacy cost",
+    )
     t.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
     t.add_argument(
         "--overwrite",
@@ -155,6 +163,19 @@ def _architectures(entries: list[str]) -> dict[str, ModelBuilder]:
     return builders
 
 
+def _evaluator(target: str | None) -> Evaluator | None:
+    """Read ``--evaluate TARGET`` into the function ``train(evaluate=...)`` calls."""
+    if target is None:
+        return None
+    from federation.architectures import load_callable
+
+    try:
+        function = load_callable(target, base_dir=Path.cwd(), call="(model)", args=1)
+    except ConfigError as err:
+        raise ConfigError(f"--evaluate: {err}") from err
+    return function  # type: ignore[return-value]
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -182,6 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
         hidden=_hidden(args.hidden, args.model),
     )
     architectures = _architectures(args.architecture)
+    evaluate = _evaluator(args.evaluate)
     with Coordinator.from_config(args.config) as fed:
         result = fed.train(
             spec,
@@ -203,6 +225,7 @@ def run_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             tensor_digest=args.tensor_digest,
             architectures=architectures,
+            evaluate=evaluate,
         )
     sidecar = result.save(args.out)
     if args.json:
@@ -230,8 +253,12 @@ def format_history(result: TrainingResult) -> str:
     spend ended above what the job was planned to cost (a round charged twice).
     """
     nodes = sorted({n for r in result.history for n in r.job_epsilon})
+    # The coordinator's own evaluation (train(evaluate=...)), in the order it reported.
+    own = list(dict.fromkeys(name for r in result.history for name, _ in r.evaluation))
     header = f"{'round':>5} {'nodes':>6} " + " ".join(f"{'ε ' + n:>14}" for n in nodes)
-    header += f" {'loss':>8} {'accuracy':>9} {'time s':>7}  missing"
+    header += f" {'loss':>8} {'accuracy':>9} "
+    header += "".join(f"{'own ' + name:>12} " for name in own)
+    header += f"{'time s':>7}  missing"
     lines = [header]
     last_spent: dict[str, float] = {}
     reasons: dict[str, tuple[int, str]] = {}
@@ -242,13 +269,20 @@ def format_history(result: TrainingResult) -> str:
             reasons[node] = (r.round, reason)
         cells = " ".join(f"{eps[n]:>14.4g}" if n in eps else f"{'-':>14}" for n in nodes)
         loss, accuracy = r.metric("loss"), r.metric("accuracy")
+        values = dict(r.evaluation)
+        evaluated = "".join(
+            f"{f'{values[name]:.4f}' if name in values else '-':>12} " for name in own
+        )
         lines.append(
             f"{r.round + 1:>5} {len(r.nodes):>6} {cells} "
             f"{'-' if loss is None else f'{loss:.4f}':>8} "
-            f"{'-' if accuracy is None else f'{accuracy:.4f}':>9} {r.duration_s:>7.2f}  "
+            f"{'-' if accuracy is None else f'{accuracy:.4f}':>9} {evaluated}"
+            f"{r.duration_s:>7.2f}  "
             + ", ".join(r.missing + tuple(f"{p} (partial)" for p in r.partial))
         )
     lines.append(f"job {result.job_id}: ε is each node's composed spend for this job so far")
+    if own:
+        lines.append("own …: the coordinator's evaluation of the global model on its own data")
     for node, (round_index, reason) in sorted(reasons.items()):
         short = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
         lines.append(f"{node} last missed round {round_index + 1}: {short}")

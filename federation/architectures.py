@@ -28,7 +28,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -42,6 +42,7 @@ __all__ = [
     "WIDE_MLP",
     "WIDE_MLP_MAX_PARAMETERS",
     "load_builder",
+    "load_callable",
     "parameter_count",
     "registry_with",
 ]
@@ -99,7 +100,21 @@ def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
 
     Raises:
         ConfigError: a malformed target, a module or file that does not import, or a
-            name there that is not a callable.
+            name there that is not a callable taking ``(spec, input_dim)``.
+    """
+    return load_callable(target, base_dir=base_dir, call="(spec, input_dim)", args=2)  # type: ignore[return-value]
+
+
+def load_callable(
+    target: str, *, base_dir: Path | None = None, call: str, args: int
+) -> Callable[..., object]:
+    """Import ``"package.module:function"`` or ``"path/file.py:function"`` (see
+    ``load_builder``), checking that it can be called with ``args`` positional arguments
+    (``call`` names them in the error).
+
+    Raises:
+        ConfigError: a malformed target, a module or file that does not import, or a
+            name there that is not such a callable.
     """
     where, _, attribute = target.rpartition(":")
     if not where or not attribute.isidentifier():
@@ -131,21 +146,20 @@ def load_builder(target: str, *, base_dir: Path | None = None) -> ModelBuilder:
         raise
     except Exception as err:  # the operator's own code: whatever it raises on import
         raise ConfigError(f"{target!r} does not import: {type(err).__name__}: {err}") from err
-    builder = getattr(module, attribute, None)
-    if not callable(builder):
+    function = getattr(module, attribute, None)
+    if not callable(function):
         raise ConfigError(f"{target!r}: {attribute!r} is not a function in {where}")
     try:
-        signature = inspect.signature(builder)
+        signature = inspect.signature(function)
     except (TypeError, ValueError):  # no signature to read (some C callables): call-time
-        return builder  # type: ignore[no-any-return]
+        return function  # type: ignore[no-any-return]
     try:
-        signature.bind(None, 1)
+        signature.bind(*([None] * args))
     except TypeError as err:
         raise ConfigError(
-            f"{target!r}: {attribute}{signature} cannot be called as "
-            f"{attribute}(spec, input_dim): {err}"
+            f"{target!r}: {attribute}{signature} cannot be called as {attribute}{call}: {err}"
         ) from None
-    return builder  # type: ignore[no-any-return]
+    return function  # type: ignore[no-any-return]
 
 
 def registry_with(extra: Mapping[str, ModelBuilder] | None) -> Mapping[str, ModelBuilder]:

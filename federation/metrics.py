@@ -1,10 +1,14 @@
 """Model-quality helpers for synthetic or the consumer's own data (never a node's data).
 
-``roc_auc`` scores a model; ``fit_centralized`` trains the non-private, centralized
-reference that federated DP training is compared against (demo, notebooks, benchmarks).
+``roc_auc`` scores a model; ``evaluator`` makes the coordinator's own per-round
+evaluation for ``train(evaluate=...)``; ``fit_centralized`` trains the non-private,
+centralized reference that federated DP training is compared against (demo, notebooks,
+benchmarks).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +18,7 @@ from torch import nn
 from federation.errors import InvalidRequestError
 from federation.models import ModelSpec, build_model
 
-__all__ = ["fit_centralized", "predict", "roc_auc"]
+__all__ = ["evaluator", "fit_centralized", "predict", "roc_auc"]
 
 
 def roc_auc(scores: npt.NDArray[np.floating], labels: npt.NDArray[np.bool_]) -> float:
@@ -44,6 +48,42 @@ def predict(model: nn.Module, x: npt.NDArray[np.float32]) -> npt.NDArray[np.floa
     with torch.no_grad():
         out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     return np.asarray(out.reshape(-1).numpy(), dtype=np.float64)
+
+
+def evaluator(
+    x: npt.NDArray[np.floating], y: npt.NDArray[np.bool_]
+) -> Callable[[nn.Module], dict[str, float]]:
+    """The coordinator's own evaluation for ``train(evaluate=...)``: ROC-AUC, mean logistic
+    loss and accuracy (logit > 0) of the model on encoded inputs ``x`` and labels ``y``.
+
+    ``x`` is the consumer's own records encoded as the nodes encode theirs
+    (``federation.models.encode_features`` with the nodes' schema).
+
+    Raises:
+        InvalidRequestError: ``x`` and ``y`` differ in length, or ``y`` lacks a class.
+    """
+    inputs = np.ascontiguousarray(x, dtype=np.float32)
+    labels = np.asarray(y, dtype=bool)
+    if inputs.ndim != 2 or len(inputs) != len(labels):
+        raise InvalidRequestError(
+            f"x must be (records, inputs) with one label per record; got x {inputs.shape} "
+            f"and {len(labels)} labels"
+        )
+    if labels.all() or not labels.any():
+        raise InvalidRequestError("evaluation labels need both classes (ROC-AUC is undefined)")
+    targets = torch.from_numpy(labels.astype(np.float32))
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        scores = predict(model, inputs)
+        logits = torch.from_numpy(scores)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, targets.double())
+        return {
+            "auc": roc_auc(scores, labels),
+            "loss": float(loss),
+            "accuracy": float(np.mean((scores > 0) == labels)),
+        }
+
+    return evaluate
 
 
 def fit_centralized(

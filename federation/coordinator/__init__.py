@@ -32,7 +32,7 @@ from federation.wire import AnalyzeRequest
 
 if TYPE_CHECKING:
     # Training loads torch; importing federation must not (seconds), so it loads on use.
-    from federation.coordinator.training import RoundRecord, TrainingResult
+    from federation.coordinator.training import Evaluator, RoundRecord, TrainingResult
     from federation.models import ModelBuilder, ModelSpec
 
 __all__ = [
@@ -351,14 +351,16 @@ class Coordinator:
         on_round: Callable[[RoundRecord], None] | None = None,
         tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
         architectures: Mapping[str, ModelBuilder] | None = None,
+        evaluate: Evaluator | None = None,
     ) -> TrainingResult:
         """Train ``spec`` with DP-SGD at every node; see ``federation.coordinator.training.train``.
 
         Example::
 
             spec = ModelSpec("mlp", "credit", ("age", "income"), "defaulted", hidden=(64, 64))
-            result = fed.train(spec, rounds=10, target_epsilon=3.0)
-            result.history[-1].job_epsilon, result.model
+            result = fed.train(spec, rounds=10, target_epsilon=3.0,
+                               evaluate=evaluator(x_mine, y_mine))  # on your own records
+            result.history[-1].job_epsilon, result.history[-1].evaluation, result.model
         """
         from federation.coordinator.training import train
 
@@ -384,6 +386,7 @@ class Coordinator:
             on_round=on_round,
             tensor_digest=tensor_digest,
             architectures=architectures,
+            evaluate=evaluate,
         )
 
     # ---------------------------------------------------------------- plumbing

@@ -72,6 +72,9 @@ class RoundRecord:
             not used whole: listed in ``partial`` or ``missing`` too. Their cost counts in
             ``epsilon`` and ``job_epsilon``; their receipts are kept without the released
             values (the coordinator does not hold the update they commit to).
+        evaluation: ``(name, value)`` from ``train(evaluate=...)``: the coordinator's own
+            evaluation of the global model after this round, on its own data (no node's
+            data and no privacy cost); empty without it.
     """
 
     round: int
@@ -81,6 +84,7 @@ class RoundRecord:
     failures: tuple[tuple[str, str], ...]
     duration_s: float
     charged: tuple[NodeRound, ...] = ()
+    evaluation: tuple[tuple[str, float], ...] = ()
 
     @property
     def answered(self) -> tuple[str, ...]:
@@ -119,6 +123,7 @@ class RoundRecord:
             "failures": [list(f) for f in self.failures],
             "duration_s": self.duration_s,
             "charged": [n.to_dict() for n in self.charged],
+            "evaluation": dict(self.evaluation),
         }
 
     @classmethod
@@ -132,4 +137,7 @@ class RoundRecord:
             failures=tuple((str(a), str(b)) for a, b in data["failures"]),
             duration_s=float(data["duration_s"]),
             charged=tuple(NodeRound.from_dict(n) for n in data.get("charged", ())),
+            evaluation=tuple(
+                (str(k), float(v)) for k, v in dict(data.get("evaluation", {})).items()
+            ),
         )

@@ -91,6 +91,8 @@ __all__ = ["NodeRound", "RoundRecord", "TrainingResult", "load_model", "load_sch
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[np.float32]]
+Evaluator = Callable[[torch.nn.Module], Mapping[str, float]]
+"""``train(evaluate=...)``: the global model -> metric name -> value, on the caller's data."""
 
 DEFAULT_SERVER_LR: Mapping[str, float] = {"fedavg": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 
@@ -261,6 +263,7 @@ def train(
     on_round: Callable[[RoundRecord], None] | None = None,
     tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST,
     architectures: Mapping[str, ModelBuilder] | None = None,
+    evaluate: Evaluator | None = None,
 ) -> TrainingResult:
     """Train ``spec`` across the coordinator's nodes with DP-SGD at each node.
 
@@ -296,6 +299,13 @@ def train(
         architectures: builders of architectures the nodes' operators registered
             (``[architectures]`` in their node configs), by name: the coordinator builds
             the global model from the same one. The built-ins need none.
+        evaluate: the coordinator's own evaluation, on its own data: called after every
+            round with (a copy of) the global model in eval mode, under ``no_grad``, it
+            returns metric name -> number (``federation.metrics.evaluator`` makes one
+            from encoded inputs and labels: ROC-AUC, loss, accuracy). The values go in
+            ``history[i].evaluation``, the progress bar and the summary. No node data is
+            involved and nothing is charged. If it raises, the job stops after the
+            round's checkpoint (``resume`` continues it).
 
     Returns:
         The global model and the per-round history.
@@ -364,7 +374,14 @@ def train(
     job.tensor_digest = tensor_digest
     job.schema = schema
     job.cost = _job_cost(config, rounds)
-    _run(coordinator, job, directory, progress=progress, on_round=on_round)
+    _run(
+        coordinator,
+        job,
+        directory,
+        progress=progress,
+        on_round=on_round,
+        evaluate=None if evaluate is None else (evaluate, registry),
+    )
     model = _module_from_arrays(spec, dim, job.weights, registry)
     return TrainingResult(
         model=model,
@@ -403,6 +420,7 @@ def _run(
     *,
     progress: bool,
     on_round: Callable[[RoundRecord], None] | None = None,
+    evaluate: tuple[Evaluator, Mapping[str, ModelBuilder]] | None = None,
 ) -> None:
     total = RunningSum({n: a.shape for n, a in job.weights.items()})
     start = len(job.history)
@@ -413,6 +431,13 @@ def _run(
         bar.update(start)
         for round_index in range(start, job.rounds):
             record = _round(coordinator, job, round_index, total, pool)
+            failed: Exception | None = None
+            if evaluate is not None:
+                try:
+                    values = _evaluate(evaluate[0], job, evaluate[1])
+                    record = dataclasses.replace(record, evaluation=values)
+                except Exception as err:  # the user's code: checkpoint the round first
+                    failed = err
             job.history.append(record)
             if directory is not None:
                 save_checkpoint(
@@ -422,6 +447,13 @@ def _run(
                     optimizer_state=job.optimizer.state,
                     document=_document(job),
                 )
+            if failed is not None:
+                failed.add_note(
+                    f"raised by evaluate after round {round_index + 1} of {job.rounds}; the "
+                    "round is applied"
+                    + (" and checkpointed (resume continues the job)" if directory else "")
+                )
+                raise failed
             _show(bar, record, len(job.names))
             if on_round is not None:
                 on_round(record)
@@ -750,6 +782,33 @@ def _quorum_error(
     )
 
 
+def _evaluate(
+    evaluate: Evaluator, job: _Job, registry: Mapping[str, ModelBuilder]
+) -> tuple[tuple[str, float], ...]:
+    """Run the coordinator's own evaluation on a copy of the global model."""
+    copies = {name: np.array(a, copy=True) for name, a in job.weights.items()}
+    model = _module_from_arrays(job.spec, job.dim, copies, registry)
+    model.eval()
+    with torch.no_grad():
+        values = evaluate(model)
+    if not isinstance(values, Mapping):
+        raise InvalidRequestError(
+            f"evaluate must return a mapping of metric names to numbers; got "
+            f"{type(values).__name__}"
+        )
+    out = []
+    for name, value in values.items():
+        if not isinstance(name, str) or isinstance(value, bool):
+            raise InvalidRequestError(f"evaluate returned {name!r}: {value!r}; need str: number")
+        try:
+            out.append((name, float(value)))
+        except (TypeError, ValueError):
+            raise InvalidRequestError(
+                f"evaluate returned {name!r}: {value!r}; need str: number"
+            ) from None
+    return tuple(out)
+
+
 def _show(bar: ProgressBar, record: RoundRecord, nodes: int) -> None:
     parts = [f"nodes {len(record.nodes)}/{nodes}"]
     if record.job_epsilon:
@@ -758,6 +817,7 @@ def _show(bar: ProgressBar, record: RoundRecord, nodes: int) -> None:
         value = record.metric(metric)
         if value is not None:
             parts.append(f"{metric} {value:.3g}")
+    parts += [f"own {name} {value:.3g}" for name, value in record.evaluation]
     bar.set_postfix_str(" | ".join(parts))
     bar.update(1)
 

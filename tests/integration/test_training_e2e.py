@@ -51,7 +51,7 @@ from federation.coordinator.training import (
 )
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation
-from federation.metrics import roc_auc
+from federation.metrics import evaluator, predict, roc_auc
 from federation.models import ModelSpec, build_model, encode_features, initial_arrays, input_dim
 from federation.training import TrainConfig
 from nodes.ledger import Ledger
@@ -116,8 +116,17 @@ def test_training_reaches_a_useful_model_and_saves_it(
     fed = _fed(trained_fed)
     before = fed.budgets()
     seen: list[RoundRecord] = []
+    # The coordinator's own records, evaluated after every round at no privacy cost.
+    own = synthetic_credit(jurisdiction="shenzhen", rows=2000, seed=77)
+    x_own = encode_features(own, features=SPEC.features, schema=CREDIT_SCHEMA)
     result = fed.train(
-        SPEC, rounds=4, target_epsilon=4.0, metrics_epsilon=0.5, on_round=seen.append, **TRAINING
+        SPEC,
+        rounds=4,
+        target_epsilon=4.0,
+        metrics_epsilon=0.5,
+        on_round=seen.append,
+        evaluate=evaluator(x_own, own["defaulted"]),
+        **TRAINING,
     )
 
     assert [r.round for r in result.history] == [0, 1, 2, 3]
@@ -134,6 +143,10 @@ def test_training_reaches_a_useful_model_and_saves_it(
         assert 0 < node.epsilon <= node.job_epsilon <= 4.0 + 4 * 0.5
         assert node.spent_epsilon > before[node.node].spent_epsilon
     assert held_out_auc(result.model) > 0.65
+    assert [sorted(dict(r.evaluation)) for r in result.history] == [["accuracy", "auc", "loss"]] * 4
+    # The last evaluation is of the model the job returns.
+    final_auc = roc_auc(predict(result.model, x_own), own["defaulted"])
+    assert dict(last.evaluation)["auc"] == pytest.approx(final_auc, abs=1e-12)
 
     # Rounds after the first receive the global model into the buffers the node's last
     # update was sent from (no fresh model-sized memory per round).
@@ -743,6 +756,7 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
     config = tmp_path / "federation.toml"
     config.write_text("\n".join(lines) + "\n")
     out = tmp_path / "model.safetensors"
+    (tmp_path / "mine.py").write_text(EVALUATE_FILE)
     proc = subprocess.run(
         [
             sys.executable, "-m", "federation", "train", "--config", str(config),
@@ -751,14 +765,15 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
             "--rounds", "2", "--target-epsilon", "1", "--sample-rate", "0.05",
             "--local-steps", "2", "--metrics-epsilon", "0.2", "--server-optimizer", "fedadam",
             "--tensor-digest", "sha256", "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--out", str(out),
+            "--evaluate", "mine.py:evaluate", "--out", str(out),
         ],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout.splitlines()
     assert table[0].split()[:4] == ["round", "nodes", "ε", "hong-kong"]
     assert [row.split()[:2] for row in table[1:3]] == [["1", "2"], ["2", "2"]]
+    assert "own auc" in table[0]  # --evaluate: the coordinator's own data, each round
     assert "training" in proc.stderr  # the progress bar
     sidecar = json.loads((tmp_path / "model.safetensors.json").read_text())
     spec = ModelSpec(
@@ -771,6 +786,22 @@ def test_train_command_prints_rounds_and_saves_a_loadable_model(
     released = [n["receipt"]["released"] for r in checkpoint["history"] for n in r["nodes"]]
     assert len(released) == 4
     assert all(p["version"] == 1 and "sha256" in p["update"][0] for p in released)
+    assert [sorted(r["evaluation"]) for r in checkpoint["history"]] == [
+        ["accuracy", "auc", "loss"]
+    ] * 2
+
+
+# What a consumer writes for `federation train --evaluate mine.py:evaluate`: its own
+# records, encoded as the nodes encode theirs.
+EVALUATE_FILE = """
+from federation.datasets import CREDIT_SCHEMA, synthetic_credit
+from federation.metrics import evaluator
+from federation.models import encode_features
+
+_own = synthetic_credit(jurisdiction="hong-kong", rows=500, seed=3)
+_x = encode_features(_own, features=("age", "income", "debt_ratio"), schema=CREDIT_SCHEMA)
+evaluate = evaluator(_x, _own["defaulted"])
+"""
 
 
 # ---------------------------------------------------------------- training device

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import safetensors.numpy
+import torch
 from _samples import train_result
 
 from federation import receipts, wire
@@ -411,3 +412,53 @@ def test_a_malformed_checkpoint_document_is_a_config_error(
     path.write_text(json.dumps(body))
     with pytest.raises(ConfigError, match=message):
         _resume(checkpoint)
+
+
+def test_the_coordinators_own_evaluation_runs_on_a_copy_after_every_round() -> None:
+    seen: list[bool] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        seen.append(model.training)
+        first = next(model.parameters())
+        value = float(first.sum())
+        with torch.no_grad():
+            first.add_(1e6)  # a careless evaluation must not touch the global weights
+        return {"score": value, "count": np.int64(3)}  # type: ignore[dict-item]
+
+    plain = _train(_Coordinator([_Node("A", 0.0)]), rounds=3)
+    result = _train(_Coordinator([_Node("A", 0.0)]), rounds=3, evaluate=evaluate)
+    assert seen == [False, False, False]  # eval mode
+    assert [dict(r.evaluation)["count"] for r in result.history] == [3.0, 3.0, 3.0]
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, result.model.state_dict()[name])
+    last = result.history[-1]
+    assert dict(last.evaluation)["score"] == pytest.approx(
+        float(next(result.model.parameters()).detach().sum()), rel=1e-6
+    )
+    assert type(last).from_dict(last.to_dict()) == last
+    table = format_history(result)
+    assert "own score" in table.splitlines()[0]
+    assert "the coordinator's evaluation of the global model on its own data" in table
+
+
+def test_an_evaluation_that_fails_stops_the_job_after_the_rounds_checkpoint(
+    tmp_path: Path,
+) -> None:
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        raise ValueError("my data file moved")
+
+    with pytest.raises(ValueError, match="my data file moved") as caught:
+        _train(
+            _Coordinator([_Node("A", 0.0)]), rounds=3, evaluate=evaluate, checkpoint_dir=tmp_path
+        )
+    assert caught.value.__notes__ == [
+        "raised by evaluate after round 1 of 3; the round is applied and checkpointed "
+        "(resume continues the job)"
+    ]
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert len(checkpoint["history"]) == 1
+
+    with pytest.raises(InvalidRequestError, match="evaluate must return a mapping"):
+        _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: 0.5)
+    with pytest.raises(InvalidRequestError, match="evaluate returned 'auc': 'high'"):
+        _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: {"auc": "high"})

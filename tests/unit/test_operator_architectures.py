@@ -202,3 +202,20 @@ def test_a_file_builder_may_define_dataclasses(tmp_path: Path) -> None:
     )
     builder = load_builder("nets.py:net", base_dir=tmp_path)
     assert isinstance(builder(ModelSpec("n", "d", ("a",), "y"), 3), nn.Linear)
+
+
+def test_the_train_command_reads_its_evaluate_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from federation._train_cli import _evaluator
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text(
+        "def evaluate(model):\n    return {'n': 1.0}\n\ndef two(model, data):\n    return {}\n"
+    )
+    assert _evaluator(None) is None
+    evaluate = _evaluator("mine.py:evaluate")
+    assert evaluate is not None
+    assert evaluate(nn.Linear(1, 1)) == {"n": 1.0}
+    with pytest.raises(ConfigError, match=r"--evaluate: .*two\(model, data\) cannot be called"):
+        _evaluator("mine.py:two")
