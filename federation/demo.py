@@ -22,7 +22,7 @@ from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.errors import BudgetExhaustedError
 from federation.filters import parse_filter
 from federation.local import LocalFederation
-from federation.metrics import fit_centralized, predict, roc_auc
+from federation.metrics import evaluator, fit_centralized, predict, roc_auc
 from federation.models import ModelSpec, encode_features
 from federation.queries import Count, Histogram, Mean, Quantile, Query
 
@@ -144,13 +144,8 @@ def _train(fed: Coordinator, pooled: Columns, *, rows: int, seed: int) -> None:
         f"\n== Federated training: MLP(32) on 'defaulted', DP-SGD at each node, "
         f"target epsilon {TRAIN_EPSILON:g} per node\n"
     )
-    result = fed.train(
-        spec, rounds=5, target_epsilon=TRAIN_EPSILON, sample_rate=0.02, local_steps=20,
-        learning_rate=2.0, progress=False, seed=seed,
-    )  # fmt: skip
-    for record in result.history:
-        spent = ", ".join(f"{n} {e:.2f}" for n, e in sorted(record.job_epsilon.items()))
-        out.write(f"round {record.round + 1}: nodes {len(record.nodes)}, epsilon {spent}\n")
+    # The coordinator's own held-out applicants: scored after every round, at no privacy
+    # cost (train(evaluate=...)); the nodes never see them.
     held_out = _pooled(
         {
             name: synthetic_credit(jurisdiction=name, rows=max(rows // 4, 2000), seed=seed + 99 + i)
@@ -159,6 +154,17 @@ def _train(fed: Coordinator, pooled: Columns, *, rows: int, seed: int) -> None:
     )
     x_test = encode_features(held_out, features=FEATURES, schema=CREDIT_SCHEMA)
     y_test = np.asarray(held_out["defaulted"], dtype=bool)
+    result = fed.train(
+        spec, rounds=5, target_epsilon=TRAIN_EPSILON, sample_rate=0.02, local_steps=20,
+        learning_rate=2.0, progress=False, seed=seed, evaluate=evaluator(x_test, y_test),
+    )  # fmt: skip
+    for record in result.history:
+        spent = ", ".join(f"{n} {e:.2f}" for n, e in sorted(record.job_epsilon.items()))
+        auc = dict(record.evaluation)["auc"]
+        out.write(
+            f"round {record.round + 1}: nodes {len(record.nodes)}, epsilon {spent}, "
+            f"held-out ROC-AUC {auc:.3f}\n"
+        )
     x_train = encode_features(pooled, features=FEATURES, schema=CREDIT_SCHEMA)
     baseline = fit_centralized(
         x_train, np.asarray(pooled["defaulted"], dtype=bool), spec=spec, epochs=3, seed=seed
