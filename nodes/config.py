@@ -118,8 +118,10 @@ class ConsumerPolicy:
         max_rounds: most rounds a training job is declared with and charged for at
             this node (retried rounds count), >= 1.
         max_model_parameters: most values (parameters and buffers) of a model this
-            consumer may train here, >= 1; the default holds every ``mlp`` (the largest,
-            1024 inputs and 8 layers of 4096, is 121.6M), so ``wide-mlp`` and large
+            consumer may train here, >= 1; the default holds every ``mlp`` whose encoded
+            input is up to 7,900 wide (8 layers of 4096: 117.5M, plus 4096 per input;
+            a category counts one input per domain value), so ``wide-mlp``, wider
+            one-hot inputs and large
             architectures of the operator's need it raised.
         max_concurrent_requests: requests of this consumer the node runs at once, 1-1024;
             more are refused at once with ``RESOURCE_EXHAUSTED`` marked busy

@@ -431,10 +431,14 @@ def _check_model(
         # It allocated on a device of its own choosing, ignoring the node's: refuse it
         # rather than let every request allocate a model before any check.
         raise InvalidRequestError(
-            f"architecture {spec.architecture!r} puts its tensors on a device itself; its "
-            "builder must create them on the current (default) device"
+            f"architecture {spec.architecture!r} puts its tensors on a device itself (or "
+            "makes them with torch.from_numpy); its builder must create them on the current "
+            "(default) device, e.g. torch.tensor(array) rather than torch.from_numpy(array), "
+            "so that the node checks a request without allocating the model"
         )
-    size = sum(math.prod(shape) for shape in shapes.values())
+    # Every tensor the model holds, non-persistent buffers included (not on the wire, but
+    # built for real at the node).
+    size = sum(t.numel() for t in {id(t): t for t in tensors}.values())
     if size > policy.max_model_parameters:
         raise InvalidRequestError(
             f"model {spec.architecture!r} with hidden {list(spec.hidden)} has {size:,} "
@@ -546,10 +550,25 @@ def clip_per_sample(
 
 
 def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
-    """The layers of a plain Linear/ReLU stack ending in one logit (the built-ins), else None."""
+    """The layers of a plain Linear/ReLU stack ending in one logit (the built-ins), else None.
+
+    Such a stack takes the fast paths: batched metrics and the hand-written per-sample
+    backward, both of which assume each row's output is a function of that row alone. So
+    the stack must be exactly that: ``nn.Sequential``/``nn.Linear``/``nn.ReLU`` with no
+    hook (a forward hook can mix rows), no instance-level ``forward``, and Linear layers
+    holding exactly their ``weight`` and ``bias`` (``weight_norm`` adds others). Anything
+    else takes the generic per-record path.
+    """
     layers = list(model) if type(model) is nn.Sequential else [model]
     if not all(type(layer) in (nn.Linear, nn.ReLU) for layer in layers):
         return None
+    if _has_hooks([model, *layers]) or any("forward" in vars(m) for m in (model, *layers)):
+        return None
+    for layer in layers:
+        if layer._buffers or (
+            isinstance(layer, nn.Linear) and not set(layer._parameters) <= {"weight", "bias"}
+        ):
+            return None
     params = [id(p) for layer in layers for p in layer.parameters(recurse=False)]
     if len(set(params)) != len(params):
         # A Linear used twice, or two sharing a weight: the per-sample gradient of the
@@ -558,6 +577,73 @@ def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
         return None
     last = layers[-1]
     return layers if isinstance(last, nn.Linear) and last.out_features == 1 else None
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _has_hooks(modules: list[nn.Module]) -> bool:
+    """Whether any of ``modules``, or torch's global module hooks, has a forward or
+    backward hook."""
+    from torch.nn.modules import module as torch_module
+
+    if any(
+        getattr(torch_module, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    ):
+        return True
+    return any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS)
+
+
+def _leaked_record_values(model: nn.Module) -> list[str]:
+    """Attributes of ``model``'s modules that hold a value from inside a per-record pass.
+
+    A forward that keeps ``x`` (or anything computed from it) in a Python attribute keeps
+    a torch.func wrapper of the batch; the next per-record pass would read it as batched,
+    so record i would see another call's record i. Found by review; such a module is
+    refused before the charge (``preflight``) and, should it slip past, after the pass
+    (nothing released).
+    """
+    leaked = []
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if _holds_wrapped_tensor(value, depth=3):
+                leaked.append(f"{name + '.' if name else ''}{key}")
+    return leaked
+
+
+def _holds_wrapped_tensor(value: object, *, depth: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(value))
+    if depth == 0:
+        return False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_wrapped_tensor(v, depth=depth - 1) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_wrapped_tensor(v, depth=depth - 1) for v in value.values())
+    return False
+
+
+def _check_no_leak(model: nn.Module) -> None:
+    """Refuse a model whose forward kept a per-record value (see ``_leaked_record_values``)."""
+    leaked = _leaked_record_values(model)
+    if leaked:
+        raise RuntimeError(
+            f"the model keeps values from a record's forward pass in {', '.join(leaked)}; "
+            "its forward must be a function of its parameters, buffers and the record alone"
+        )
 
 
 def _ghost_factors(
@@ -616,7 +702,8 @@ def _ghost_factors(
             ]
         # float64: g * factor rounded to float32 (subnormal for tiny g) could move a
         # record's contribution past the clip.
-        scaled = [(layer, g * factors, a) for layer, a, g in pairs]
+        # In place: each g here is its own float64 copy, not needed after this.
+        scaled = [(layer, g.mul_(factors), a) for layer, a, g in pairs]
     return scaled, norms.to(x.dtype)
 
 
@@ -671,6 +758,7 @@ def _chunked_clipped_sum(
     norms: list[torch.Tensor] = []
     for start in range(0, x.shape[0], step):
         chunk = per_sample_gradients(model, x[start : start + step], y[start : start + step])
+        _check_no_leak(model)
         clipped, chunk_norms = clip_per_sample(chunk, clip_norm)
         del chunk
         norms.append(chunk_norms)
@@ -1213,7 +1301,11 @@ def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             raise ValueError(f"the model gave {out.numel()} outputs for one row, not 1 logit")
         return out.reshape(())
 
-    logits: Callable[[torch.Tensor], torch.Tensor] = vmap(one)
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = vmap(one)(x)
+        _check_no_leak(model)
+        return out
+
     return logits
 
 

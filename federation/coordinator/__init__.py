@@ -17,6 +17,7 @@ from federation.coordinator.analytics import Estimate, GroupResult, NodeSpend, Q
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES, NodeClient
 from federation.errors import (
     BudgetExhaustedError,
+    ConfigError,
     FederationError,
     InvalidRequestError,
     NodeBusyError,
@@ -83,6 +84,13 @@ class Coordinator:
         identity = None
         if config.tls is not None:
             identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+            if pki.is_server_certificate(identity.cert_pem):
+                # Every node would refuse it (PERMISSION_DENIED): say so before asking any.
+                raise ConfigError(
+                    f"tls.cert {config.tls.cert} may serve TLS (a node's certificate, or one "
+                    "without an extended key usage limiting it to clients); nodes refuse it "
+                    "as a consumer's: use one from `federation certs issue --role consumer`"
+                )
         return cls.from_addresses(
             {n.name: n.address for n in config.nodes},
             identity=identity,

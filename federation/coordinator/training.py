@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,10 +521,15 @@ def _round(
         # Ctrl-C (or any error here): end every node's call now, or leaving the pool
         # would wait for each round to finish, up to round_timeout_s.
         group.cancel()
-        err.add_note(
-            f"round {round_index + 1} of {job.rounds} was interrupted"
-            + _charged_note(_charged_so_far(futures.values()))
-        )
+        paid, pending = _charged_so_far(futures)
+        stopped = "was interrupted" if isinstance(err, KeyboardInterrupt) else "stopped"
+        note = f"round {round_index + 1} of {job.rounds} {stopped}" + _charged_note(paid)
+        if pending:
+            note += (
+                f"; {', '.join(pending)} had not ended {_CANCELLED_CALLS_S:g} s after the "
+                "cancel and may have charged it too (their ledgers say)"
+            )
+        err.add_note(note)
         raise
     done: list[NodeRound] = []
     charged: list[NodeRound] = []
@@ -625,13 +630,17 @@ def _train_node(
     return round_
 
 
-def _charged_so_far(futures: Iterable[Future[NodeRound | _Failed]]) -> list[NodeRound]:
-    """The nodes of an interrupted round that charged it, once their cancelled calls end.
+def _charged_so_far(
+    futures: Mapping[str, Future[NodeRound | _Failed]],
+) -> tuple[list[NodeRound], list[str]]:
+    """The nodes of an interrupted round that charged it, once their cancelled calls end,
+    and the nodes whose calls had not ended by then (unknown).
 
     A node charges before its update leaves, so one whose result had arrived has paid
     for a round that is not applied: the user is told, as for a failed quorum.
     """
-    done, _ = wait(futures, timeout=_CANCELLED_CALLS_S)
+    done, _ = wait(futures.values(), timeout=_CANCELLED_CALLS_S)
+    pending = sorted(name for name, future in futures.items() if future not in done)
     charged = []
     for future in done:
         outcome = None if future.cancelled() or future.exception() else future.result()
@@ -639,7 +648,7 @@ def _charged_so_far(futures: Iterable[Future[NodeRound | _Failed]]) -> list[Node
             charged.append(outcome)
         elif isinstance(outcome, _Failed) and outcome.charged is not None:
             charged.append(outcome.charged)
-    return sorted(charged, key=lambda n: n.node)
+    return sorted(charged, key=lambda n: n.node), pending
 
 
 # How long an interrupted round waits for its cancelled calls to end (they end at once

@@ -62,3 +62,24 @@ def test_node_addresses_in_the_usual_forms_are_accepted(address: str) -> None:
     data = {"nodes": [{"name": "hong-kong", "address": address}]}
     config = parse_coordinator_config(data, base_dir=Path("."))
     assert config.nodes[0].address == address
+
+
+def test_a_coordinator_with_a_certificate_that_may_serve_tls_is_stopped_at_start(
+    tmp_path: Path,
+) -> None:
+    # Every node would refuse it as a consumer's (PERMISSION_DENIED): say so up front.
+    from federation import pki
+
+    pki.init_ca(tmp_path, name="test-ca")
+    paths = {}
+    for role, name in (("node", "hong-kong"), ("consumer", "acme-ai")):
+        cert, key = pki.issue(tmp_path, name=name, role=role, out_dir=tmp_path)
+        paths[role] = {"ca": str(tmp_path / "ca.pem"), "cert": str(cert), "key": str(key)}
+    as_node = parse_coordinator_config({"tls": paths["node"], "nodes": NODES}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"may serve TLS .* --role consumer"):
+        Coordinator.from_coordinator_config(as_node)
+    as_consumer = parse_coordinator_config(
+        {"tls": paths["consumer"], "nodes": NODES}, base_dir=tmp_path
+    )
+    with Coordinator.from_coordinator_config(as_consumer) as fed:
+        assert list(fed.clients) == ["hong-kong"]

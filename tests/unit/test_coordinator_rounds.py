@@ -26,6 +26,7 @@ import safetensors.numpy
 import torch
 from _samples import train_result
 
+import federation.coordinator.training as training_module
 from federation import receipts, wire
 from federation._proto.v1 import node_pb2 as pb
 from federation._train_cli import format_history
@@ -108,6 +109,10 @@ class _Node:
             threading.Thread(target=_press_ctrl_c, daemon=True).start()
             if not cancelled.wait(60):
                 raise AssertionError("the coordinator did not cancel the round's calls")
+            raise NodeUnavailableError(f"{self.name}: CANCELLED")
+        if fault == "stuck":  # a call that does not end when cancelled (stuck in the kernel)
+            threading.Thread(target=_press_ctrl_c, daemon=True).start()
+            time.sleep(2.0)
             raise NodeUnavailableError(f"{self.name}: CANCELLED")
         if fault == "refuse":  # refused before any charge, as a node does
             raise BudgetExhaustedError(f"node {self.name!r}: cannot afford the rest of the job")
@@ -462,3 +467,15 @@ def test_an_evaluation_that_fails_stops_the_job_after_the_rounds_checkpoint(
         _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: 0.5)
     with pytest.raises(InvalidRequestError, match="evaluate returned 'auc': 'high'"):
         _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: {"auc": "high"})
+
+
+def test_an_interrupted_round_names_the_nodes_whose_calls_had_not_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(training_module, "_CANCELLED_CALLS_S", 0.2)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _train(_Coordinator([_Node("A", 0.0, faults={0: "stuck"})]), round_timeout_s=600.0)
+    assert caught.value.__notes__ == [
+        "round 1 of 2 was interrupted; A had not ended 0.2 s after the cancel and may have "
+        "charged it too (their ledgers say)"
+    ]

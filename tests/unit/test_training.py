@@ -1248,3 +1248,94 @@ def test_a_forward_that_gives_one_logit_per_batch_runs_per_record_in_every_pass(
     engine = TrainingEngine(table, registry=registry)
     engine.preflight(plan, weights)
     assert engine.train(plan, weights, rng=np.random.default_rng(0)).metrics
+
+
+def _centring_hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+    return out - out.mean(0, keepdim=True)
+
+
+def test_a_linear_stack_with_a_hook_takes_the_per_record_path() -> None:
+    # A forward hook can mix rows: the batched fast paths would let one record move every
+    # record's clipped term and metric (review finding). With any hook, no fast path.
+    model = nn.Sequential(nn.Linear(3, 1))
+    model[0].register_forward_hook(_centring_hook)
+    x = torch.zeros(4, 3)
+    neighbour = x.clone()
+    neighbour[3] = 100.0
+    y = torch.ones(4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _record_logits(model)(x)[:3], _record_logits(model)(neighbour)[:3]
+        )
+    _, norms = clipped_gradient_sum(model, x, y, clip_norm=1.0)
+    _, moved = clipped_gradient_sum(model, neighbour, y, clip_norm=1.0)
+    torch.testing.assert_close(norms[:3], moved[:3])
+    plain = nn.Sequential(nn.Linear(3, 1))
+    assert training_module._linear_stack(plain) is not None
+    assert training_module._linear_stack(model) is None
+    plain.forward = lambda x: x  # type: ignore[method-assign]
+    assert training_module._linear_stack(plain) is None
+
+
+class _Remembering(nn.Module):
+    """Keeps the last batch in a Python attribute: the next pass would read it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        self.previous: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if self.previous is not None:
+            out = out + self.previous.sum()
+        self.previous = x.detach()
+        return out
+
+
+def test_a_forward_that_keeps_a_record_in_an_attribute_is_refused_before_the_charge(
+    table: Table,
+) -> None:
+    # Per-record passes in chunks: record i of one chunk would show in record i of the
+    # next, and training records in the held-out metrics (review finding).
+    def remembering(spec: ModelSpec, dim: int) -> nn.Module:
+        return _Remembering(dim)
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "remembering": remembering}
+    policy = dataclasses.replace(POLICY, allowed_models=("remembering",))
+    spec = ModelSpec("remembering", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    with pytest.raises(InvalidRequestError, match="keeps values from a record's forward pass"):
+        engine.preflight(plan, weights)
+    # Trained anyway, the first pass that keeps a value stops the round: nothing released.
+    with pytest.raises(RuntimeError, match=r"keeps values .* in previous"):
+        engine.train(
+            dataclasses.replace(plan, sample_rate=0.5), weights, rng=np.random.default_rng(0)
+        )
+
+
+def test_the_model_size_cap_counts_buffers_the_weights_do_not_carry() -> None:
+    # A non-persistent buffer is built for real at the node, sized by the coordinator's
+    # hidden widths: it counts (review finding).
+    class Projected(nn.Module):
+        def __init__(self, dim: int, width: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(width, 1)
+            self.register_buffer("proj", torch.zeros(dim, width), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x @ self.proj)
+
+    def projected(spec: ModelSpec, dim: int) -> nn.Module:
+        return Projected(dim, spec.hidden[0])
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "projected": projected}
+    policy = dataclasses.replace(POLICY, allowed_models=("projected",), max_model_parameters=5000)
+    spec = ModelSpec("projected", "credit", FEATURES, "defaulted", (1000,))
+    with pytest.raises(InvalidRequestError, match=r"has \d+,\d{3} values; .*max_model_parameters"):
+        plan_training(**_request(spec=spec, policy=policy), registry=registry)
