@@ -8,6 +8,7 @@ benchmarks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -42,39 +43,55 @@ def roc_auc(scores: npt.NDArray[np.floating], labels: npt.NDArray[np.bool_]) -> 
     return u / (positives * negatives)
 
 
-def predict(model: nn.Module, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    """The model's scores (logits) for encoded inputs ``x``."""
+def predict(
+    model: nn.Module, x: npt.NDArray[np.float32], *, batch: int = 8192
+) -> npt.NDArray[np.float64]:
+    """The model's scores (logits) for encoded inputs ``x``, ``batch`` rows at a time (a
+    wide model's activations over a whole large set would take gigabytes)."""
     model.eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    parts = []
     with torch.no_grad():
-        out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    return np.asarray(out.reshape(-1).numpy(), dtype=np.float64)
+        for start in range(0, len(inputs), batch):
+            parts.append(model(inputs[start : start + batch]).reshape(-1).double().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def evaluator(
     x: npt.NDArray[np.floating], y: npt.NDArray[np.bool_]
 ) -> Callable[[nn.Module], dict[str, float]]:
     """The coordinator's own evaluation for ``train(evaluate=...)``: ROC-AUC, mean logistic
-    loss and accuracy (logit > 0) of the model on encoded inputs ``x`` and labels ``y``.
+    loss and accuracy (logit > 0) of the model on encoded inputs ``x`` and labels ``y``
+    (all NaN for a model with a non-finite score). The loss is not clamped per record as
+    the nodes' DP loss is (at ``LOSS_UPPER``), so the two differ on badly wrong records.
 
     ``x`` is the consumer's own records encoded as the nodes encode theirs
     (``federation.models.encode_features`` with the nodes' schema).
 
     Raises:
-        InvalidRequestError: ``x`` and ``y`` differ in length, or ``y`` lacks a class.
+        InvalidRequestError: ``x`` is not finite or not 2-D, ``y`` is not 1-D bool or
+            0/1, they differ in length, or ``y`` lacks a class.
     """
     inputs = np.ascontiguousarray(x, dtype=np.float32)
-    labels = np.asarray(y, dtype=bool)
-    if inputs.ndim != 2 or len(inputs) != len(labels):
+    raw = np.asarray(y)
+    if raw.ndim != 1 or inputs.ndim != 2 or len(inputs) != len(raw):
         raise InvalidRequestError(
-            f"x must be (records, inputs) with one label per record; got x {inputs.shape} "
-            f"and {len(labels)} labels"
+            f"x must be (records, inputs) with one label per record (y 1-D); got x "
+            f"{inputs.shape} and y {raw.shape}"
         )
+    if raw.dtype != bool and not (raw.dtype.kind in "iuf" and bool(np.isin(raw, (0, 1)).all())):
+        raise InvalidRequestError(f"labels must be bool or 0/1; got {raw.dtype} values")
+    if not np.isfinite(inputs).all():
+        raise InvalidRequestError("x holds NaN or infinite values")
+    labels = raw.astype(bool)
     if labels.all() or not labels.any():
         raise InvalidRequestError("evaluation labels need both classes (ROC-AUC is undefined)")
     targets = torch.from_numpy(labels.astype(np.float32))
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         scores = predict(model, inputs)
+        if not np.isfinite(scores).all():  # a diverged model: no figure looks plausible
+            return {"auc": math.nan, "loss": math.nan, "accuracy": math.nan}
         logits = torch.from_numpy(scores)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, targets.double())
         return {

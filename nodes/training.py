@@ -57,6 +57,7 @@ removing one record changes one part by that record and nothing else.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -131,6 +132,8 @@ MAX_CLIP_NORM = 1e6
 MIN_CLIP_NORM = 1e-6
 _MAX_JOB_ID = 128
 _CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped norm < clip_norm
+log = logging.getLogger(__name__)
+
 _EVAL_BATCH = 65_536
 # At most this many per-sample gradient values at once (64 MiB of float32; vmap's
 # intermediates take a few times that): an operator's architecture's batches go through
@@ -563,6 +566,7 @@ def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
     if not all(type(layer) in (nn.Linear, nn.ReLU) for layer in layers):
         return None
     if _has_hooks([model, *layers]) or any("forward" in vars(m) for m in (model, *layers)):
+        _warn_global_hooks()
         return None
     for layer in layers:
         if layer._buffers or (
@@ -570,6 +574,10 @@ def _linear_stack(model: nn.Module) -> list[nn.Module] | None:
         ):
             return None
     params = [id(p) for layer in layers for p in layer.parameters(recurse=False)]
+    if {id(p) for p in model.parameters()} != set(params) or model._buffers:
+        # The container holds a tensor of its own (register_parameter on the Sequential):
+        # not a plain stack.
+        return None
     if len(set(params)) != len(params):
         # A Linear used twice, or two sharing a weight: the per-sample gradient of the
         # shared tensor sums over its uses, whose norm the per-layer identity does not
@@ -603,6 +611,21 @@ def _has_hooks(modules: list[nn.Module]) -> bool:
     ):
         return True
     return any(getattr(m, name, None) for m in modules for name in _HOOK_DICTS)
+
+
+def _warn_global_hooks() -> None:
+    """Say once, in the node's log, when torch's global module hooks cost the fast path."""
+    global _WARNED_GLOBAL_HOOKS
+    if _WARNED_GLOBAL_HOOKS or not _has_hooks([]):
+        return
+    _WARNED_GLOBAL_HOOKS = True
+    log.warning(
+        "global torch module hooks are installed in this process (a profiler, a module "
+        "tracker, an operator's builder?): every model trains on the slower per-record path"
+    )
+
+
+_WARNED_GLOBAL_HOOKS = False
 
 
 def _leaked_record_values(model: nn.Module) -> list[str]:
@@ -641,8 +664,10 @@ def _check_no_leak(model: nn.Module) -> None:
     leaked = _leaked_record_values(model)
     if leaked:
         raise RuntimeError(
-            f"the model keeps values from a record's forward pass in {', '.join(leaked)}; "
-            "its forward must be a function of its parameters, buffers and the record alone"
+            f"the model keeps a tensor computed during a per-record pass in "
+            f"{', '.join(leaked)} (a record's values, or a cache the next pass would read "
+            "stale); its forward must be a function of its parameters, buffers and the "
+            "record alone"
         )
 
 

@@ -84,13 +84,10 @@ class Coordinator:
         identity = None
         if config.tls is not None:
             identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
-            if pki.is_server_certificate(identity.cert_pem):
-                # Every node would refuse it (PERMISSION_DENIED): say so before asking any.
-                raise ConfigError(
-                    f"tls.cert {config.tls.cert} may serve TLS (a node's certificate, or one "
-                    "without an extended key usage limiting it to clients); nodes refuse it "
-                    "as a consumer's: use one from `federation certs issue --role consumer`"
-                )
+            try:
+                _check_consumer_certificate(identity)
+            except ConfigError as err:
+                raise ConfigError(f"tls.cert {config.tls.cert}: {err}") from None
         return cls.from_addresses(
             {n.name: n.address for n in config.nodes},
             identity=identity,
@@ -112,7 +109,13 @@ class Coordinator:
         """Connect to ``{node name: "host:port"}``; TLS when ``identity`` is given.
 
         ``receive_window_bytes``: see ``NodeClient``.
+
+        Raises:
+            ConfigError: ``identity``'s certificate may serve TLS, which every node
+                refuses as a consumer's.
         """
+        if identity is not None:
+            _check_consumer_certificate(identity)
         clients = [
             NodeClient(
                 name,
@@ -459,6 +462,17 @@ def _check_enough(
         raise NodeUnavailableError(
             f"only {answered} of {total} nodes answered (need {needed}); "
             f"unavailable: {names}. Details: " + "; ".join(str(e) for e in failures.values())
+        )
+
+
+def _check_consumer_certificate(identity: pki.Identity) -> None:
+    """Every node refuses a certificate that may serve TLS as a consumer's
+    (PERMISSION_DENIED): say so before asking any."""
+    if pki.is_server_certificate(identity.cert_pem):
+        raise ConfigError(
+            "the certificate may serve TLS (a node's, or one without an extended key usage "
+            "limiting it to clients); nodes refuse it as a consumer's: use one from "
+            "`federation certs issue --role consumer`"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,8 @@ class RoundRecord:
             "failures": [list(f) for f in self.failures],
             "duration_s": self.duration_s,
             "charged": [n.to_dict() for n in self.charged],
-            "evaluation": dict(self.evaluation),
+            # JSON has no NaN: a non-finite value is written as null.
+            "evaluation": {k: v if math.isfinite(v) else None for k, v in self.evaluation},
         }
 
     @classmethod
@@ -138,6 +140,7 @@ class RoundRecord:
             duration_s=float(data["duration_s"]),
             charged=tuple(NodeRound.from_dict(n) for n in data.get("charged", ())),
             evaluation=tuple(
-                (str(k), float(v)) for k, v in dict(data.get("evaluation", {})).items()
+                (str(k), math.nan if v is None else float(v))
+                for k, v in dict(data.get("evaluation", {})).items()
             ),
         )

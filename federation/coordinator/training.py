@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -304,8 +305,10 @@ def train(
             returns metric name -> number (``federation.metrics.evaluator`` makes one
             from encoded inputs and labels: ROC-AUC, loss, accuracy). The values go in
             ``history[i].evaluation``, the progress bar and the summary. No node data is
-            involved and nothing is charged. If it raises, the job stops after the
-            round's checkpoint (``resume`` continues it).
+            involved and nothing is charged. It first runs on the starting weights,
+            before any round: if it raises there, the job is refused (nothing charged).
+            If it raises after a round, that round (already paid for) is kept without an
+            evaluation, a ``RuntimeWarning`` says why, and the job goes on.
 
     Returns:
         The global model and the per-round history.
@@ -374,6 +377,14 @@ def train(
     job.tensor_digest = tensor_digest
     job.schema = schema
     job.cost = _job_cost(config, rounds)
+    if evaluate is not None:
+        try:  # before any round is charged: a mistake in it must not cost budget
+            _evaluate(evaluate, job, registry)
+        except Exception as err:
+            raise InvalidRequestError(
+                f"evaluate fails on the job's starting weights, so no round was started "
+                f"(nothing was charged): {type(err).__name__}: {err}"
+            ) from err
     _run(
         coordinator,
         job,
@@ -431,13 +442,24 @@ def _run(
         bar.update(start)
         for round_index in range(start, job.rounds):
             record = _round(coordinator, job, round_index, total, pool)
-            failed: Exception | None = None
+            interrupted: BaseException | None = None
             if evaluate is not None:
                 try:
                     values = _evaluate(evaluate[0], job, evaluate[1])
                     record = dataclasses.replace(record, evaluation=values)
-                except Exception as err:  # the user's code: checkpoint the round first
-                    failed = err
+                except Exception as err:
+                    # The nodes have paid for this round: keep it and go on (the same
+                    # evaluation passed on the initial weights, so this is the data or
+                    # the moment, not the set-up).
+                    warnings.warn(
+                        f"evaluate failed after round {round_index + 1} of {job.rounds}: "
+                        f"{type(err).__name__}: {err}; the round is applied and the job goes "
+                        "on without its evaluation",
+                        RuntimeWarning,
+                        stacklevel=1,
+                    )
+                except BaseException as err:  # Ctrl-C: checkpoint the paid round first
+                    interrupted = err
             job.history.append(record)
             if directory is not None:
                 save_checkpoint(
@@ -447,13 +469,13 @@ def _run(
                     optimizer_state=job.optimizer.state,
                     document=_document(job),
                 )
-            if failed is not None:
-                failed.add_note(
-                    f"raised by evaluate after round {round_index + 1} of {job.rounds}; the "
-                    "round is applied"
+            if interrupted is not None:
+                interrupted.add_note(
+                    f"interrupted during evaluate after round {round_index + 1} of "
+                    f"{job.rounds}; the round is applied"
                     + (" and checkpointed (resume continues the job)" if directory else "")
                 )
-                raise failed
+                raise interrupted
             _show(bar, record, len(job.names))
             if on_round is not None:
                 on_round(record)

@@ -432,7 +432,7 @@ def test_the_coordinators_own_evaluation_runs_on_a_copy_after_every_round() -> N
 
     plain = _train(_Coordinator([_Node("A", 0.0)]), rounds=3)
     result = _train(_Coordinator([_Node("A", 0.0)]), rounds=3, evaluate=evaluate)
-    assert seen == [False, False, False]  # eval mode
+    assert seen == [False] * 4  # eval mode: the starting weights, then each round
     assert [dict(r.evaluation)["count"] for r in result.history] == [3.0, 3.0, 3.0]
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(tensor, result.model.state_dict()[name])
@@ -446,27 +446,54 @@ def test_the_coordinators_own_evaluation_runs_on_a_copy_after_every_round() -> N
     assert "the coordinator's evaluation of the global model on its own data" in table
 
 
-def test_an_evaluation_that_fails_stops_the_job_after_the_rounds_checkpoint(
-    tmp_path: Path,
-) -> None:
+def test_an_evaluation_that_fails_at_the_start_refuses_the_job_before_any_charge() -> None:
+    node = _Node("A", 0.0)
+
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         raise ValueError("my data file moved")
 
-    with pytest.raises(ValueError, match="my data file moved") as caught:
+    with pytest.raises(InvalidRequestError, match=r"no round was started \(nothing was charged\)"):
+        _train(_Coordinator([node]), rounds=3, evaluate=evaluate)
+    with pytest.raises(InvalidRequestError, match="evaluate must return a mapping"):
+        _train(_Coordinator([node]), evaluate=lambda model: 0.5)
+    with pytest.raises(InvalidRequestError, match="evaluate returned 'auc': 'high'"):
+        _train(_Coordinator([node]), evaluate=lambda model: {"auc": "high"})
+    assert node.charged == 0
+
+
+def test_an_evaluation_that_fails_after_a_round_keeps_the_paid_round_and_goes_on() -> None:
+    calls: list[int] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 3:  # the start, round 1, then round 2 fails
+            raise OSError("the share is down")
+        return {"n": float(len(calls))}
+
+    with pytest.warns(RuntimeWarning, match="evaluate failed after round 2 of 3: OSError"):
+        result = _train(_Coordinator([_Node("A", 0.0)]), rounds=3, evaluate=evaluate)
+    assert [r.evaluation for r in result.history] == [(("n", 2.0),), (), (("n", 4.0),)]
+
+
+def test_ctrl_c_during_an_evaluation_checkpoints_the_paid_round_first(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt) as caught:
         _train(
             _Coordinator([_Node("A", 0.0)]), rounds=3, evaluate=evaluate, checkpoint_dir=tmp_path
         )
     assert caught.value.__notes__ == [
-        "raised by evaluate after round 1 of 3; the round is applied and checkpointed "
-        "(resume continues the job)"
+        "interrupted during evaluate after round 1 of 3; the round is applied and "
+        "checkpointed (resume continues the job)"
     ]
     checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert len(checkpoint["history"]) == 1
-
-    with pytest.raises(InvalidRequestError, match="evaluate must return a mapping"):
-        _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: 0.5)
-    with pytest.raises(InvalidRequestError, match="evaluate returned 'auc': 'high'"):
-        _train(_Coordinator([_Node("A", 0.0)]), evaluate=lambda model: {"auc": "high"})
 
 
 def test_an_interrupted_round_names_the_nodes_whose_calls_had_not_ended(

@@ -1310,10 +1310,14 @@ def test_a_forward_that_keeps_a_record_in_an_attribute_is_refused_before_the_cha
     )
     weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
     engine = TrainingEngine(table, registry=registry)
-    with pytest.raises(InvalidRequestError, match="keeps values from a record's forward pass"):
+    with pytest.raises(
+        InvalidRequestError, match="keeps a tensor computed during a per-record pass"
+    ):
         engine.preflight(plan, weights)
     # Trained anyway, the first pass that keeps a value stops the round: nothing released.
-    with pytest.raises(RuntimeError, match=r"keeps values .* in previous"):
+    with pytest.raises(
+        RuntimeError, match=r"keeps a tensor computed during a per-record pass in previous"
+    ):
         engine.train(
             dataclasses.replace(plan, sample_rate=0.5), weights, rng=np.random.default_rng(0)
         )
@@ -1339,3 +1343,14 @@ def test_the_model_size_cap_counts_buffers_the_weights_do_not_carry() -> None:
     spec = ModelSpec("projected", "credit", FEATURES, "defaulted", (1000,))
     with pytest.raises(InvalidRequestError, match=r"has \d+,\d{3} values; .*max_model_parameters"):
         plan_training(**_request(spec=spec, policy=policy), registry=registry)
+
+
+def test_a_sequential_holding_a_tensor_of_its_own_is_not_a_plain_stack() -> None:
+    # Taken as a stack, its extra parameter had no place in the fast path's sums and the
+    # round failed after the charge, only when a record was sampled (review finding).
+    model = nn.Sequential(nn.Linear(3, 1))
+    model.register_parameter("temperature", nn.Parameter(torch.ones(1)))
+    assert training_module._linear_stack(model) is None
+    buffered = nn.Sequential(nn.Linear(3, 1))
+    buffered.register_buffer("scale", torch.ones(1))
+    assert training_module._linear_stack(buffered) is None
