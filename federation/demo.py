@@ -7,6 +7,7 @@ generated in this process; a real coordinator never has them.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -160,7 +161,7 @@ def _train(fed: Coordinator, pooled: Columns, *, rows: int, seed: int) -> None:
     )  # fmt: skip
     for record in result.history:
         spent = ", ".join(f"{n} {e:.2f}" for n, e in sorted(record.job_epsilon.items()))
-        auc = dict(record.evaluation)["auc"]
+        auc = dict(record.evaluation).get("auc", math.nan)  # none if evaluate failed
         out.write(
             f"round {record.round + 1}: nodes {len(record.nodes)}, epsilon {spent}, "
             f"held-out ROC-AUC {auc:.3f}\n"

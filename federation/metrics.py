@@ -48,6 +48,8 @@ def predict(
 ) -> npt.NDArray[np.float64]:
     """The model's scores (logits) for encoded inputs ``x``, ``batch`` rows at a time (a
     wide model's activations over a whole large set would take gigabytes)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InvalidRequestError(f"batch must be an integer >= 1; got {batch!r}")
     model.eval()
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     parts = []

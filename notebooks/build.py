@@ -259,7 +259,7 @@ QUICKSTART: list[Cell] = [
         training
         """
     ),
-    code("[round(dict(r.evaluation)['auc'], 3) for r in training.history]  # our own ROC-AUC"),
+    code("[round(dict(r.evaluation).get('auc', float('nan')), 3) for r in training.history]"),
     md(
         """
         `training.model` is an ordinary `torch.nn.Module`; `training.save(path)` writes it

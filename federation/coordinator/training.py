@@ -443,6 +443,7 @@ def _run(
         for round_index in range(start, job.rounds):
             record = _round(coordinator, job, round_index, total, pool)
             interrupted: BaseException | None = None
+            failure = ""
             if evaluate is not None:
                 try:
                     values = _evaluate(evaluate[0], job, evaluate[1])
@@ -450,13 +451,13 @@ def _run(
                 except Exception as err:
                     # The nodes have paid for this round: keep it and go on (the same
                     # evaluation passed on the initial weights, so this is the data or
-                    # the moment, not the set-up).
-                    warnings.warn(
+                    # the moment, not the set-up). Warned after the checkpoint: a filter
+                    # that turns warnings into errors must not lose the paid round.
+                    failure = (
                         f"evaluate failed after round {round_index + 1} of {job.rounds}: "
-                        f"{type(err).__name__}: {err}; the round is applied and the job goes "
-                        "on without its evaluation",
-                        RuntimeWarning,
-                        stacklevel=1,
+                        f"{type(err).__name__}: {err}; the round is applied"
+                        + (" and checkpointed" if directory else "")
+                        + " and the job goes on without its evaluation"
                     )
                 except BaseException as err:  # Ctrl-C: checkpoint the paid round first
                     interrupted = err
@@ -469,6 +470,8 @@ def _run(
                     optimizer_state=job.optimizer.state,
                     document=_document(job),
                 )
+            if failure:
+                warnings.warn(failure, RuntimeWarning, stacklevel=1)
             if interrupted is not None:
                 interrupted.add_note(
                     f"interrupted during evaluate after round {round_index + 1} of "

@@ -83,3 +83,13 @@ def test_a_coordinator_with_a_certificate_that_may_serve_tls_is_stopped_at_start
     )
     with Coordinator.from_coordinator_config(as_consumer) as fed:
         assert list(fed.clients) == ["hong-kong"]
+
+
+def test_from_addresses_refuses_a_certificate_that_may_serve_tls(tmp_path: Path) -> None:
+    from federation import pki
+
+    pki.init_ca(tmp_path, name="test-ca")
+    cert, key = pki.issue(tmp_path, name="hong-kong", role="node", out_dir=tmp_path)
+    identity = pki.Identity.load(ca=tmp_path / "ca.pem", cert=cert, key=key)
+    with pytest.raises(ConfigError, match="may serve TLS"):
+        Coordinator.from_addresses({"hong-kong": "127.0.0.1:5001"}, identity=identity)

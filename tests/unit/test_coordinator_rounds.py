@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -506,3 +507,29 @@ def test_an_interrupted_round_names_the_nodes_whose_calls_had_not_ended(
         "round 1 of 2 was interrupted; A had not ended 0.2 s after the cancel and may have "
         "charged it too (their ledgers say)"
     ]
+
+
+def test_a_failed_evaluation_is_checkpointed_even_where_warnings_are_errors(
+    tmp_path: Path,
+) -> None:
+    # The warning comes after the checkpoint: a "warnings are errors" filter stops the
+    # job, but the paid round is in the checkpoint (review finding).
+    calls: list[int] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("the share is down")
+        return {}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="round 1 of 3: OSError.*and checkpointed"):
+            _train(
+                _Coordinator([_Node("A", 0.0)]),
+                rounds=3,
+                evaluate=evaluate,
+                checkpoint_dir=tmp_path,
+            )
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert len(checkpoint["history"]) == 1

@@ -1354,3 +1354,22 @@ def test_a_sequential_holding_a_tensor_of_its_own_is_not_a_plain_stack() -> None
     buffered = nn.Sequential(nn.Linear(3, 1))
     buffered.register_buffer("scale", torch.ones(1))
     assert training_module._linear_stack(buffered) is None
+
+
+def test_global_module_hooks_cost_the_fast_path_and_are_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training_module, "_WARNED_GLOBAL_HOOKS", False)
+    model = nn.Sequential(nn.Linear(3, 1))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with caplog.at_level("WARNING", logger="nodes.training"):
+            assert training_module._linear_stack(model) is None
+            assert training_module._linear_stack(model) is None
+    finally:
+        handle.remove()
+    assert [r.message for r in caplog.records].count(
+        "global torch module hooks are installed in this process (a profiler, a module "
+        "tracker, an operator's builder?): every model trains on the slower per-record path"
+    ) == 1
+    assert training_module._linear_stack(model) is not None  # back once it is removed
