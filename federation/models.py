@@ -19,8 +19,10 @@ category feature, in feature order.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -36,6 +38,8 @@ __all__ = [
     "MAX_HIDDEN_LAYERS",
     "MAX_HIDDEN_WIDTH",
     "MODEL_REGISTRY",
+    "PROBE_ROWS",
+    "PROBE_TOLERANCE",
     "ModelBuilder",
     "ModelSpec",
     "arrays_to_state",
@@ -45,6 +49,9 @@ __all__ = [
     "has_unsaved_buffers",
     "initial_arrays",
     "input_dim",
+    "probe_difference",
+    "probe_inputs",
+    "probe_logits",
     "state_shapes",
     "state_to_arrays",
     "state_views",
@@ -388,3 +395,61 @@ def _category_codes(
     if codes.size and (codes.min() < 0 or codes.max() >= len(domain)):
         raise InvalidRequestError(f"feature {name!r} has a code outside its public domain")
     return codes
+
+
+# ------------------------------------------------------------------ function probe
+
+PROBE_ROWS = 8
+PROBE_TOLERANCE = 1e-2
+"""Largest relative difference of two builds' probe logits taken as the same function."""
+
+
+def probe_inputs(input_dim: int) -> npt.NDArray[np.float32]:
+    """``PROBE_ROWS`` public rows of ``input_dim`` values in [-2, 2), the same everywhere.
+
+    They come from SHAKE-256 of a fixed label (not from a seeded generator, whose stream a
+    library update may change), so a coordinator and a node compute them identically
+    without exchanging them. They are made-up values, never records.
+    """
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise InvalidRequestError(f"input_dim must be an integer >= 1; got {input_dim!r}")
+    count = PROBE_ROWS * input_dim
+    raw = hashlib.shake_256(f"federation-probe-v1:{input_dim}".encode()).digest(4 * count)
+    unit = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
+    return (4.0 * unit - 2.0).astype(np.float32).reshape(PROBE_ROWS, input_dim)
+
+
+def probe_logits(module: nn.Module, input_dim: int) -> tuple[float, ...]:
+    """The module's outputs on :func:`probe_inputs`, in eval mode, without gradients.
+
+    A coordinator sends these with a round of an operator-registered architecture; the
+    node computes its own build's on the same weights and refuses the round, before any
+    charge, when they differ (``probe_difference``): two builders with the same tensor
+    names and shapes but another forward (Tanh for ReLU) would otherwise be averaged as
+    one model. The module is left in eval mode.
+    """
+    first = next(iter(module.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    x = torch.from_numpy(probe_inputs(input_dim)).to(device)
+    module.eval()
+    with torch.no_grad():
+        out = module(x)
+    if not isinstance(out, torch.Tensor):
+        raise InvalidRequestError(f"the model returned {type(out).__name__}, not a tensor")
+    return tuple(float(v) for v in out.detach().reshape(-1).double().cpu().tolist())
+
+
+def probe_difference(expected: Sequence[float], got: Sequence[float]) -> float:
+    """The largest difference of ``got`` from ``expected``, relative to ``expected``'s scale.
+
+    ``inf`` when the counts differ or a value is not finite. Below
+    :data:`PROBE_TOLERANCE` counts as the same function: float32 results of the same
+    forward on other hardware (another BLAS, TF32 on a GPU) differ by far less, two
+    different forwards by far more.
+    """
+    if len(expected) != len(got) or not all(math.isfinite(v) for v in (*expected, *got)):
+        return math.inf
+    if not expected:
+        return 0.0
+    scale = max(abs(v) for v in expected) + 1e-3
+    return max(abs(a - b) for a, b in zip(expected, got, strict=True)) / scale

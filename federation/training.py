@@ -36,6 +36,7 @@ import numpy.typing as npt
 from blake3 import blake3
 
 from federation.errors import InvalidRequestError
+from federation.models import PROBE_ROWS
 from federation.releases import BudgetStatus, NoiseInfo, Receipt
 
 if TYPE_CHECKING:
@@ -85,9 +86,21 @@ class TrainConfig:
     job_id: str
     metrics_epsilon: float = 0.0
     tensor_digest: TensorDigest = DEFAULT_TENSOR_DIGEST
+    # The coordinator's build's outputs on the public probe rows with these global weights
+    # (federation.models.probe_logits), sent for an operator-registered architecture: the
+    # node refuses the round, uncharged, if its own build computes another function.
+    # Empty: no check (a built-in architecture is the same code on both sides).
+    probe_logits: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_tensor_digest(self.tensor_digest)
+        if len(self.probe_logits) not in (0, PROBE_ROWS) or not all(
+            math.isfinite(v) for v in self.probe_logits
+        ):
+            raise InvalidRequestError(
+                f"probe_logits must be empty or {PROBE_ROWS} finite numbers; got "
+                f"{len(self.probe_logits)} values"
+            )
         if not 1 <= self.total_rounds <= 2**31:
             raise InvalidRequestError(f"total_rounds must be >= 1; got {self.total_rounds}")
         if not 0 <= self.round < self.total_rounds:

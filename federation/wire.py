@@ -984,6 +984,7 @@ def train_config_to_proto(
         metrics_epsilon=config.metrics_epsilon,
         tensors=[tensor_header_to_proto(h) for h in tensors],
         tensor_digest=config.tensor_digest,
+        probe_logits=config.probe_logits,
     )
 
 
@@ -1012,6 +1013,7 @@ def train_config_from_proto(
         job_id=msg.job_id,
         metrics_epsilon=msg.metrics_epsilon,
         tensor_digest=check_tensor_digest(msg.tensor_digest or LEGACY_TENSOR_DIGEST),
+        probe_logits=tuple(msg.probe_logits),
     )
     return config, tuple(tensor_header_from_proto(h) for h in msg.tensors)
 

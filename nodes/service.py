@@ -271,7 +271,9 @@ class NodeService(pb_grpc.NodeServicer):
                     f"train job {plan.job_id} round {plan.round}: the call ended or ran past "
                     "its deadline while the weights arrived; nothing was charged"
                 )
-            trainer.preflight(plan, weights)  # an architecture that cannot train: refused
+            # An architecture that cannot train, or computes another function than the
+            # coordinator's build of it: refused, uncharged.
+            trainer.preflight(plan, weights, probe_logits=config.probe_logits)
             record = self.ledger.charge(
                 plan.charge,
                 policy=policy,

@@ -61,7 +61,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -75,6 +75,7 @@ from torch.func import functional_call, grad, vmap
 from federation.errors import BudgetExhaustedError, ConfigError, InvalidRequestError, PolicyError
 from federation.models import (
     MODEL_REGISTRY,
+    PROBE_TOLERANCE,
     ModelBuilder,
     ModelSpec,
     arrays_to_state,
@@ -83,6 +84,8 @@ from federation.models import (
     encode_features,
     has_unsaved_buffers,
     input_dim,
+    probe_difference,
+    probe_logits,
     state_shapes,
     state_to_arrays,
     state_views,
@@ -1175,8 +1178,20 @@ class TrainingEngine:
             steps=plan.local_steps,
         )
 
-    def preflight(self, plan: TrainPlan, weights: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    def preflight(
+        self,
+        plan: TrainPlan,
+        weights: Mapping[str, npt.NDArray[np.generic]],
+        *,
+        probe_logits: Sequence[float] = (),
+    ) -> None:
         """Check, before the charge, that this round can train without touching any record.
+
+        With ``probe_logits`` (the coordinator's build's outputs on the public probe rows
+        with these weights, ``federation.models.probe_logits``), this node's build must
+        give the same, within ``PROBE_TOLERANCE``: the two builders of an operator's
+        architecture could agree on every tensor name and shape and still compute
+        different functions, and the coordinator would average them as one.
 
         The built-in Linear/ReLU stacks always can. An operator's architecture runs one
         DP-SGD gradient and one evaluation pass on two made-up rows (zeros, labels 0 and
@@ -1187,12 +1202,14 @@ class TrainingEngine:
         writes a buffer is refused (and may have written it).
 
         Raises:
-            InvalidRequestError: the weights do not fit the plan, or the architecture fails
-                on the made-up rows (nothing has been charged).
+            InvalidRequestError: the weights do not fit the plan, the architecture fails
+                on the made-up rows, or it computes another function than the
+                coordinator's (nothing has been charged).
         """
         with torch.device("meta"):  # the structure alone: no memory, no RNG
             skeleton = build_model(plan.spec, input_dim=plan.input_dim, registry=self.registry)
-        if _linear_stack(skeleton) is not None:
+        plain = _linear_stack(skeleton) is not None
+        if plain and not probe_logits:
             return
         check_weights(plan, weights)
         # Adopted, not copied: nothing below writes a parameter, and a buffer written
@@ -1200,6 +1217,10 @@ class TrainingEngine:
         model = self._model(plan, weights, in_place=True)
         model.eval()
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        if probe_logits:
+            _check_probe(plan, model, probe_logits)
+        if plain:
+            return
         x = torch.zeros((2, plan.input_dim), device=self.device)
         y = torch.tensor([0.0, 1.0], device=self.device)
         try:
@@ -1304,6 +1325,29 @@ class TrainingEngine:
             while len(self._cache) > _DATA_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
         return tensors
+
+
+def _check_probe(plan: TrainPlan, model: nn.Module, expected: Sequence[float]) -> None:
+    """Refuse a round whose model here computes another function than the coordinator's."""
+    name = plan.spec.architecture
+    try:
+        got = probe_logits(model, plan.input_dim)
+    except Exception as err:  # an operator's code
+        gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise InvalidRequestError(
+            f"architecture {name!r} fails on the public probe rows at this node: {gist}; "
+            "nothing was charged"
+        ) from err
+    difference = probe_difference(expected, got)
+    if difference > PROBE_TOLERANCE:
+        raise InvalidRequestError(
+            f"architecture {name!r} at this node computes another function than the "
+            f"coordinator's builder of it: with the round's weights, their outputs on the "
+            f"public probe rows differ by {difference:.3g} of their scale (at most "
+            f"{PROBE_TOLERANCE:g} is taken as the same), though every tensor's name and "
+            "shape match. Both sides must build it from the same code (the node's "
+            "[architectures] entry and the coordinator's architectures=); nothing was charged"
+        )
 
 
 def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

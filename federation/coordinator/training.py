@@ -62,12 +62,14 @@ from federation.errors import (
     NodeUnavailableError,
 )
 from federation.models import (
+    PROBE_ROWS,
     ModelBuilder,
     ModelSpec,
     build_model,
     check_arrays,
     has_unsaved_buffers,
     input_dim,
+    probe_logits,
     state_shapes,
     state_views,
 )
@@ -239,6 +241,9 @@ class _Job:
     # What the whole job costs at each node (every round composed, metrics included): a
     # training job is one release there, so it must fit the node's per-release cap.
     cost: float = 0.0
+    # The builders, when the architecture is an operator's (not built in): each round then
+    # carries this coordinator's probe logits, which every node checks its own build against.
+    probe_registry: Mapping[str, ModelBuilder] | None = None
 
 
 def train(
@@ -377,6 +382,8 @@ def train(
     job.tensor_digest = tensor_digest
     job.schema = schema
     job.cost = _job_cost(config, rounds)
+    if spec.architecture not in EXTENDED_REGISTRY:
+        job.probe_registry = registry
     if evaluate is not None:
         try:  # before any round is charged: a mistake in it must not cost budget
             _evaluate(evaluate, job, registry)
@@ -500,6 +507,7 @@ def _round(
         total_rounds=job.rounds,
         job_id=job.job_id,
         tensor_digest=job.tensor_digest,
+        probe_logits=_probe(job),
         **job.config,
     )
     # A node not described yet (say, unreachable when the job started) is described and its
@@ -814,6 +822,30 @@ def _quorum_error(
     return NodeUnavailableError(
         f"{label}: only {completed} node(s) completed (need {needed}); {summary}{note}"
     )
+
+
+def _probe(job: _Job) -> tuple[float, ...]:
+    """This coordinator's build's logits on the public probe rows with the global weights
+    (operator architectures only; see ``TrainConfig.probe_logits``), on a copy of them:
+    an operator's forward may write its buffers."""
+    if job.probe_registry is None:
+        return ()
+    copies = {name: np.array(a, copy=True) for name, a in job.weights.items()}
+    model = _module_from_arrays(job.spec, job.dim, copies, job.probe_registry)
+    try:
+        logits = probe_logits(model, job.dim)
+    except Exception as err:
+        raise InvalidRequestError(
+            f"architecture {job.spec.architecture!r} fails on the public probe rows here "
+            f"(federation.models.probe_inputs): {type(err).__name__}: {err}"
+        ) from err
+    if len(logits) != PROBE_ROWS or not all(math.isfinite(v) for v in logits):
+        raise InvalidRequestError(
+            f"architecture {job.spec.architecture!r} gave {len(logits)} outputs for "
+            f"{PROBE_ROWS} probe rows, or a non-finite one; a model must give one finite "
+            "logit per row"
+        )
+    return logits
 
 
 def _evaluate(

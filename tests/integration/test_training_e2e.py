@@ -329,6 +329,14 @@ class TanhNet(nn.Module):
 
 def tanh_net(spec, input_dim):
     return TanhNet(input_dim)
+
+class ReluNet(TanhNet):  # every tensor's name and shape as TanhNet's; another forward
+    def __init__(self, input_dim):
+        super().__init__(input_dim)
+        self.body[1] = nn.ReLU()
+
+def relu_net(spec, input_dim):
+    return ReluNet(input_dim)
 """
 
 
@@ -354,6 +362,20 @@ def test_an_architecture_the_operators_register_trains_end_to_end(tmp_path: Path
         with pytest.raises(InvalidRequestError, match="needs its builder here too"):
             fed.train(spec, rounds=2, target_epsilon=2.0, **TRAINING)
         assert releases(fed) == before  # refused before any node was asked
+        # A coordinator whose builder of the name computes another function (ReLU for
+        # Tanh, same tensors): each node compares its build's outputs on the public probe
+        # rows with the coordinator's and refuses the round before the charge.
+        with pytest.raises(InvalidRequestError, match="computes another function") as info:
+            fed.train(
+                spec,
+                rounds=2,
+                target_epsilon=2.0,
+                architectures={"tanh-net": load_builder(f"{builder}:relu_net")},
+                **TRAINING,
+            )
+        assert "hong-kong" in str(info.value)
+        assert "shenzhen" in str(info.value)
+        assert releases(fed) == before
         result = fed.train(
             spec,
             rounds=2,

@@ -254,6 +254,7 @@ def test_train_streams_round_trip_through_frames() -> None:
         clip_norm=1.0,
         job_id="job-1",
         metrics_epsilon=0.1,
+        probe_logits=(0.5, -1.25, 3.0, 0.0, -0.375, 1e-3, 7.5, -2.0),
     )
     weights = {
         "0.weight": np.arange(6, dtype=np.float32).reshape(3, 2),

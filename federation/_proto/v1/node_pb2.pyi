@@ -332,7 +332,7 @@ class ModelSpec(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., hidden: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors", "tensor_digest")
+    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors", "tensor_digest", "probe_logits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class TrainConfig(_message.Message):
     METRICS_EPSILON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PROBE_LOGITS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     round: int
     total_rounds: int
@@ -359,7 +360,8 @@ class TrainConfig(_message.Message):
     metrics_epsilon: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     tensor_digest: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., tensor_digest: _Optional[str] = ...) -> None: ...
+    probe_logits: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., tensor_digest: _Optional[str] = ..., probe_logits: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("config", "chunk")
