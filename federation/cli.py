@@ -377,7 +377,9 @@ def _verify_receipts(args: argparse.Namespace) -> int:
     results = receipts.verify_records(records, ca_pem=ca_pem, node_keys=dict(args.node_cert))
     for record, failure in results:
         r = record.receipt
-        head = f"{r.node_name:<14} receipt {r.id[:12]} entry {r.sequence:<6} epsilon {r.epsilon:g}"
+        head = (
+            f"{r.node_name:<14} receipt {r.id[:12]} release {r.sequence:<6} epsilon {r.epsilon:g}"
+        )
         print(f"{head}  {'OK' if failure is None else 'FAILED: ' + failure}")
     failed = sum(1 for _, failure in results if failure is not None)
     anchor = "signing certificates issued by the given CA" if ca_pem else "keys given"

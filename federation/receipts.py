@@ -22,8 +22,9 @@ as Python's shortest round-trip ``repr`` of the IEEE-754 double (``1.0``, ``0.1`
 
 **Receipt signature** (``Receipt.signature``): the node's signature over
 ``b"federation-receipt-v1\\n" + canonical_json(fields)`` (:func:`receipt_message`) where
-``fields`` are the receipt's id, sequence, node, consumer, operation, issued_at, epsilon,
-delta, charge_id, payload_sha256 and key_id. ECDSA P-256 with SHA-256 (DER signature) when
+``fields`` are the receipt's id, sequence (the consumer's release number at the node: 1,
+2, ...), node, consumer, operation, issued_at, epsilon, delta, charge_id, payload_sha256
+and key_id. ECDSA P-256 with SHA-256 (DER signature) when
 the node signs with its TLS key, or Ed25519 for a plaintext development node. ``key_id``
 is the first 32 hex digits of SHA-256 over the key's SubjectPublicKeyInfo DER.
 

@@ -108,7 +108,10 @@ class Receipt:
     payload_sha256: str = ""  # hex SHA-256 of the released values' canonical JSON
     signature: bytes = b""  # the node's signature over receipts.receipt_message(...)
     key_id: str = ""  # the signing key (receipts.key_id_of)
-    sequence: int = 0  # position of the release entry in the node's audit chain
+    # The consumer's releases at this node, numbered 1, 2, ... (never the audit chain's
+    # position, which would show how much other consumers asked); a gap is a release
+    # under the consumer's name that it did not receive.
+    sequence: int = 0
     epsilon: float = 0.0  # cost of the release
     delta: float = 0.0
     operation: str = ""  # "analyze", "train", ...

@@ -14,7 +14,10 @@ Entries, in order (``seq`` 1, 2, ... with no gaps):
 * ``release``: references its charge; SHA-256 of the exact payload released
   (``federation.receipts``); written after computing and *before* sending. A crash in
   between leaves a visible "charged, never released" charge: wasted budget, never an
-  unrecorded release.
+  unrecorded release. ``consumer_release`` numbers the consumer's releases 1, 2, ...:
+  it is the ``sequence`` of the consumer's receipt, which so reveals nothing of other
+  consumers' activity (the chain's ``seq`` would), and a gap in the numbers a consumer
+  holds is a release under its name that it never received.
 * ``refused``: a refused request (consumer if known, status code, reason); costs nothing.
   At most :data:`REFUSALS_PER_MINUTE` per consumer and :data:`REFUSALS_PER_MINUTE_TOTAL` in
   all are written; the rest are counted in ``suppressed_before`` of the next one written
@@ -113,6 +116,8 @@ CREATE TABLE IF NOT EXISTS audit (
     signature BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_kind ON audit (kind, seq);
+-- A consumer's releases, counted for each new receipt's number.
+CREATE INDEX IF NOT EXISTS audit_consumer_kind ON audit (consumer, kind);
 -- One release per charge, enforced by the database.
 CREATE UNIQUE INDEX IF NOT EXISTS audit_release_of ON audit (ref) WHERE kind = 'release';
 """
@@ -542,8 +547,16 @@ class AuditChain:
             if row is None:
                 raise ValueError(f"charge {charge_id!r} is not in the audit chain")
             charge = json.loads(row[1])
+            consumer = str(charge["consumer"])
+            # The receipt's number counts this consumer's releases only (1, 2, ...): the
+            # chain's position would tell a consumer how much others asked in between.
+            (earlier,) = conn.execute(
+                "SELECT COUNT(*) FROM audit WHERE consumer = ? AND kind = 'release'",
+                (consumer,),
+            ).fetchone()
             fields: dict[str, float] = {
                 "charge_sequence": int(row[0]),
+                "consumer_release": int(earlier) + 1,
                 "epsilon": float(charge["epsilon"]),
                 "delta": float(charge["delta"]),
             }
@@ -551,7 +564,7 @@ class AuditChain:
                 entry = self.append(
                     conn,
                     "release",
-                    consumer=str(charge["consumer"]),
+                    consumer=consumer,
                     operation=str(charge["operation"]),
                     fields={**fields, "payload_sha256": payload_sha256},
                     ref=charge_id,
@@ -565,7 +578,7 @@ class AuditChain:
             issued_at=entry.time,
             payload_sha256=payload_sha256,
             key_id=self.signer.key_id,
-            sequence=entry.sequence,
+            sequence=int(fields["consumer_release"]),
             epsilon=fields["epsilon"],
             delta=fields["delta"],
             operation=entry.operation,

@@ -494,14 +494,25 @@ def check_receipts(conn: sqlite3.Connection, records: Iterable[ReceiptRecord]) -
     for record in records:
         receipt = record.receipt
         row = conn.execute(
-            "SELECT id, kind, ref, body FROM audit WHERE seq = ?", (receipt.sequence,)
+            "SELECT seq, kind, ref, body FROM audit WHERE id = ?", (receipt.id,)
         ).fetchone()
-        label = f"receipt {receipt.id} (entry {receipt.sequence}, node {receipt.node_name!r})"
+        label = (
+            f"receipt {receipt.id} (release {receipt.sequence} of {receipt.consumer!r}, "
+            f"node {receipt.node_name!r})"
+        )
         body = _parse(str(row[3])) if row else None
+        # The receipt's number is the consumer's release count (``consumer_release``);
+        # receipts from before it was were numbered by the chain's position.
+        number = body.get("consumer_release", row[0]) if row and body is not None else None
         if row is None or body is None:
             failures.append(f"{label}: no such entry in the ledger (deleted or truncated)")
-        elif (row[0], row[1], row[2]) != (receipt.id, "release", receipt.charge_id):
-            failures.append(f"{label}: the ledger's entry {receipt.sequence} is another one")
+        elif (row[1], row[2], body.get("consumer"), number) != (
+            "release",
+            receipt.charge_id,
+            receipt.consumer,
+            receipt.sequence,
+        ):
+            failures.append(f"{label}: the ledger's entry {receipt.id} is another release")
         elif body.get("payload_sha256") != receipt.payload_sha256 or (
             body.get("epsilon"),
             body.get("delta"),

@@ -355,6 +355,55 @@ def test_receipt_verifies_against_the_released_bytes(busy: Ledger) -> None:
     )
 
 
+def test_a_receipt_numbers_its_consumers_releases_not_the_chain(ledger: Ledger) -> None:
+    # Numbered by the chain's position, acme's receipts 1 and 4 would show that three
+    # entries (beta's charge and release, a refusal) came in between: another consumer's
+    # activity. Each consumer's receipts count its own releases: 1, 2, 3.
+    acme = [release(ledger, POLICY, 1.0)]
+    beta = [release(ledger, OTHER, 2.0)]
+    ledger.record_refusal(consumer="beta", operation="analyze", code="INVALID_ARGUMENT", reason="r")
+    ledger.charge(CHARGE, policy=OTHER, operation="analyze", details={"query": "sum"})
+    acme += [release(ledger, POLICY, 3.0), release(ledger, POLICY, 4.0)]
+    beta.append(release(ledger, OTHER, 5.0))
+    assert [r.sequence for r in acme] == [1, 2, 3]
+    assert [r.sequence for r in beta] == [1, 2]
+    conn = ledger.connection()
+    held = [
+        ReceiptRecord("hong-kong", r, payload(v))
+        for r, v in zip(acme, (1.0, 3.0, 4.0), strict=True)
+    ]
+    held += [
+        ReceiptRecord("hong-kong", r, payload(v)) for r, v in zip(beta, (2.0, 5.0), strict=True)
+    ]
+    assert check_receipts(conn, held) == []
+    assert verify_chain(conn).is_intact
+    # A receipt that claims another number than its entry's is not that release.
+    renumbered = Receipt(**{**_fields(acme[1]), "sequence": 7})
+    (failure,) = check_receipts(conn, [ReceiptRecord("hong-kong", renumbered, payload(3.0))])
+    assert "is another release" in failure
+
+
+def test_a_receipt_numbered_by_the_chain_before_consumer_numbers_still_checks(
+    ledger: Ledger,
+) -> None:
+    # Release entries written before ``consumer_release`` existed: their receipts carry
+    # the chain position, and the auditor still matches them.
+    receipt = release(ledger, POLICY, 1.0)
+    conn = db(ledger)
+    (seq, body) = conn.execute("SELECT seq, body FROM audit WHERE id = ?", (receipt.id,)).fetchone()
+    old = json.loads(body)
+    del old["consumer_release"]
+    conn.execute("UPDATE audit SET body = ? WHERE id = ?", (json.dumps(old), receipt.id))
+    conn.close()
+    legacy = Receipt(**{**_fields(receipt), "sequence": seq})
+    assert check_receipts(
+        ledger.connection(), [ReceiptRecord("hong-kong", legacy, payload(1.0))]
+    ) == [
+        f"receipt {receipt.id} (release {seq} of 'acme', node 'hong-kong'): its signature does "
+        "not verify with the node's key"
+    ]  # matched to its entry; only the signature (over the old number) differs here
+
+
 def _fields(receipt: Receipt) -> dict[str, object]:
     return {name: getattr(receipt, name) for name in receipt.__dataclass_fields__}
 
