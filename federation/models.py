@@ -405,18 +405,20 @@ PROBE_TOLERANCE = 1e-2
 
 
 def probe_inputs(input_dim: int) -> npt.NDArray[np.float32]:
-    """``PROBE_ROWS`` public rows of ``input_dim`` values in [-2, 2), the same everywhere.
+    """``PROBE_ROWS`` public rows of ``input_dim`` values in [0, 1), the same everywhere.
 
-    They come from SHAKE-256 of a fixed label (not from a seeded generator, whose stream a
-    library update may change), so a coordinator and a node compute them identically
-    without exchanging them. They are made-up values, never records.
+    [0, 1) is where encoded records lie (``encode_features`` scales every feature there),
+    so a forward that is finite on records (``x.sqrt()``) is finite on these. They come
+    from SHAKE-256 of a fixed label (not from a seeded generator, whose stream a library
+    update may change), so a coordinator and a node compute them identically without
+    exchanging them. They are made-up values, never records.
     """
     if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
         raise InvalidRequestError(f"input_dim must be an integer >= 1; got {input_dim!r}")
     count = PROBE_ROWS * input_dim
-    raw = hashlib.shake_256(f"federation-probe-v1:{input_dim}".encode()).digest(4 * count)
+    raw = hashlib.shake_256(f"federation-probe-v2:{input_dim}".encode()).digest(4 * count)
     unit = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
-    return (4.0 * unit - 2.0).astype(np.float32).reshape(PROBE_ROWS, input_dim)
+    return unit.astype(np.float32).reshape(PROBE_ROWS, input_dim)
 
 
 def probe_logits(module: nn.Module, input_dim: int) -> tuple[float, ...]:
@@ -426,14 +428,17 @@ def probe_logits(module: nn.Module, input_dim: int) -> tuple[float, ...]:
     node computes its own build's on the same weights and refuses the round, before any
     charge, when they differ (``probe_difference``): two builders with the same tensor
     names and shapes but another forward (Tanh for ReLU) would otherwise be averaged as
-    one model. The module is left in eval mode.
+    one model. The forward runs on copies of the parameters and buffers, so what it
+    writes there never reaches the module's. The module is left in eval mode.
     """
     first = next(iter(module.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     x = torch.from_numpy(probe_inputs(input_dim)).to(device)
     module.eval()
     with torch.no_grad():
-        out = module(x)
+        params = {name: p.detach().clone() for name, p in module.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        out = torch.func.functional_call(module, (params, buffers), (x,))
     if not isinstance(out, torch.Tensor):
         raise InvalidRequestError(f"the model returned {type(out).__name__}, not a tensor")
     return tuple(float(v) for v in out.detach().reshape(-1).double().cpu().tolist())

@@ -1198,8 +1198,8 @@ class TrainingEngine:
         1), in eval mode as a round does: one that cannot take per-sample gradients (an
         in-place update of a captured tensor, data-dependent control flow) would otherwise
         fail only when a batch holds records, after the charge, and so tell the coordinator
-        whether any record was sampled. Parameters are not modified; an architecture that
-        writes a buffer is refused (and may have written it).
+        whether any record was sampled. These passes run on a copy of the weights, so
+        ``weights`` are never modified; an architecture that writes a buffer is refused.
 
         Raises:
             InvalidRequestError: the weights do not fit the plan, the architecture fails
@@ -1212,15 +1212,16 @@ class TrainingEngine:
         if plain and not probe_logits:
             return
         check_weights(plan, weights)
-        # Adopted, not copied: nothing below writes a parameter, and a buffer written
-        # makes the round refused (the service then drops these buffers).
-        model = self._model(plan, weights, in_place=True)
+        if plain:  # adopted, not copied: the probe's forward runs on copies
+            _check_probe(plan, self._model(plan, weights, in_place=True), probe_logits)
+            return
+        # A copy: an operator's forward may write its parameters or buffers (from the
+        # made-up rows only), and the round must train from the weights as received.
+        model = self._model(plan, weights, in_place=False)
         model.eval()
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         if probe_logits:
             _check_probe(plan, model, probe_logits)
-        if plain:
-            return
         x = torch.zeros((2, plan.input_dim), device=self.device)
         y = torch.tensor([0.0, 1.0], device=self.device)
         try:
@@ -1346,7 +1347,9 @@ def _check_probe(plan: TrainPlan, model: nn.Module, expected: Sequence[float]) -
             f"public probe rows differ by {difference:.3g} of their scale (at most "
             f"{PROBE_TOLERANCE:g} is taken as the same), though every tensor's name and "
             "shape match. Both sides must build it from the same code (the node's "
-            "[architectures] entry and the coordinator's architectures=); nothing was charged"
+            "[architectures] entry and the coordinator's architectures=), and a buffer the "
+            "weights do not carry (non-persistent) must not be set from random values; "
+            "nothing was charged"
         )
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from federation.coordinator._aggregate import ServerOptimizer
-from federation.coordinator.training import _Job, _probe
+from federation.coordinator.training import _Job, _probe, _probe_registry
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.errors import InvalidRequestError
 from federation.models import (
@@ -30,7 +30,7 @@ from federation.models import (
 from federation.training import TrainConfig
 from nodes.config import ConsumerPolicy
 from nodes.data import Table, table_from_arrays
-from nodes.training import TrainingEngine, TrainPlan, plan_training
+from nodes.training import TrainingEngine, TrainPlan, _linear_stack, plan_training
 
 FEATURES = ("age", "income", "debt_ratio", "employment")
 POLICY = ConsumerPolicy(
@@ -79,18 +79,18 @@ def table() -> Table:
     )
 
 
-def test_probe_rows_are_fixed_public_values_in_range() -> None:
+def test_probe_rows_are_fixed_public_values_where_records_lie() -> None:
     rows = probe_inputs(5)
     assert rows.shape == (PROBE_ROWS, 5)
     assert rows.dtype == np.float32
-    assert rows.min() >= -2.0
-    assert rows.max() < 2.0
+    assert rows.min() >= 0.0  # encoded records lie in [0, 1]: a forward finite on them
+    assert rows.max() < 1.0  # (x.sqrt(), x.log1p()) is finite on the probe
     np.testing.assert_array_equal(rows, probe_inputs(5))  # same everywhere, no state
     assert not np.array_equal(probe_inputs(6)[:, :5], rows)  # each width its own rows
     # Pinned: a coordinator and a node of other versions must compute the same rows. The
-    # first 12 bytes of SHAKE-256("federation-probe-v1:5") are 060cf254 d701813d 3512f18d;
-    # as little-endian u32 / 2**32, times 4, minus 2:
-    np.testing.assert_allclose(rows[0, :3], [-0.6727266, -1.0390010, 0.2178388], rtol=1e-6)
+    # first 12 bytes of SHAKE-256("federation-probe-v2:5") are f81ad1c9 4b196c62 4d5402fc;
+    # as little-endian u32 / 2**32:
+    np.testing.assert_allclose(rows[0, :3], [0.7883469, 0.3844620, 0.9844105], rtol=1e-6)
     with pytest.raises(InvalidRequestError):
         probe_inputs(0)
 
@@ -152,26 +152,67 @@ def test_a_node_refuses_a_round_its_build_computes_differently(
 
 
 def test_a_node_checks_the_probe_of_a_plain_stack_too(table: Table) -> None:
-    # Linear/ReLU stacks skip the made-up-rows pass; with a probe they are still checked:
-    # the node's stack puts its ReLU after the last layer, the coordinator's does not.
-    def late_relu(spec: ModelSpec, dim: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(dim, 8), nn.Linear(8, 1), nn.ReLU())
-
-    node_registry = {**MODEL_REGISTRY, "net": late_relu}
+    # A Linear/ReLU stack skips the made-up-rows pass (the node's batched fast path);
+    # with a probe it is still checked: here the node's is ReLU, the coordinator's Tanh.
+    node_registry = {**MODEL_REGISTRY, "net": _net(nn.ReLU)}
     plan = _plan(node_registry)
     weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=0, registry=node_registry)
+    with torch.device("meta"):
+        skeleton = build_model(plan.spec, input_dim=plan.input_dim, registry=node_registry)
+    assert _linear_stack(skeleton) is not None
     coordinator_model = build_model(
-        plan.spec, input_dim=plan.input_dim, registry={"net": _net(nn.Identity)}
+        plan.spec, input_dim=plan.input_dim, registry={"net": _net(nn.Tanh)}
     )
-    # Names differ ("2.weight" vs "1.weight"): map by position for this check.
-    state = dict(zip(coordinator_model.state_dict(), weights.values(), strict=True))
-    coordinator_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    coordinator_model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     expected = probe_logits(coordinator_model, plan.input_dim)
-    assert min(expected) < 0  # a ReLU at the end would have clipped these
     engine = TrainingEngine(table, registry=node_registry)
-    engine.preflight(plan, weights)  # no probe: the plain stack is not built
+    engine.preflight(plan, weights)  # no probe: nothing to compare
     with pytest.raises(InvalidRequestError, match="computes another function"):
         engine.preflight(plan, weights, probe_logits=expected)
+
+
+class _Scribbler(nn.Module):
+    """An operator forward that writes its own weight and buffer on every call."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.linear.weight.mul_(2.0)
+            self.calls.add_(1.0)
+        return self.linear(x)
+
+
+def test_the_probe_and_the_made_up_rows_never_write_the_received_weights(table: Table) -> None:
+    registry = {**MODEL_REGISTRY, "net": lambda spec, dim: _Scribbler(dim)}
+    plan = _plan(registry)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    before = {k: v.copy() for k, v in weights.items()}
+    model = build_model(plan.spec, input_dim=plan.input_dim, registry=registry)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    expected = probe_logits(model, plan.input_dim)
+    assert float(model.calls) == 0.0  # the probe ran on copies
+    engine = TrainingEngine(table, registry=registry)
+    # Refused (it writes while taking gradients), and the round's weights are as received.
+    with pytest.raises(InvalidRequestError, match="nothing was charged"):
+        engine.preflight(plan, weights, probe_logits=expected)
+    for name, array in before.items():
+        np.testing.assert_array_equal(weights[name], array)
+
+
+def test_a_forward_finite_on_records_is_finite_on_the_probe() -> None:
+    class Root(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(dim, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.sqrt())
+
+    assert all(math.isfinite(v) for v in probe_logits(Root(7), 7))
 
 
 def test_a_train_config_refuses_a_malformed_probe() -> None:
@@ -219,7 +260,11 @@ def test_the_coordinator_probes_a_copy_of_the_weights_with_its_own_builder() -> 
     model = build_model(job.spec, input_dim=7, registry={"net": _net(nn.Tanh)})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in before.items()})
     assert logits == probe_logits(model, 7)
-    assert _probe(dataclasses.replace(job, probe_registry=None)) == ()  # built in: no probe
+    assert _probe(dataclasses.replace(job, probe_registry=None)) == ()
+    # Built-in architectures are not probed (same code at both ends; a copy and a forward
+    # of a 100M-parameter model each round otherwise); an operator's is.
+    assert _probe_registry(ModelSpec("mlp", "credit", FEATURES, "defaulted"), {}) is None
+    assert _probe_registry(job.spec, {"net": _net(nn.Tanh)}) is not None
 
     class Writes(nn.Module):  # an operator forward that writes its parameter
         def __init__(self, dim: int) -> None:
@@ -237,7 +282,14 @@ def test_the_coordinator_probes_a_copy_of_the_weights_with_its_own_builder() -> 
         np.testing.assert_array_equal(writer.weights[name], array)
 
 
+def test_a_round_whose_outputs_overflow_goes_unprobed_not_refused() -> None:
+    job = _job(_net(nn.Tanh))
+    job.weights["2.weight"][...] = np.float32(3e38)
+    job.weights["2.bias"][...] = np.float32(3e38)
+    assert _probe(job) == ()
+
+
 def test_the_coordinator_refuses_a_builder_without_one_logit_per_row() -> None:
     two = _job(lambda spec, dim: nn.Linear(dim, 2))
-    with pytest.raises(InvalidRequestError, match="one finite logit per row"):
+    with pytest.raises(InvalidRequestError, match="one logit per row"):
         _probe(two)
