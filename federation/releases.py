@@ -109,8 +109,8 @@ class Receipt:
     signature: bytes = b""  # the node's signature over receipts.receipt_message(...)
     key_id: str = ""  # the signing key (receipts.key_id_of)
     # The consumer's releases at this node, numbered 1, 2, ... (never the audit chain's
-    # position, which would show how much other consumers asked); a gap is a release
-    # under the consumer's name that it did not receive.
+    # position, which would show how much other consumers asked); a gap is a release the
+    # node recorded under the consumer's name that it holds no receipt for.
     sequence: int = 0
     epsilon: float = 0.0  # cost of the release
     delta: float = 0.0

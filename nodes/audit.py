@@ -16,8 +16,11 @@ Entries, in order (``seq`` 1, 2, ... with no gaps):
   between leaves a visible "charged, never released" charge: wasted budget, never an
   unrecorded release. ``consumer_release`` numbers the consumer's releases 1, 2, ...:
   it is the ``sequence`` of the consumer's receipt, which so reveals nothing of other
-  consumers' activity (the chain's ``seq`` would), and a gap in the numbers a consumer
-  holds is a release under its name that it never received.
+  consumers' activity (the chain's ``seq`` would). A gap in the numbers a consumer holds
+  is a release recorded under its name that it holds no receipt for: lost after it was
+  recorded (a crash, a cancelled call, a dropped connection), taken by another client
+  with the same identity, or not kept; the chain names it. Releases recorded before the
+  numbers existed count towards them (their receipts carry the chain position).
 * ``refused``: a refused request (consumer if known, status code, reason); costs nothing.
   At most :data:`REFUSALS_PER_MINUTE` per consumer and :data:`REFUSALS_PER_MINUTE_TOTAL` in
   all are written; the rest are counted in ``suppressed_before`` of the next one written
@@ -116,8 +119,8 @@ CREATE TABLE IF NOT EXISTS audit (
     signature BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_kind ON audit (kind, seq);
--- A consumer's releases, counted for each new receipt's number.
-CREATE INDEX IF NOT EXISTS audit_consumer_kind ON audit (consumer, kind);
+-- A consumer's latest release, for the next receipt's number.
+CREATE INDEX IF NOT EXISTS audit_consumer_kind_seq ON audit (consumer, kind, seq);
 -- One release per charge, enforced by the database.
 CREATE UNIQUE INDEX IF NOT EXISTS audit_release_of ON audit (ref) WHERE kind = 'release';
 """
@@ -294,6 +297,29 @@ def iter_entries(conn: sqlite3.Connection, *, since: float | None = None) -> Ite
         )
     for row in cursor:
         yield _entry_from_row(row)
+
+
+def _consumer_releases(conn: sqlite3.Connection, consumer: str) -> int:
+    """How many releases the chain records for ``consumer`` (call in the write transaction).
+
+    A receipt's number counts the consumer's releases only (1, 2, ...): the chain's
+    position would tell a consumer how much others asked in between. Read from the
+    consumer's latest release entry (an index seek); counted when that entry predates
+    the numbers.
+    """
+    last = conn.execute(
+        "SELECT body FROM audit WHERE consumer = ? AND kind = 'release' ORDER BY seq DESC LIMIT 1",
+        (consumer,),
+    ).fetchone()
+    if last is None:
+        return 0
+    number = json.loads(str(last[0])).get("consumer_release")
+    if isinstance(number, int) and not isinstance(number, bool):
+        return number
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM audit WHERE consumer = ? AND kind = 'release'", (consumer,)
+    ).fetchone()
+    return int(count)
 
 
 @contextmanager
@@ -548,15 +574,9 @@ class AuditChain:
                 raise ValueError(f"charge {charge_id!r} is not in the audit chain")
             charge = json.loads(row[1])
             consumer = str(charge["consumer"])
-            # The receipt's number counts this consumer's releases only (1, 2, ...): the
-            # chain's position would tell a consumer how much others asked in between.
-            (earlier,) = conn.execute(
-                "SELECT COUNT(*) FROM audit WHERE consumer = ? AND kind = 'release'",
-                (consumer,),
-            ).fetchone()
             fields: dict[str, float] = {
                 "charge_sequence": int(row[0]),
-                "consumer_release": int(earlier) + 1,
+                "consumer_release": _consumer_releases(conn, consumer) + 1,
                 "epsilon": float(charge["epsilon"]),
                 "delta": float(charge["delta"]),
             }

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -177,6 +177,7 @@ def _verify(
         " signature FROM audit ORDER BY seq"
     )
     count, last_seq, last_hash, charges = 0, 0, GENESIS_HASH, []
+    releases: dict[str, int] = {}  # per consumer, for the receipts' numbers (full only)
     sign_from, sha256 = walk.sign_from, hashlib.sha256
     for row in rows:
         count += 1
@@ -196,6 +197,8 @@ def _verify(
         parsed = _check_row(walk, row, last_seq, last_hash, parse=full)
         if parsed is not None and parsed.get("kind") == "charge":
             charges.append((int(seq), parsed))
+        if full and kind == "release":  # an unreadable one still counts (its column)
+            _check_number(walk, int(seq), parsed or {"consumer": row[4]}, releases)
         last_seq, last_hash = int(seq), str(stored)
     if high > last_seq:
         gone = f"entry {high} is" if high == last_seq + 1 else f"entries {last_seq + 1}..{high} are"
@@ -263,6 +266,21 @@ def _check_row(
     if len(walk.problems) > before + 1:  # report one problem per entry: the first found
         del walk.problems[before + 1 :]
     return parsed
+
+
+def _check_number(
+    walk: _Walk, seq: int, release: Mapping[str, object], releases: dict[str, int]
+) -> None:
+    """A release's ``consumer_release`` is one more than its consumer's releases before it."""
+    consumer = str(release.get("consumer"))
+    releases[consumer] = releases.get(consumer, 0) + 1
+    number = release.get("consumer_release")
+    if number is not None and number != releases[consumer]:
+        walk.flag(
+            seq,
+            f"its receipt number {number} is not {consumer!r}'s release {releases[consumer]} "
+            "(a consumer's releases are numbered 1, 2, ... in chain order)",
+        )
 
 
 def _parse(body: str) -> dict[str, object] | None:

@@ -30,6 +30,7 @@ from federation.receipts import (
     canonical_json,
     payload_sha256,
     receipt_from_dict,
+    receipt_message,
     receipt_to_dict,
     verify_receipt,
 )
@@ -383,25 +384,81 @@ def test_a_receipt_numbers_its_consumers_releases_not_the_chain(ledger: Ledger) 
     assert "is another release" in failure
 
 
-def test_a_receipt_numbered_by_the_chain_before_consumer_numbers_still_checks(
+def _strip_numbers(ledger: Ledger) -> dict[str, int]:
+    """Rewrite the release entries as written before ``consumer_release`` (re-hashed and
+    re-signed: an old, intact chain); return each release id's chain position."""
+    conn = db(ledger)
+    positions = {}
+    prev = audit.GENESIS_HASH
+    rows = conn.execute("SELECT seq, id, kind, body FROM audit ORDER BY seq").fetchall()
+    for seq, entry_id, kind, body in rows:
+        if kind == "release":
+            fields = json.loads(body)
+            del fields["consumer_release"]
+            body = canonical_json(fields).decode("ascii")
+            positions[entry_id] = seq
+        digest = entry_hash(seq, prev, body)
+        signature = ledger.audit.signer.sign(entry_message(digest))
+        conn.execute(
+            "UPDATE audit SET body = ?, prev_hash = ?, hash = ?, signature = ? WHERE seq = ?",
+            (body, prev, digest, signature, seq),
+        )
+        prev = digest
+    conn.close()
+    return positions
+
+
+def test_receipts_from_before_consumer_numbers_still_check_and_numbering_continues(
     ledger: Ledger,
 ) -> None:
-    # Release entries written before ``consumer_release`` existed: their receipts carry
-    # the chain position, and the auditor still matches them.
-    receipt = release(ledger, POLICY, 1.0)
+    # A ledger written before releases were numbered per consumer: its receipts carry the
+    # chain position. The auditor still matches them, and new releases continue the
+    # consumer's count (two earlier acme releases: the next is number 3).
+    old = [release(ledger, POLICY, 1.0), release(ledger, OTHER, 2.0), release(ledger, POLICY, 3.0)]
+    positions = _strip_numbers(ledger)
+    key = ledger.audit.signer
+    legacy = []
+    for receipt, value in zip(old, (1.0, 2.0, 3.0), strict=True):
+        unsigned = Receipt(**{**_fields(receipt), "sequence": positions[receipt.id]})
+        signed = Receipt(**{**_fields(unsigned), "signature": key.sign(receipt_message(unsigned))})
+        legacy.append(ReceiptRecord("hong-kong", signed, payload(value)))
+    conn = ledger.connection()
+    assert verify_chain(conn).is_intact
+    assert check_receipts(conn, legacy) == []
+    # Numbered the new way, an old entry's receipt does not match it.
+    renumbered = Receipt(**{**_fields(legacy[0].receipt), "sequence": 1})
+    (failure,) = check_receipts(conn, [ReceiptRecord("hong-kong", renumbered, payload(1.0))])
+    assert "is another release" in failure
+    assert release(ledger, POLICY, 4.0).sequence == 3
+    assert release(ledger, OTHER, 5.0).sequence == 2
+    assert verify_chain(ledger.connection()).is_intact
+
+
+def test_the_auditor_checks_each_consumers_numbers_run_one_two_three(ledger: Ledger) -> None:
+    for value in (1.0, 2.0, 3.0):
+        release(ledger, POLICY, value)
+    assert verify_chain(ledger.connection()).is_intact
+    # A release entry renumbered (re-hashed and re-signed, as a node bug would write it).
     conn = db(ledger)
-    (seq, body) = conn.execute("SELECT seq, body FROM audit WHERE id = ?", (receipt.id,)).fetchone()
-    old = json.loads(body)
-    del old["consumer_release"]
-    conn.execute("UPDATE audit SET body = ? WHERE id = ?", (json.dumps(old), receipt.id))
+    rows = conn.execute("SELECT seq, kind, body FROM audit ORDER BY seq").fetchall()
+    prev = audit.GENESIS_HASH
+    for seq, kind, body in rows:
+        fields = json.loads(body)
+        if kind == "release" and fields["consumer_release"] == 2:
+            fields["consumer_release"] = 3
+            body = canonical_json(fields).decode("ascii")
+        digest = entry_hash(seq, prev, body)
+        conn.execute(
+            "UPDATE audit SET body = ?, prev_hash = ?, hash = ?, signature = ? WHERE seq = ?",
+            (body, prev, digest, ledger.audit.signer.sign(entry_message(digest)), seq),
+        )
+        prev = digest
     conn.close()
-    legacy = Receipt(**{**_fields(receipt), "sequence": seq})
-    assert check_receipts(
-        ledger.connection(), [ReceiptRecord("hong-kong", legacy, payload(1.0))]
-    ) == [
-        f"receipt {receipt.id} (release {seq} of 'acme', node 'hong-kong'): its signature does "
-        "not verify with the node's key"
-    ]  # matched to its entry; only the signature (over the old number) differs here
+    result = verify_chain(ledger.connection())
+    assert [p.message for p in result.problems] == [
+        "its receipt number 3 is not 'acme''s release 2 (a consumer's releases are numbered "
+        "1, 2, ... in chain order)"
+    ]
 
 
 def _fields(receipt: Receipt) -> dict[str, object]:
