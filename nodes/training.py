@@ -143,11 +143,15 @@ _EVAL_BATCH = 65_536
 # in chunks of records.
 _PER_SAMPLE_VALUES = 1 << 24
 _DATA_CACHE_ENTRIES = 4
-# On CPU, noise is drawn 32768 values (128 KiB) at a time into one reused buffer, which
-# stays in cache. It is also torch's intra-op grain size: adding a slice this small runs on
-# the calling thread, where larger slices fan out to worker threads that cost far more than
-# the add when other processes share the cores (measured: 0.9 s vs 3 s per 100M values).
-_NOISE_CHUNK_CPU = 1 << 15
+# On CPU, noise is drawn 131072 values (1 MiB of float64) at a time into one reused
+# buffer, which stays in a core's L2 cache; fewer, larger blocks than torch's intra-op
+# grain size (32768) cost less Python per step: a 100M-parameter round's nodes used 2.53-
+# 2.63 CPU-s against 2.72-2.75 with 32768 (benchmarks/training.py --sizes 100M, two
+# interleaved pairs, 2026-12-05). Slices past the grain size would fan out to worker
+# threads, which cost far more than the add when other processes share the cores
+# (measured: 0.9 s vs 3 s per 100M values), so the block loop runs on one thread
+# (``_one_cpu_thread``); a round that overlaps another's loop may fan out (speed only).
+_NOISE_CHUNK_CPU = 1 << 17
 _NOISE_CHUNK_DEVICE = 1 << 24  # accelerators: large slices (one kernel launch each)
 _THREADS_LOCK = threading.Lock()  # held while a step has torch on one thread (_one_cpu_thread)
 
@@ -894,7 +898,7 @@ class _Stepper:
 
     ``param -= step_size * (clipped gradient sum + N(0, sigma^2))``, without a gradient or
     noise tensor the size of the model. The parameters are cut into row blocks of up to
-    32768 values (several small tensors share a block); per block, the noise is drawn into
+    131072 values (several small tensors share a block); per block, the noise is drawn into
     a small reused buffer, the block's part of the clipped sum is added to it (a Linear
     layer's as a rank-B ``addmm_``, B = batch size), and the block of weights takes the
     noisy sum in one add. The noise is the same N(0, sigma^2) per coordinate as Opacus
@@ -997,10 +1001,10 @@ def _check_buffers_kept(
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block loop's many small CPU ops on the calling thread only.
 
-    Each block's ops are small (32768 values); torch and the BLAS would still wake their
+    Each block's ops are small (131072 values); torch and the BLAS would still wake their
     worker threads for some (a rank-B ``addmm_`` does), and with passive OpenMP waiting
     (``python -m nodes``) each wake-up costs more than the op: 0.21 s against 0.03 s for
-    a 100M-parameter step's 3,000 blocks, measured.
+    a 100M-parameter step's 3,000 blocks of 32768 values, measured.
 
     ``torch.set_num_threads`` is process-wide: torch work on other threads meanwhile runs
     on one thread too (speed only, never results). A node trains one round at a time by
