@@ -295,7 +295,7 @@ def check_arrays(
 _FINITE_BLOCK = 1 << 16
 
 
-def all_finite(array: npt.NDArray[np.floating]) -> bool:
+def all_finite(array: npt.NDArray[np.generic]) -> bool:
     """Whether every value of ``array`` is finite, checked block by block.
 
     ``np.isfinite(array).all()`` allocates a bool array as large as ``array`` (100 MB for
@@ -439,24 +439,29 @@ def probe_inputs(input_dim: int) -> npt.NDArray[np.float32]:
     return unit.astype(np.float32).reshape(PROBE_ROWS, input_dim)
 
 
-def probe_logits(module: nn.Module, input_dim: int) -> tuple[float, ...]:
+def probe_logits(module: nn.Module, input_dim: int, *, isolate: bool = True) -> tuple[float, ...]:
     """The module's outputs on :func:`probe_inputs`, in eval mode, without gradients.
 
     A coordinator sends these with a round of an operator-registered architecture; the
     node computes its own build's on the same weights and refuses the round, before any
     charge, when they differ (``probe_difference``): two builders with the same tensor
     names and shapes but another forward (Tanh for ReLU) would otherwise be averaged as
-    one model. The forward runs on copies of the parameters and buffers, so what it
-    writes there never reaches the module's. The module is left in eval mode.
+    one model. With ``isolate`` the forward runs on copies of the parameters and buffers,
+    so what it writes there never reaches the module's; without, on the module itself
+    (for a module that is a copy already, or cannot write: no second copy of a large
+    model). The module is left in eval mode.
     """
     first = next(iter(module.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     x = torch.from_numpy(probe_inputs(input_dim)).to(device)
     module.eval()
     with torch.no_grad():
-        params = {name: p.detach().clone() for name, p in module.named_parameters()}
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        out = torch.func.functional_call(module, (params, buffers), (x,))
+        if isolate:
+            params = {name: p.detach().clone() for name, p in module.named_parameters()}
+            buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+            out = torch.func.functional_call(module, (params, buffers), (x,))
+        else:
+            out = module(x)
     if not isinstance(out, torch.Tensor):
         raise InvalidRequestError(f"the model returned {type(out).__name__}, not a tensor")
     return tuple(float(v) for v in out.detach().reshape(-1).double().cpu().tolist())

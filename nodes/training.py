@@ -1216,7 +1216,7 @@ class TrainingEngine:
         if plain and not probe_logits:
             return
         check_weights(plan, weights)
-        if plain:  # adopted, not copied: the probe's forward runs on copies
+        if plain:  # adopted, not copied: a hook-free Linear/ReLU stack writes nothing
             _check_probe(plan, self._model(plan, weights, in_place=True), probe_logits)
             return
         # A copy: an operator's forward may write its parameters or buffers (from the
@@ -1336,7 +1336,9 @@ def _check_probe(plan: TrainPlan, model: nn.Module, expected: Sequence[float]) -
     """Refuse a round whose model here computes another function than the coordinator's."""
     name = plan.spec.architecture
     try:
-        got = probe_logits(model, plan.input_dim)
+        # On the model itself: preflight's is a plain stack or a copy of the weights (a
+        # buffer the forward writes is caught by preflight's buffer check).
+        got = probe_logits(model, plan.input_dim, isolate=False)
     except Exception as err:  # an operator's code
         gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise InvalidRequestError(
