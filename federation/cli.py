@@ -32,7 +32,7 @@ from federation.errors import (
 )
 from federation.filters import parse_filter
 from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
-from federation.releases import NodeDescription
+from federation.releases import BudgetStatus, NodeDescription
 
 __all__ = ["main"]
 
@@ -218,9 +218,15 @@ def _description_dict(d: NodeDescription) -> dict[str, object]:
             "remaining_epsilon": d.budget.remaining_epsilon,
             "releases": d.budget.releases,
             "max_epsilon_per_release": d.budget.max_epsilon_per_release,
+            "max_delta_per_release": d.budget.max_delta_per_release,
         },
         "datasets": [s.to_dict() for s in d.datasets],
     }
+
+
+def _delta_cap(b: BudgetStatus) -> str:
+    """`` (delta <= cap)`` when the node states its per-release delta cap, else ""."""
+    return f" (delta {b.max_delta_per_release:g})" if b.max_delta_per_release > 0 else ""
 
 
 def format_description(d: NodeDescription) -> str:
@@ -231,7 +237,7 @@ def format_description(d: NodeDescription) -> str:
         f"  you are {d.consumer!r}; allowed: {', '.join(d.allowed_operations)}",
         f"  budget: epsilon {b.spent_epsilon:.4g} spent of {b.epsilon:g} "
         f"({b.remaining_epsilon:.4g} left, delta {b.delta:g}, "
-        f"max {b.max_epsilon_per_release:g} per release, {b.releases} releases)",
+        f"max {b.max_epsilon_per_release:g}{_delta_cap(b)} per release, {b.releases} releases)",
     ]
     for s in d.datasets:
         lines.append(f"  dataset {s.name!r}:")

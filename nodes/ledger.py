@@ -320,4 +320,5 @@ def _status(spend: Spend, policy: ConsumerPolicy) -> BudgetStatus:
         remaining_epsilon=max(0.0, policy.epsilon - spent),
         releases=spend.releases,
         max_epsilon_per_release=policy.max_epsilon_per_release,
+        max_delta_per_release=policy.max_delta_per_release,
     )

@@ -22,11 +22,12 @@ from federation.errors import (
     InvalidRequestError,
     NodeBusyError,
     NodeUnavailableError,
+    PolicyError,
     SchemaMismatchError,
 )
 from federation.queries import Count, Mechanism, Query
 from federation.receipts import release_payload
-from federation.releases import Budgets, NodeDescription, Release
+from federation.releases import Budgets, BudgetStatus, NodeDescription, Release
 from federation.schema import DatasetSchema, check_compatible
 from federation.training import DEFAULT_TENSOR_DIGEST, TensorDigest
 from federation.wire import AnalyzeRequest
@@ -254,7 +255,9 @@ class Coordinator:
         failures = self._describe_missing(list(self.clients))
         # A node whose Describe shows a per-release cap below epsilon would refuse: it is
         # not asked, and if that leaves too few nodes, nobody is asked (nobody pays).
-        failures.update(self._over_cap(epsilon, [n for n in self.clients if n not in failures]))
+        failures.update(
+            self._over_cap(epsilon, [n for n in self.clients if n not in failures], delta=delta)
+        )
         described = [n for n in self.clients if n not in failures]
         # What the Describes say already settles some queries: fail before anyone pays.
         _check_enough(len(described), failures, needed, total=len(self.clients))
@@ -304,27 +307,46 @@ class Coordinator:
         )
 
     def _over_cap(
-        self, epsilon: float, names: Sequence[str], *, what: str = "epsilon"
+        self,
+        epsilon: float,
+        names: Sequence[str],
+        *,
+        what: str = "epsilon",
+        delta: float = 0.0,
     ) -> dict[str, FederationError]:
-        """Nodes whose Describe caps one release below ``epsilon`` (0: not stated); ``what``
-        names the asked epsilon in the message.
+        """Nodes whose Describe caps one release below ``epsilon`` or ``delta`` (a cap of 0:
+        not stated); ``what`` names the asked epsilon in the message.
 
         A cached Describe that says so is refreshed first: the operator may have raised
         the cap since (a node that cannot be described now is asked as before).
         """
+
+        def over(budget: BudgetStatus) -> bool:
+            return (
+                0 < budget.max_epsilon_per_release < epsilon
+                or 0 < budget.max_delta_per_release < delta
+            )
+
         refused: dict[str, FederationError] = {}
         for name in names:
-            cap = self._descriptions[name].budget.max_epsilon_per_release
-            if 0 < cap < epsilon:
+            if over(self._descriptions[name].budget):
                 try:
                     self._descriptions[name] = self.clients[name].describe()
                 except FederationError:
                     continue
-                cap = self._descriptions[name].budget.max_epsilon_per_release
+            budget = self._descriptions[name].budget
+            cap = budget.max_epsilon_per_release
             if 0 < cap < epsilon:
                 refused[name] = BudgetExhaustedError(
                     f"{what} {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
                     "for this consumer (from its Describe), so it was not asked"
+                )
+            elif 0 < budget.max_delta_per_release < delta:
+                # As the node itself would refuse it (a PolicyError, PERMISSION_DENIED).
+                refused[name] = PolicyError(
+                    f"delta {delta:g} exceeds node {name!r}'s per-release cap of "
+                    f"{budget.max_delta_per_release:g} for this consumer (from its Describe), "
+                    "so it was not asked"
                 )
         return refused
 

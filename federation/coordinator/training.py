@@ -517,7 +517,11 @@ def _round(
         failures.update(coordinator._schema_misfits(job.spec.dataset, job.schema, names))
         names = [n for n in job.names if n not in failures]
     # A node whose Describe caps one release below what the job costs would refuse it.
-    failures.update(coordinator._over_cap(job.cost, names, what="this job's composed epsilon"))
+    failures.update(
+        coordinator._over_cap(
+            job.cost, names, what="this job's composed epsilon", delta=job.config["delta"]
+        )
+    )
     names = [n for n in job.names if n not in failures]
     for name, error in failures.items():
         log.warning(

@@ -286,6 +286,12 @@ def test_a_node_out_of_budget_counts_against_min_nodes_and_the_paid_answers_stan
     with pytest.raises(BudgetExhaustedError, match="so it was not asked"):
         fed.analyze(Count("credit"), epsilon=1.5, min_nodes=1)
     assert fed.budgets() == before
+    # So is a delta over the per-release delta cap, which Describe states too.
+    budget = fed.describe()["hong-kong"].budget
+    assert budget.max_delta_per_release == pytest.approx(budget.delta / 10)  # the default
+    with pytest.raises(PolicyError, match=r"delta 1e-06 exceeds .* cap of 1e-07 .*not asked"):
+        fed.analyze(Count("credit"), epsilon=0.1, delta=1e-6, mechanism="gaussian", min_nodes=1)
+    assert fed.budgets() == before
 
 
 def test_unreachable_node_is_named_or_skipped_with_min_nodes(

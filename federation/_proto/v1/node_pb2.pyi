@@ -100,18 +100,20 @@ class Budget(_message.Message):
     def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
-    __slots__ = ("total", "spent_epsilon", "remaining_epsilon", "releases", "max_epsilon_per_release")
+    __slots__ = ("total", "spent_epsilon", "remaining_epsilon", "releases", "max_epsilon_per_release", "max_delta_per_release")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
     REMAINING_EPSILON_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     MAX_EPSILON_PER_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELTA_PER_RELEASE_FIELD_NUMBER: _ClassVar[int]
     total: Budget
     spent_epsilon: float
     remaining_epsilon: float
     releases: int
     max_epsilon_per_release: float
-    def __init__(self, total: _Optional[_Union[Budget, _Mapping]] = ..., spent_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., releases: _Optional[int] = ..., max_epsilon_per_release: _Optional[float] = ...) -> None: ...
+    max_delta_per_release: float
+    def __init__(self, total: _Optional[_Union[Budget, _Mapping]] = ..., spent_epsilon: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., releases: _Optional[int] = ..., max_epsilon_per_release: _Optional[float] = ..., max_delta_per_release: _Optional[float] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
