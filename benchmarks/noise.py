@@ -32,8 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nodes.noise import GaussianStream  # noqa: E402 - after the path is set
-
-CHUNK = 1 << 15  # the node's noise buffer (_NOISE_CHUNK_CPU)
+from nodes.training import _NOISE_CHUNK_CPU as CHUNK  # noqa: E402 - the node's noise buffer
 
 
 def _timed(fill: Callable[[torch.Tensor], None], values: int) -> float:

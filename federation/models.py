@@ -302,7 +302,9 @@ def all_finite(array: npt.NDArray[np.generic]) -> bool:
     a 100M-parameter model), whose fresh pages cost more than the check itself, each
     round; blocks of 64k values stay in cache.
     """
-    flat = array.reshape(-1)
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        return bool(np.isfinite(array).all())  # reshape would copy it: check it whole
+    flat = array.reshape(-1, order="A")  # a view, in memory order
     return all(
         bool(np.isfinite(flat[start : start + _FINITE_BLOCK]).all())
         for start in range(0, flat.size, _FINITE_BLOCK)

@@ -144,7 +144,8 @@ _EVAL_BATCH = 65_536
 _PER_SAMPLE_VALUES = 1 << 24
 _DATA_CACHE_ENTRIES = 4
 # On CPU, noise is drawn 131072 values (1 MiB of float64) at a time into one reused
-# buffer, which stays in a core's L2 cache; fewer, larger blocks than torch's intra-op
+# buffer; with its float32 copy and the weights' slice a block's working set is about
+# 2 MiB, a core's L2 cache on the VMs measured here. Fewer, larger blocks than torch's intra-op
 # grain size (32768) cost less Python per step: a 100M-parameter round's nodes used 2.53-
 # 2.63 CPU-s against 2.72-2.75 with 32768 (benchmarks/training.py --sizes 100M, two
 # interleaved pairs, 2026-12-05). Slices past the grain size would fan out to worker
@@ -1216,8 +1217,9 @@ class TrainingEngine:
         if plain and not probe_logits:
             return
         check_weights(plan, weights)
-        if plain:  # adopted, not copied: a hook-free Linear/ReLU stack writes nothing
-            _check_probe(plan, self._model(plan, weights, in_place=True), probe_logits)
+        if plain:  # adopted, not copied: the probe runs on copies of its tensors
+            model = self._model(plan, weights, in_place=True)
+            _check_probe(plan, model, probe_logits, isolate=True)
             return
         # A copy: an operator's forward may write its parameters or buffers (from the
         # made-up rows only), and the round must train from the weights as received.
@@ -1332,13 +1334,20 @@ class TrainingEngine:
         return tensors
 
 
-def _check_probe(plan: TrainPlan, model: nn.Module, expected: Sequence[float]) -> None:
-    """Refuse a round whose model here computes another function than the coordinator's."""
+def _check_probe(
+    plan: TrainPlan, model: nn.Module, expected: Sequence[float], *, isolate: bool = False
+) -> None:
+    """Refuse a round whose model here computes another function than the coordinator's.
+
+    ``isolate``: run the forward on copies of the tensors, for a model that adopted the
+    received weights. A plain stack's own forward writes nothing, but a global hook or a
+    patched ``nn.Linear.forward`` installed by operator code since the stack was checked
+    could; without ``isolate``, the model must be a copy (a buffer the forward writes is
+    then caught by preflight's buffer check).
+    """
     name = plan.spec.architecture
     try:
-        # On the model itself: preflight's is a plain stack or a copy of the weights (a
-        # buffer the forward writes is caught by preflight's buffer check).
-        got = probe_logits(model, plan.input_dim, isolate=False)
+        got = probe_logits(model, plan.input_dim, isolate=isolate)
     except Exception as err:  # an operator's code
         gist = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise InvalidRequestError(

@@ -143,7 +143,8 @@ class _Node:
 def _described(schema: DatasetSchema, cap: float = 0.0) -> SimpleNamespace:
     """What a node's Describe tells: its dataset's schema and its per-release cap."""
     return SimpleNamespace(
-        dataset=lambda _name: schema, budget=SimpleNamespace(max_epsilon_per_release=cap)
+        dataset=lambda _name: schema,
+        budget=SimpleNamespace(max_epsilon_per_release=cap, max_delta_per_release=0.0),
     )
 
 

@@ -13,6 +13,7 @@ from federation.models import (
     MODEL_REGISTRY,
     ModelBuilder,
     ModelSpec,
+    all_finite,
     arrays_to_state,
     build_model,
     initial_arrays,
@@ -196,3 +197,16 @@ def test_state_views_share_float32_cpu_storage_and_copy_anything_else() -> None:
         assert array.flags.c_contiguous
         assert not np.shares_memory(array, getattr(model, name).numpy())
         np.testing.assert_array_equal(array, getattr(model, name).numpy())
+
+
+def test_all_finite_checks_every_layout_without_copying_contiguous_ones() -> None:
+    base = np.arange(3 * 70_000, dtype=np.float32).reshape(3, 70_000)
+    for array in (base, np.asfortranarray(base), base[:, ::2], base.T, np.float32(2.0)):
+        assert all_finite(np.asarray(array))
+        bad = np.array(array, copy=True)
+        bad[np.unravel_index(bad.size - 1, bad.shape)] = np.nan
+        assert not all_finite(bad)
+    assert all_finite(np.zeros((0, 5), dtype=np.float32))
+    flagged = np.asfortranarray(base.copy())
+    flagged[2, 69_999] = np.inf  # the last element in C order, not in memory order
+    assert not all_finite(flagged)

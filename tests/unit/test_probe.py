@@ -293,3 +293,41 @@ def test_the_coordinator_refuses_a_builder_without_one_logit_per_row() -> None:
     two = _job(lambda spec, dim: nn.Linear(dim, 2))
     with pytest.raises(InvalidRequestError, match="one logit per row"):
         _probe(two)
+
+
+def test_a_plain_stacks_probe_never_writes_the_received_weights(table: Table) -> None:
+    # The stack is checked plain on a skeleton; operator code may install a global hook
+    # afterwards (here: the builder's second call), which the probe's forward would run.
+    calls: list[int] = [0, 0, 0]  # disarmed while the plan and the weights are made
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def bump(module: nn.Module, args: object, out: object) -> None:
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.add_(1.0)
+
+    def builder(spec: ModelSpec, dim: int) -> nn.Module:
+        calls.append(dim)
+        if len(calls) == 2:  # preflight's second build, after the skeleton was checked
+            handles.append(nn.modules.module.register_module_forward_hook(bump))
+        return nn.Sequential(nn.Linear(dim, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    registry = {**MODEL_REGISTRY, "net": builder}
+    plan = _plan(registry)
+    # Writable C-contiguous buffers, as the node receives them: the model adopts them.
+    made = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    weights = {k: np.array(v, copy=True) for k, v in made.items()}
+    before = {k: v.copy() for k, v in weights.items()}
+    calls.clear()
+    assert not handles  # armed only now
+    try:
+        with pytest.raises(InvalidRequestError, match="computes another function"):
+            TrainingEngine(table, registry=registry).preflight(
+                plan, weights, probe_logits=(0.0,) * PROBE_ROWS
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert handles  # the hook was installed before the probe ran
+    for name, array in before.items():
+        np.testing.assert_array_equal(weights[name], array)

@@ -436,12 +436,14 @@ def test_training_in_place_matches_the_copying_path_and_shares_buffers(
 
 @pytest.mark.parametrize("architecture", ["mlp", "tanh_net"])
 def test_dp_sgd_noise_has_the_planned_scale_on_every_tensor(
-    engine: TrainingEngine, architecture: str
+    engine: TrainingEngine, architecture: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Empty batches (no training rows) isolate the noise: every step must move every
     # coordinate of every tensor by N(0, (step_size * sigma * C)^2), independently. Hidden
-    # width 1000 gives a 64,000-value weight: one full 32,768-value noise slice and a
-    # partial one. Tolerances are 6 standard errors of each statistic.
+    # width 1000 gives a 64,000-value weight: with noise blocks of 32,768 values (set here:
+    # the node's are larger, and a model that spans several would make the test slow), one
+    # full block and a partial one. Tolerances are 6 standard errors of each statistic.
+    monkeypatch.setattr(training_module, "_NOISE_CHUNK_CPU", 1 << 15)
     registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "tanh_net": _tanh_net}
     spec = ModelSpec(architecture, "credit", FEATURES, "defaulted", (64, 1000))
     policy = dataclasses.replace(POLICY, allowed_models=("mlp", "tanh_net"))
