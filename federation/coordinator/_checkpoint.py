@@ -21,7 +21,8 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,42 @@ def prepare_checkpoint_dir(directory: Path, *, resume: bool) -> None:
             f"checkpoint directory {directory}: cannot create it: {err.strerror or err}"
         ) from err
     _probe(directory / ".write-test.tmp", "checkpoint directory")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def checkpoint_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock while a job writes its checkpoints there.
+
+    Two jobs resuming from one directory would each write round files and delete the
+    other's, leaving ``checkpoint.json`` naming a deleted file (and both would charge the
+    nodes for the same rounds). An advisory ``flock`` on ``.lock``, released when the job
+    ends or its process dies; on a system without ``fcntl`` there is no lock.
+
+    Raises:
+        InvalidRequestError: another job holds the lock (nothing has been charged).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidRequestError(
+                f"checkpoint directory {directory} is in use by another training job (it "
+                f"holds {LOCK_FILE}); wait for that job to end, or choose another directory; "
+                "nothing was charged"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(

@@ -17,11 +17,13 @@ long as ``min_nodes`` nodes completed the round. A checkpoint is written after e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
+import numbers
 import time
 import uuid
 import warnings
@@ -46,6 +48,7 @@ from federation.coordinator._aggregate import (
     ServerOptimizerName,
 )
 from federation.coordinator._checkpoint import (
+    checkpoint_lock,
     load_checkpoint,
     prepare_checkpoint_dir,
     read_safetensors,
@@ -74,7 +77,7 @@ from federation.models import (
     state_views,
 )
 from federation.privacy.training import job_spend, round_charges
-from federation.schema import DatasetSchema
+from federation.schema import DatasetSchema, check_compatible
 from federation.training import (
     DEFAULT_TENSOR_DIGEST,
     LEGACY_TENSOR_DIGEST,
@@ -348,14 +351,16 @@ def train(
         )
     schema = coordinator.schema(spec.dataset)
     dim = input_dim(spec, schema)
+    # Plain Python numbers: a numpy scalar (np.int64 steps) would pass every check and
+    # then fail to serialise in the first checkpoint, after the nodes charged the round.
     config = {
-        "target_epsilon": target_epsilon,
-        "delta": delta,
-        "sample_rate": sample_rate,
-        "local_steps": local_steps,
-        "learning_rate": learning_rate,
-        "clip_norm": clip_norm,
-        "metrics_epsilon": metrics_epsilon,
+        "target_epsilon": _real("target_epsilon", target_epsilon),
+        "delta": _real("delta", delta),
+        "sample_rate": _real("sample_rate", sample_rate),
+        "local_steps": _integer("local_steps", local_steps),
+        "learning_rate": _real("learning_rate", learning_rate),
+        "clip_norm": _real("clip_norm", clip_norm),
+        "metrics_epsilon": _real("metrics_epsilon", metrics_epsilon),
     }
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is not None:
@@ -383,6 +388,13 @@ def train(
     job.schema = schema
     job.cost = _job_cost(config, rounds)
     job.probe_registry = _probe_registry(spec, registry)
+    if directory is not None:
+        try:  # what every checkpoint will hold, checked before any round is charged
+            json.dumps(_document(job), sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise InvalidRequestError(
+                f"the job's settings cannot be saved in a checkpoint ({err}); nothing was charged"
+            ) from err
     if evaluate is not None:
         try:  # before any round is charged: a mistake in it must not cost budget
             _evaluate(evaluate, job, registry)
@@ -409,6 +421,18 @@ def train(
         schema=schema,
         planned_epsilon=job.cost,
     )
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(f"{name} must be a number; got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidRequestError(f"{name} must be an integer; got {value!r}")
+    return int(value)
 
 
 def _check_arguments(
@@ -442,6 +466,7 @@ def _run(
     total = RunningSum({n: a.shape for n, a in job.weights.items()})
     start = len(job.history)
     with (
+        checkpoint_lock(directory) if directory is not None else contextlib.nullcontext(),
         ThreadPoolExecutor(max_workers=len(job.names), thread_name_prefix="train") as pool,
         progress_bar(job.rounds, "training", unit="round", enabled=progress) as bar,
     ):
@@ -469,13 +494,23 @@ def _run(
                     interrupted = err
             job.history.append(record)
             if directory is not None:
-                save_checkpoint(
-                    directory,
-                    round_index=round_index,
-                    weights=job.weights,
-                    optimizer_state=job.optimizer.state,
-                    document=_document(job),
-                )
+                try:
+                    save_checkpoint(
+                        directory,
+                        round_index=round_index,
+                        weights=job.weights,
+                        optimizer_state=job.optimizer.state,
+                        document=_document(job),
+                    )
+                except BaseException as err:  # a full disk, Ctrl-C mid-write
+                    paid = ", ".join(n.node for n in (*record.nodes, *record.charged))
+                    err.add_note(
+                        f"round {round_index + 1} of {job.rounds} was charged at {paid} and "
+                        "applied in memory, but its checkpoint was not written: a resumed "
+                        "job continues from the checkpoint before it and runs this round "
+                        "again, charged again"
+                    )
+                    raise
             if failure:
                 warnings.warn(failure, RuntimeWarning, stacklevel=1)
             if interrupted is not None:
@@ -587,17 +622,30 @@ def _round(
         raise _quorum_error(label, [*done, *charged], failures, job.min_nodes, len(done))
     try:
         average = total.average(job.weights)
+    except KeyboardInterrupt as err:  # or any other non-refusal: name who charged it
+        err.add_note(
+            f"round {round_index + 1} of {job.rounds} was interrupted while averaging"
+            + _charged_note([*done, *charged])
+        )
+        raise
     except InvalidRequestError as err:
         # Which node's values overflowed cannot be told from the sum; stop before the
         # global weights (and the checkpoint) turn NaN.
         raise InvalidRequestError(
             f"round {round_index + 1} of {job.rounds}: {err} (from "
-            f"{', '.join(n.node for n in done)}); the "
+            f"{', '.join([*(n.node for n in done), *(f'{p} (partial)' for p in partial)])}); the "
             "global weights are unchanged and this round is not checkpointed"
             + _charged_note([*done, *charged])
         ) from err
     try:
         job.optimizer.step(job.weights, average)
+    except KeyboardInterrupt as err:
+        err.add_note(
+            f"round {round_index + 1} of {job.rounds} was interrupted in the server step "
+            "(the global weights in memory may be part-stepped: resume from the checkpoint)"
+            + _charged_note([*done, *charged])
+        )
+        raise
     except InvalidRequestError as err:
         raise InvalidRequestError(
             f"round {round_index + 1} of {job.rounds}: {err}; the global weights and the "
@@ -979,6 +1027,8 @@ def _document(job: _Job) -> dict[str, object]:
         "config": dict(job.config),
         "optimizer": job.optimizer.hyperparameters(),
         "history": [r.to_dict() for r in job.history],
+        # How records became inputs: a resumed job must find the nodes' schema unchanged.
+        "schema": job.schema.to_dict() if job.schema is not None else None,
     }
 
 
@@ -1040,6 +1090,21 @@ def _job_from_checkpoint(
 ) -> _Job:
     if _spec_from_dict(body["spec"]) != spec or body["input_dim"] != dim:  # type: ignore[arg-type]
         raise InvalidRequestError(f"{where} is for another model spec: {body['spec']}")
+    saved = body.get("schema")
+    if isinstance(saved, dict):  # checkpoints from before it was saved: not checked
+        changed = check_compatible(
+            {
+                "checkpoint": DatasetSchema.from_dict(saved),
+                "nodes now": coordinator.schema(spec.dataset),
+            }
+        )
+        if changed:
+            raise InvalidRequestError(
+                f"{where}: the nodes' schema of dataset {spec.dataset!r} changed since the "
+                f"job started ({'; '.join(changed)}); records would become inputs "
+                "differently in the rounds left, so the job cannot be resumed: start a new "
+                "one"
+            )
     if body["total_rounds"] != rounds or body["config"] != config:
         raise InvalidRequestError(
             f"{where} is for a job of {body['total_rounds']} rounds with {body['config']}; "

@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 from _waits import hold_slots
 
+import federation.coordinator.training as training_module
 from federation import (
     BudgetExhaustedError,
     Count,
@@ -41,6 +42,7 @@ from federation._proto.v1 import node_pb2 as pb
 from federation._proto.v1 import node_pb2_grpc as pb_grpc
 from federation.architectures import load_builder
 from federation.coordinator import Coordinator, NodeClient
+from federation.coordinator._checkpoint import checkpoint_lock
 from federation.coordinator.client import RECEIVE_WINDOW_BYTES
 from federation.coordinator.training import (
     NodeRound,
@@ -722,6 +724,21 @@ def test_checkpoint_then_resume_continues_the_same_job(
         with pytest.raises(InvalidRequestError, match=message):
             fed.train(SPEC, **arguments)
     assert json.loads((directory / "checkpoint.json").read_text()) == saved
+    arguments = {"rounds": 4, "target_epsilon": 2.0, "checkpoint_dir": directory, **TRAINING}
+    # Another job writing there now (it holds the directory's lock): refused, uncharged.
+    before = releases(fed)
+    with checkpoint_lock(directory), pytest.raises(InvalidRequestError, match="in use by"):
+        fed.train(SPEC, resume=True, **arguments)
+    assert releases(fed) == before
+    # The nodes' schema changed since the job started (here: the checkpoint's record of it
+    # edited): records would become inputs differently in the rounds left.
+    edited = json.loads(json.dumps(saved))
+    age = next(c for c in edited["schema"]["columns"] if c["name"] == "age")
+    age["upper"] = age["upper"] * 2
+    (directory / "checkpoint.json").write_text(json.dumps(edited))
+    with pytest.raises(InvalidRequestError, match="schema of dataset 'credit' changed"):
+        fed.train(SPEC, resume=True, **arguments)
+    (directory / "checkpoint.json").write_text(json.dumps(saved))
     # The digest is chosen per run, not per job: the resumed rounds commit with SHA-256.
     result = fed.train(
         SPEC,
@@ -758,6 +775,38 @@ def test_checkpoint_then_resume_continues_the_same_job(
     versions = [{p["version"] for p in r if isinstance(p, dict)} for r in released]
     assert versions == [{2}] * done + [{1}] * (4 - done)
     _assert_receipts_verify(fragile_fed, [n for r in result.history for n in r.nodes])
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_paid_round(
+    trained_fed: LocalFederation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # numpy scalars are plain numbers in the checkpoint (an np.int64 used to fail its
+    # serialisation after the nodes had charged the round).
+    fed = _fed(trained_fed)
+    settings = {**TRAINING, "local_steps": np.int64(2), "learning_rate": np.float32(2.0)}
+    result = fed.train(
+        SPEC, rounds=1, target_epsilon=1.0, checkpoint_dir=tmp_path / "a", **settings
+    )
+    assert (
+        json.loads((tmp_path / "a" / "checkpoint.json").read_text())["config"]["local_steps"] == 2
+    )
+    assert result.history[0].answered == ("hong-kong", "shenzhen")
+    real = training_module.save_checkpoint
+    calls = []
+
+    def full_disk(*args: Any, **kwargs: Any) -> Path:
+        calls.append(kwargs["round_index"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training_module, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left") as info:
+        fed.train(SPEC, rounds=3, target_epsilon=1.0, checkpoint_dir=tmp_path / "b", **settings)
+    (note,) = info.value.__notes__
+    assert note.startswith("round 2 of 3 was charged at hong-kong, shenzhen and applied")
+    assert "runs this round again, charged again" in note
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["round"] == 0
 
 
 # ---------------------------------------------------------------- the command line
