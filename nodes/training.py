@@ -138,6 +138,12 @@ _CLIP_EPS = 1e-6  # as Opacus: factor = clip_norm / (norm + 1e-6), so clipped no
 log = logging.getLogger(__name__)
 
 _EVAL_BATCH = 65_536
+# Built-in stacks (ghost clipping): at most this many activation values (records x the
+# stack's summed layer widths) at once, forward and backward, float32 and float64 copies
+# together about 80 MiB. A batch past it goes through in chunks of records into float64
+# sums the size of the model, so a large sample rate can never make memory grow with the
+# data after the charge (a failure there would depend on the batch size: on the data).
+_GHOST_VALUES = 1 << 22
 # At most this many per-sample gradient values at once (64 MiB of float32; vmap's
 # intermediates take a few times that): an operator's architecture's batches go through
 # in chunks of records.
@@ -740,18 +746,45 @@ def _ghost_factors(
     return scaled, norms.to(x.dtype)
 
 
+def _ghost_rows(layers: list[nn.Module]) -> int:
+    """Records per chunk of the ghost-clipping pass (see ``_GHOST_VALUES``)."""
+    width = sum(m.in_features + m.out_features for m in layers if isinstance(m, nn.Linear))
+    return max(1, _GHOST_VALUES // max(width, 1))
+
+
+def _ghost_sums64(
+    layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, clip_norm: float
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Clipped gradient sums (float64, dense) of a Linear/ReLU stack, keyed by
+    ``id(parameter)``, over chunks of ``_ghost_rows`` records; and the per-sample norms."""
+    sums: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            for param in (layer.weight, layer.bias):
+                if param is not None:
+                    sums[id(param)] = torch.zeros_like(param, dtype=torch.float64)
+    norms: list[torch.Tensor] = []
+    step = _ghost_rows(layers)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], step):
+            pairs, chunk_norms = _ghost_factors(
+                layers, x[start : start + step], y[start : start + step], clip_norm
+            )
+            norms.append(chunk_norms)
+            for layer, scaled, a in pairs:
+                sums[id(layer.weight)].addmm_(scaled.T, a)
+                if layer.bias is not None:
+                    sums[id(layer.bias)].add_(scaled.sum(0))
+    empty = torch.zeros(0, device=x.device, dtype=x.dtype)
+    return sums, torch.cat(norms) if norms else empty
+
+
 def _ghost_clipped_sum(
     layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, clip_norm: float
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Clipped gradient sum of a Linear/ReLU stack, keyed by ``id(parameter)``."""
-    pairs, norms = _ghost_factors(layers, x, y, clip_norm)
-    sums: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for layer, scaled, a in pairs:
-            sums[id(layer.weight)] = (scaled.T @ a).to(x.dtype)
-            if layer.bias is not None:
-                sums[id(layer.bias)] = scaled.sum(0).to(x.dtype)
-    return sums, norms
+    sums, norms = _ghost_sums64(layers, x, y, clip_norm)
+    return {key: total.to(x.dtype) for key, total in sums.items()}, norms
 
 
 def clipped_gradient_sum(
@@ -968,6 +1001,11 @@ class _Stepper:
             totals, _ = _chunked_clipped_sum(self.model, x, y, self.plan.clip_norm)
             return [_rows(totals[name]) for name in self.names]
         # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
+        if x.shape[0] > _ghost_rows(self.layers):
+            # A batch too large to hold factored: chunks of records into dense float64
+            # sums (memory the model's size, never the batch's).
+            dense, _ = _ghost_sums64(self.layers, x, y, self.plan.clip_norm)
+            return [_rows(dense[id(p)]) for _, p in self.model.named_parameters()]
         sums: dict[int, _GradientRows] = {}
         pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
         for layer, scaled, a in pairs:
@@ -1296,10 +1334,13 @@ class TrainingEngine:
         correct = 0
         n = data.holdout_x.shape[0]
         logits_of = _record_logits(model)
+        layers = _linear_stack(model)
+        # A wide stack's activations over 65,536 rows would take gigabytes, after the charge.
+        batch = _EVAL_BATCH if layers is None else min(_EVAL_BATCH, _ghost_rows(layers))
         with torch.no_grad():
-            for start in range(0, n, _EVAL_BATCH):
-                x = data.holdout_x[start : start + _EVAL_BATCH]
-                y = data.holdout_y[start : start + _EVAL_BATCH]
+            for start in range(0, n, batch):
+                x = data.holdout_x[start : start + batch]
+                y = data.holdout_y[start : start + batch]
                 logits = logits_of(x)
                 # A record whose logit overflowed (NaN loss) counts as the worst loss: its
                 # term stays bounded, and the round does not fail because it is there.

@@ -1375,3 +1375,34 @@ def test_global_module_hooks_cost_the_fast_path_and_are_logged_once(
         "tracker, an operator's builder?): every model trains on the slower per-record path"
     ) == 1
     assert training_module._linear_stack(model) is not None  # back once it is removed
+
+
+def test_a_large_batch_goes_through_the_fast_path_in_bounded_chunks(
+    engine: TrainingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sample_rate 1 on ~18,000 training records: held factored, the whole batch's
+    # activations (float32 and float64) would grow with the data, after the charge; a
+    # consumer could make a round fail, or not, by the number of records. Chunks of
+    # records go into float64 sums instead, with the same result.
+    spec = ModelSpec("mlp", "credit", FEATURES, "defaulted", (16, 8))
+    plan = dataclasses.replace(_plan(spec=spec), local_steps=1, sample_rate=1.0)
+    weights = initial_arrays(plan.spec, input_dim=plan.input_dim, seed=0)
+    key = bytes(range(16))
+    whole = engine.train(plan, weights, rng=np.random.default_rng(5), noise_key=key)
+    seen: list[int] = []
+    real = training_module._ghost_factors
+
+    def spy(layers: list[nn.Module], x: torch.Tensor, *args: Any) -> Any:
+        seen.append(x.shape[0])
+        return real(layers, x, *args)
+
+    monkeypatch.setattr(training_module, "_GHOST_VALUES", 50_000)
+    monkeypatch.setattr(training_module, "_ghost_factors", spy)
+    chunked = engine.train(plan, weights, rng=np.random.default_rng(5), noise_key=key)
+    layers = training_module._linear_stack(build_model(spec, input_dim=plan.input_dim))
+    assert layers is not None
+    rows = training_module._ghost_rows(layers)
+    assert sum(seen) > 10_000  # the whole batch went through
+    assert max(seen) <= rows < 2_000
+    for name, array in whole.weights.items():
+        np.testing.assert_allclose(chunked.weights[name], array, rtol=1e-6, atol=1e-7)
