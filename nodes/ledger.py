@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.errors import BudgetExhaustedError, NodeUnavailableError
+from federation.errors import BudgetExhaustedError, NodeBusyError, NodeUnavailableError
 from federation.privacy import Charge, Spend
 from federation.releases import BudgetStatus, Receipt
 from nodes.audit import SCHEMA as AUDIT_SCHEMA
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS charges (
 # Budgets are compared with a tiny relative slack so that spending exactly the whole budget
 # in pieces (e.g. 10 x 0.1 of 1.0) is not refused by floating-point summation error.
 _SLACK = 1e-9
+_LOCK_WAIT_S = 60.0  # how long a write waits for SQLite's lock (other writers) before busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class Ledger:
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=_LOCK_WAIT_S, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
@@ -191,7 +192,13 @@ class Ledger:
             NodeUnavailableError: ``abandoned()`` said so; nothing is recorded.
         """
         conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:  # SQLITE_BUSY after the 60 s wait
+            raise NodeBusyError(
+                f"{operation}: the node's budget ledger stayed locked by other writers past "
+                f"its {_LOCK_WAIT_S:g} s wait; nothing was charged: retry"
+            ) from err
         try:
             if abandoned is not None and abandoned():
                 raise NodeUnavailableError(

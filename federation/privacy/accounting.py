@@ -19,8 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import cast
@@ -55,12 +56,26 @@ def _round_up(value: float) -> float:
     return math.nextafter(value + abs(value) * _ROUND_UP_RELATIVE, math.inf)
 
 
+# One thread imports Opacus at a time: a node's preload thread and a request importing
+# another of its modules at once met its import cycle half-initialised (ImportError in one).
+_OPACUS_IMPORT = threading.Lock()
+
+
 @functools.cache
 def _opacus_rdp() -> ModuleType:
     """Import Opacus' RDP analysis on first use (importing Opacus loads torch, seconds)."""
-    from opacus.accountants.analysis import rdp
+    with _OPACUS_IMPORT:
+        from opacus.accountants.analysis import rdp
 
     return cast(ModuleType, rdp)
+
+
+def opacus_noise_multiplier() -> Callable[..., float]:
+    """Opacus' ``get_noise_multiplier``, imported on first use (as ``_opacus_rdp``)."""
+    with _OPACUS_IMPORT:
+        from opacus.accountants.utils import get_noise_multiplier
+
+    return cast(Callable[..., float], get_noise_multiplier)
 
 
 def preload() -> None:
@@ -69,6 +84,7 @@ def preload() -> None:
     Otherwise the first charge pays a multi-second import inside the ledger's write lock.
     """
     _opacus_rdp()
+    opacus_noise_multiplier()
 
 
 def _check_delta(delta: float, *, allow_zero: bool) -> None:

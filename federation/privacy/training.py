@@ -15,7 +15,13 @@ import warnings
 from dataclasses import dataclass
 
 from federation.errors import InvalidRequestError
-from federation.privacy.accounting import Charge, Spend, compose, subsampled_gaussian_charge
+from federation.privacy.accounting import (
+    Charge,
+    Spend,
+    compose,
+    opacus_noise_multiplier,
+    subsampled_gaussian_charge,
+)
 from federation.privacy.mechanisms import laplace_charge
 
 __all__ = [
@@ -39,8 +45,7 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
     Raises:
         InvalidRequestError: no noise multiplier up to 1e6 reaches ``epsilon``.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
+    get_noise_multiplier = opacus_noise_multiplier()
     try:
         with warnings.catch_warnings():
             # "Optimal order is the largest/smallest alpha": the bound is valid, perhaps loose.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -309,3 +311,23 @@ def test_invalid_accounting_inputs_raise(call: object, field: str) -> None:
     assert callable(call)
     with pytest.raises(InvalidRequestError, match=field):
         call()
+
+
+def test_the_node_preload_and_a_first_request_import_opacus_together() -> None:
+    # A node preloads the accountant in a thread while the first Train request imports
+    # another Opacus module: unserialised, one of them met Opacus' import cycle half-done
+    # (ImportError in the preload thread, 3 runs in 3), and the slow import then landed in
+    # the ledger's write lock. A fresh interpreter, as a node starts.
+    script = (
+        "import threading\n"
+        "from federation.privacy import accounting, training\n"
+        "t = threading.Thread(target=accounting.preload)\n"
+        "t.start()\n"
+        "training.noise_multiplier(1.0, 1e-6, 0.01, 100)\n"
+        "t.join()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -8,6 +8,7 @@ default delta, the production path.
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import tempfile
 import threading
 from pathlib import Path
@@ -18,10 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nodes.ledger as ledger_module
 from federation.errors import (
     REFUSAL_KEY,
     BudgetExhaustedError,
     InvalidRequestError,
+    NodeBusyError,
     NodeUnavailableError,
     error_from_status,
     refusal_metadata,
@@ -347,3 +350,25 @@ def test_concurrent_threads_never_overspend(tmp_path: Path) -> None:
     assert failures == []
     shared.close()
     _check_exactly_ten(path, accepted)
+
+
+def test_a_ledger_locked_past_its_wait_is_busy_and_charges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another writer (a second node process on the same state dir, an operator's sqlite3
+    # shell) holds the write lock: the caller hears "busy, retry" (RESOURCE_EXHAUSTED,
+    # marked busy), not INTERNAL, and nothing is recorded.
+    monkeypatch.setattr(ledger_module, "_LOCK_WAIT_S", 0.2)
+    opened = Ledger(tmp_path / "ledger.sqlite")
+    other = sqlite3.connect(tmp_path / "ledger.sqlite", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(NodeBusyError, match="nothing was charged: retry"):
+            _charge(opened, laplace_charge(epsilon=0.1, sensitivity=1), _policy())
+        other.execute("ROLLBACK")
+        assert opened.spend("acme") == Spend()
+        _charge(opened, laplace_charge(epsilon=0.1, sensitivity=1), _policy())  # and then it is
+        assert opened.spend("acme").releases == 1
+    finally:
+        other.close()
+        opened.close()
