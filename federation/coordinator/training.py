@@ -1123,6 +1123,13 @@ def _job_from_checkpoint(
         shapes = state_shapes(build_model(spec, input_dim=dim, registry=registry))
     check_arrays(shapes, weights)
     optimizer = ServerOptimizer(optimizer_name, shapes, lr=lr)
+    if optimizer.hyperparameters() != settings:
+        # Betas and tau are this version's defaults: a checkpoint written under others
+        # would resume with another optimizer than the one its moments come from.
+        raise InvalidRequestError(
+            f"{where} used server optimizer settings {settings}; this version's are "
+            f"{optimizer.hyperparameters()}, so the job cannot be resumed here"
+        )
     if set(state) != set(optimizer.state):
         raise ConfigError(f"{where}: optimizer state does not match {optimizer_name}")
     for key, array in state.items():

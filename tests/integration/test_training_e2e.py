@@ -738,6 +738,12 @@ def test_checkpoint_then_resume_continues_the_same_job(
     (directory / "checkpoint.json").write_text(json.dumps(edited))
     with pytest.raises(InvalidRequestError, match="schema of dataset 'credit' changed"):
         fed.train(SPEC, resume=True, **arguments)
+    # Written under other optimizer defaults (betas, tau): its moments are another's.
+    edited = json.loads(json.dumps(saved))
+    edited["optimizer"]["beta1"] = 0.5
+    (directory / "checkpoint.json").write_text(json.dumps(edited))
+    with pytest.raises(InvalidRequestError, match="used server optimizer settings"):
+        fed.train(SPEC, resume=True, **arguments)
     (directory / "checkpoint.json").write_text(json.dumps(saved))
     # The digest is chosen per run, not per job: the resumed rounds commit with SHA-256.
     result = fed.train(
