@@ -149,16 +149,18 @@ _GHOST_VALUES = 1 << 22
 # in chunks of records.
 _PER_SAMPLE_VALUES = 1 << 24
 _DATA_CACHE_ENTRIES = 4
-# On CPU, noise is drawn 131072 values (1 MiB of float64) at a time into one reused
+# On CPU, noise is drawn 65536 values (512 KiB of float64) at a time into one reused
 # buffer; with its float32 copy and the weights' slice a block's working set is about
-# 2 MiB, a core's L2 cache on the VMs measured here. Fewer, larger blocks than torch's intra-op
-# grain size (32768) cost less Python per step: a 100M-parameter round's nodes used 2.53-
-# 2.63 CPU-s against 2.72-2.75 with 32768 (benchmarks/training.py --sizes 100M, two
-# interleaved pairs, 2026-12-05). Slices past the grain size would fan out to worker
-# threads, which cost far more than the add when other processes share the cores
+# 1 MiB, in a core's L2 cache. Fewer, larger blocks than torch's intra-op grain size
+# (32768) cost less Python per step: at 100M parameters x 2 nodes the nodes used 2.60 CPU-s
+# per round against 2.72-2.75 with 32768 blocks; 131072 (2 MiB working set) gave 2.53-
+# 2.64, but 13.5-13.8 CPU-s against 13.1 at 8 nodes sharing the 2 cores (65536: 13.3).
+# benchmarks/training.py --sizes 100M [--nodes 8], 2026-12-05/06, single runs: within
+# the VM's run-to-run noise of a few percent. Slices past the grain size would fan out to
+# worker threads, which cost far more than the add when other processes share the cores
 # (measured: 0.9 s vs 3 s per 100M values), so the block loop runs on one thread
 # (``_one_cpu_thread``); a round that overlaps another's loop may fan out (speed only).
-_NOISE_CHUNK_CPU = 1 << 17
+_NOISE_CHUNK_CPU = 1 << 16
 _NOISE_CHUNK_DEVICE = 1 << 24  # accelerators: large slices (one kernel launch each)
 _THREADS_LOCK = threading.Lock()  # held while a step has torch on one thread (_one_cpu_thread)
 
@@ -932,7 +934,7 @@ class _Stepper:
 
     ``param -= step_size * (clipped gradient sum + N(0, sigma^2))``, without a gradient or
     noise tensor the size of the model. The parameters are cut into row blocks of up to
-    131072 values (several small tensors share a block); per block, the noise is drawn into
+    65536 values (several small tensors share a block); per block, the noise is drawn into
     a small reused buffer, the block's part of the clipped sum is added to it (a Linear
     layer's as a rank-B ``addmm_``, B = batch size), and the block of weights takes the
     noisy sum in one add. The noise is the same N(0, sigma^2) per coordinate as Opacus
@@ -1040,7 +1042,7 @@ def _check_buffers_kept(
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block loop's many small CPU ops on the calling thread only.
 
-    Each block's ops are small (131072 values); torch and the BLAS would still wake their
+    Each block's ops are small (65536 values); torch and the BLAS would still wake their
     worker threads for some (a rank-B ``addmm_`` does), and with passive OpenMP waiting
     (``python -m nodes``) each wake-up costs more than the op: 0.21 s against 0.03 s for
     a 100M-parameter step's 3,000 blocks of 32768 values, measured.
