@@ -191,7 +191,11 @@ def node_description_html(d: NodeDescription) -> str:
         f"<div {_MUTED}>budget: ε {escape(number(b.spent_epsilon))} spent of "
         f"{escape(number(b.epsilon))} ({escape(number(b.remaining_epsilon))} left; "
         f"δ {escape(number(b.delta))}; at most ε {escape(number(b.max_epsilon_per_release))}"
-        + (f", δ {escape(number(b.max_delta_per_release))}" if b.max_delta_per_release > 0 else "")
+        + (
+            f", δ {escape(number(b.max_delta_per_release))}"
+            if b.max_delta_per_release is not None
+            else ""
+        )
         + f" per release; {b.releases} releases)</div>",
     ]
     for schema in d.datasets:

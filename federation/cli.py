@@ -226,7 +226,8 @@ def _description_dict(d: NodeDescription) -> dict[str, object]:
 
 def _delta_cap(b: BudgetStatus) -> str:
     """`` (delta <= cap)`` when the node states its per-release delta cap, else ""."""
-    return f" (delta {b.max_delta_per_release:g})" if b.max_delta_per_release > 0 else ""
+    cap = b.max_delta_per_release
+    return f" (delta {cap:g})" if cap is not None else ""
 
 
 def format_description(d: NodeDescription) -> str:

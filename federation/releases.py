@@ -84,7 +84,7 @@ class BudgetStatus:
     remaining_epsilon: float
     releases: int
     max_epsilon_per_release: float
-    max_delta_per_release: float = 0.0  # 0: not stated (a node from before it was sent)
+    max_delta_per_release: float | None = None  # None: not stated (a node from before)
 
 
 class Budgets(dict[str, BudgetStatus]):

@@ -360,7 +360,7 @@ def budget_to_proto(status: BudgetStatus) -> pb.BudgetStatus:
         remaining_epsilon=status.remaining_epsilon,
         releases=status.releases,
         max_epsilon_per_release=status.max_epsilon_per_release,
-        max_delta_per_release=status.max_delta_per_release,
+        max_delta_per_release=status.max_delta_per_release,  # None: left unset
     )
 
 
@@ -373,7 +373,9 @@ def budget_from_proto(msg: pb.BudgetStatus) -> BudgetStatus:
         remaining_epsilon=msg.remaining_epsilon,
         releases=msg.releases,
         max_epsilon_per_release=msg.max_epsilon_per_release,
-        max_delta_per_release=msg.max_delta_per_release,
+        max_delta_per_release=(
+            msg.max_delta_per_release if msg.HasField("max_delta_per_release") else None
+        ),
     )
 
 

@@ -194,8 +194,10 @@ class Ledger:
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as err:  # SQLITE_BUSY after the 60 s wait
-            raise NodeBusyError(
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise  # a disk or database fault: INTERNAL, with an incident id
+            raise NodeBusyError(  # still locked by other writers after the wait
                 f"{operation}: the node's budget ledger stayed locked by other writers past "
                 f"its {_LOCK_WAIT_S:g} s wait; nothing was charged: retry"
             ) from err

@@ -139,10 +139,11 @@ log = logging.getLogger(__name__)
 
 _EVAL_BATCH = 65_536
 # Built-in stacks (ghost clipping): at most this many activation values (records x the
-# stack's summed layer widths) at once, forward and backward, float32 and float64 copies
-# together about 80 MiB. A batch past it goes through in chunks of records into float64
-# sums the size of the model, so a large sample rate can never make memory grow with the
-# data after the charge (a failure there would depend on the batch size: on the data).
+# stack's summed layer widths; more for a large model, see _ghost_rows) at once, forward
+# and backward, float32 and float64 copies together about 80 MiB. A batch past it goes
+# through in chunks of records into float64 sums the size of the model, so a large sample
+# rate can never make memory grow with the data after the charge (a failure there would
+# depend on the batch size: on the data).
 _GHOST_VALUES = 1 << 22
 # At most this many per-sample gradient values at once (64 MiB of float32; vmap's
 # intermediates take a few times that): an operator's architecture's batches go through
@@ -749,22 +750,43 @@ def _ghost_factors(
 
 
 def _ghost_rows(layers: list[nn.Module]) -> int:
-    """Records per chunk of the ghost-clipping pass (see ``_GHOST_VALUES``)."""
-    width = sum(m.in_features + m.out_features for m in layers if isinstance(m, nn.Linear))
-    return max(1, _GHOST_VALUES // max(width, 1))
+    """Records per chunk of the ghost-clipping pass: ``_GHOST_VALUES`` activation values,
+    or half the parameter count if more (each value is held in about 20 bytes, so a chunk
+    then takes about what the dense float64 sums it would otherwise need do)."""
+    linear = [m for m in layers if isinstance(m, nn.Linear)]
+    width = sum(m.in_features + m.out_features for m in linear)
+    params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linear)
+    return max(1, max(_GHOST_VALUES, params // 2) // max(width, 1))
 
 
-def _ghost_sums64(
-    layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, clip_norm: float
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Clipped gradient sums (float64, dense) of a Linear/ReLU stack, keyed by
-    ``id(parameter)``, over chunks of ``_ghost_rows`` records; and the per-sample norms."""
+def _dense_sums(layers: list[nn.Module]) -> dict[int, torch.Tensor]:
+    """A float64 zero tensor per parameter of a Linear/ReLU stack, keyed by ``id``."""
     sums: dict[int, torch.Tensor] = {}
     for layer in layers:
         if isinstance(layer, nn.Linear):
             for param in (layer.weight, layer.bias):
                 if param is not None:
                     sums[id(param)] = torch.zeros_like(param, dtype=torch.float64)
+    return sums
+
+
+def _ghost_sums64(
+    layers: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip_norm: float,
+    *,
+    into: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Clipped gradient sums (float64, dense) of a Linear/ReLU stack, keyed by
+    ``id(parameter)``, over chunks of ``_ghost_rows`` records; and the per-sample norms.
+    ``into`` (from ``_dense_sums``) is zeroed and reused."""
+    if into is None:
+        sums = _dense_sums(layers)
+    else:
+        sums = into
+        for total in sums.values():
+            total.zero_()
     norms: list[torch.Tensor] = []
     step = _ghost_rows(layers)
     with torch.no_grad():
@@ -976,6 +998,18 @@ class _Stepper:
         # so a true-n divisor would publish n exactly (Opacus uses the true n here).
         self.step_size = plan.learning_rate / max(plan.sample_rate * examples, 1.0)
         self.sigma = plan.noise_multiplier * plan.clip_norm
+        # Batches past _ghost_rows records take dense float64 sums (8 bytes a parameter).
+        # Whether this round needs them is decided here, from the released DP count, its
+        # public noise scale and the sample rate, never from a batch's size: the memory a
+        # round takes (and so whether it fails after the charge) must not depend on the
+        # data. Only a batch 10 standard deviations past that bound (counting the count's
+        # noise 10 scales up) allocates them later: a negligible chance.
+        self.dense: dict[int, torch.Tensor] | None = None
+        if self.layers is not None:
+            count_scale = plan.examples_charge.noise_scale
+            high = plan.sample_rate * (max(examples, 0.0) + 10.0 * count_scale)
+            if high + 10.0 * math.sqrt(high + 1.0) > _ghost_rows(self.layers):
+                self.dense = _dense_sums(self.layers)
 
     def step(self, rng: RandomSource) -> None:
         """Sample a Poisson batch, take an SGD step on its clipped sum plus Gaussian noise."""
@@ -1003,10 +1037,12 @@ class _Stepper:
             totals, _ = _chunked_clipped_sum(self.model, x, y, self.plan.clip_norm)
             return [_rows(totals[name]) for name in self.names]
         # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
-        if x.shape[0] > _ghost_rows(self.layers):
+        if self.dense is not None or x.shape[0] > _ghost_rows(self.layers):
             # A batch too large to hold factored: chunks of records into dense float64
             # sums (memory the model's size, never the batch's).
-            dense, _ = _ghost_sums64(self.layers, x, y, self.plan.clip_norm)
+            if self.dense is None:  # a batch far past its expected size (see __init__)
+                self.dense = _dense_sums(self.layers)
+            dense, _ = _ghost_sums64(self.layers, x, y, self.plan.clip_norm, into=self.dense)
             return [_rows(dense[id(p)]) for _, p in self.model.named_parameters()]
         sums: dict[int, _GradientRows] = {}
         pairs, _ = _ghost_factors(self.layers, x, y, self.plan.clip_norm)
@@ -1337,8 +1373,10 @@ class TrainingEngine:
         n = data.holdout_x.shape[0]
         logits_of = _record_logits(model)
         layers = _linear_stack(model)
-        # A wide stack's activations over 65,536 rows would take gigabytes, after the charge.
-        batch = _EVAL_BATCH if layers is None else min(_EVAL_BATCH, _ghost_rows(layers))
+        # A wide stack's activations over 65,536 rows would take gigabytes, after the charge:
+        # a forward pass holds two layers' activations, so the widest bounds the batch.
+        widest = max((m.out_features for m in layers or () if isinstance(m, nn.Linear)), default=1)
+        batch = min(_EVAL_BATCH, max(1, _GHOST_VALUES // widest))
         with torch.no_grad():
             for start in range(0, n, batch):
                 x = data.holdout_x[start : start + batch]

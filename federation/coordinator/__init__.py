@@ -314,17 +314,17 @@ class Coordinator:
         what: str = "epsilon",
         delta: float = 0.0,
     ) -> dict[str, FederationError]:
-        """Nodes whose Describe caps one release below ``epsilon`` or ``delta`` (a cap of 0:
-        not stated); ``what`` names the asked epsilon in the message.
+        """Nodes whose Describe caps one release below ``epsilon`` (a cap of 0: not stated)
+        or ``delta`` (None: not stated); ``what`` names the asked epsilon in the message.
 
         A cached Describe that says so is refreshed first: the operator may have raised
         the cap since (a node that cannot be described now is asked as before).
         """
 
         def over(budget: BudgetStatus) -> bool:
-            return (
-                0 < budget.max_epsilon_per_release < epsilon
-                or 0 < budget.max_delta_per_release < delta
+            delta_cap = budget.max_delta_per_release
+            return 0 < budget.max_epsilon_per_release < epsilon or (
+                delta_cap is not None and delta_cap < delta
             )
 
         refused: dict[str, FederationError] = {}
@@ -341,7 +341,7 @@ class Coordinator:
                     f"{what} {epsilon:g} exceeds node {name!r}'s per-release cap of {cap:g} "
                     "for this consumer (from its Describe), so it was not asked"
                 )
-            elif 0 < budget.max_delta_per_release < delta:
+            elif budget.max_delta_per_release is not None and budget.max_delta_per_release < delta:
                 # As the node itself would refuse it (a PolicyError, PERMISSION_DENIED).
                 refused[name] = PolicyError(
                     f"delta {delta:g} exceeds node {name!r}'s per-release cap of "

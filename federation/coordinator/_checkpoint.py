@@ -18,6 +18,7 @@ leaves the previous checkpoint or the new one, never neither.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.json"
+log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "federation-training-checkpoint"
 CHECKPOINT_VERSION = 1
 _TENSORS_NAME = re.compile(r"round-[0-9]{5,}\.safetensors")
@@ -213,6 +215,8 @@ def checkpoint_lock(directory: Path) -> Iterator[None]:
                 f"holds {LOCK_FILE}); wait for that job to end, or choose another directory; "
                 "nothing was charged"
             ) from None
+        except OSError as err:  # ENOLCK: a file system without locks (some NFS mounts)
+            log.warning("checkpoint directory %s cannot be locked (%s): not locked", directory, err)
         yield
     finally:
         os.close(fd)
@@ -241,9 +245,13 @@ def save_checkpoint(
     }
     path = directory / CHECKPOINT_FILE
     write_text_durably(path, json.dumps(body, indent=1, sort_keys=True))
+    # The checkpoint is complete: an older round's file left behind only takes space.
     for old in directory.glob("round-*.safetensors"):
         if old.name != tensors_name:
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("checkpoint: could not remove %s: %s", old, err)
     return path
 
 

@@ -48,6 +48,7 @@ from federation.coordinator._aggregate import (
     ServerOptimizerName,
 )
 from federation.coordinator._checkpoint import (
+    CHECKPOINT_FILE,
     checkpoint_lock,
     load_checkpoint,
     prepare_checkpoint_dir,
@@ -77,7 +78,7 @@ from federation.models import (
     state_views,
 )
 from federation.privacy.training import job_spend, round_charges
-from federation.schema import DatasetSchema, check_compatible
+from federation.schema import DatasetSchema
 from federation.training import (
     DEFAULT_TENSOR_DIGEST,
     LEGACY_TENSOR_DIGEST,
@@ -423,6 +424,50 @@ def train(
     )
 
 
+def _encoding_changes(before: DatasetSchema, now: DatasetSchema, spec: ModelSpec) -> list[str]:
+    """The job's columns (features and target) whose type, bounds or domain differ,
+    exactly (a bound moved by 0.4 moves every scaled input)."""
+
+    def encoding(schema: DatasetSchema, name: str) -> tuple[object, ...] | None:
+        found = [c for c in schema.columns if c.name == name]
+        if not found:
+            return None
+        column = found[0]
+        return (column.type.value, column.lower, column.upper, tuple(column.domain))
+
+    lines = []
+    for name in dict.fromkeys((*spec.features, spec.target)):
+        old, new = encoding(before, name), encoding(now, name)
+        if old != new:
+            lines.append(f"column {name!r}: {old or 'missing'} then, {new or 'missing'} now")
+    return lines
+
+
+def _check_unchanged(directory: Path, job: _Job, start: int) -> None:
+    """With the directory's lock held: its checkpoint is still the one this job read (or
+    none, for a new job). Another job may have written it between the read and the lock.
+
+    Raises:
+        InvalidRequestError: it changed (nothing has been charged).
+    """
+    path = directory / CHECKPOINT_FILE
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        body = None
+    except (OSError, ValueError) as err:
+        raise InvalidRequestError(f"{path} cannot be read now: {err}") from err
+    found = None if not isinstance(body, dict) else (body.get("job_id"), body.get("round"))
+    expected = None if start == 0 and found is None else (job.job_id, start - 1)
+    if found != expected:
+        raise InvalidRequestError(
+            f"{path} changed after this job read it (another job wrote it: it is now at "
+            f"round {found[1] + 1 if found and isinstance(found[1], int) else '?'} of job "
+            f"{found[0] if found else '?'}); nothing was charged: run again to resume from "
+            "its latest round"
+        )
+
+
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidRequestError(f"{name} must be a number; got {value!r}")
@@ -470,6 +515,8 @@ def _run(
         ThreadPoolExecutor(max_workers=len(job.names), thread_name_prefix="train") as pool,
         progress_bar(job.rounds, "training", unit="round", enabled=progress) as bar,
     ):
+        if directory is not None:
+            _check_unchanged(directory, job, start)
         bar.update(start)
         for round_index in range(start, job.rounds):
             record = _round(coordinator, job, round_index, total, pool)
@@ -622,7 +669,7 @@ def _round(
         raise _quorum_error(label, [*done, *charged], failures, job.min_nodes, len(done))
     try:
         average = total.average(job.weights)
-    except KeyboardInterrupt as err:  # or any other non-refusal: name who charged it
+    except KeyboardInterrupt as err:  # the round is paid: name who charged it
         err.add_note(
             f"round {round_index + 1} of {job.rounds} was interrupted while averaging"
             + _charged_note([*done, *charged])
@@ -1092,11 +1139,8 @@ def _job_from_checkpoint(
         raise InvalidRequestError(f"{where} is for another model spec: {body['spec']}")
     saved = body.get("schema")
     if isinstance(saved, dict):  # checkpoints from before it was saved: not checked
-        changed = check_compatible(
-            {
-                "checkpoint": DatasetSchema.from_dict(saved),
-                "nodes now": coordinator.schema(spec.dataset),
-            }
+        changed = _encoding_changes(
+            DatasetSchema.from_dict(saved), coordinator.schema(spec.dataset), spec
         )
         if changed:
             raise InvalidRequestError(

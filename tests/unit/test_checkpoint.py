@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import safetensors.torch
 import torch
 
 from federation.coordinator._checkpoint import (
+    CHECKPOINT_FILE,
     check_output_file,
     load_checkpoint,
     prepare_checkpoint_dir,
@@ -19,7 +22,11 @@ from federation.coordinator._checkpoint import (
     save_checkpoint,
     write_safetensors,
 )
+from federation.coordinator.training import _check_unchanged, _encoding_changes
+from federation.datasets import CREDIT_SCHEMA
 from federation.errors import ConfigError, InvalidRequestError
+from federation.models import ModelSpec
+from federation.schema import Column, ColumnType
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -113,3 +120,37 @@ def test_a_scalar_tensor_keeps_its_shape_through_a_checkpoint(tmp_path: Path) ->
     assert loaded["n"].shape == ()
     assert loaded["w"].shape == (2, 3)
     np.testing.assert_array_equal(loaded["n"], weights["n"])
+
+
+def test_a_job_refuses_a_checkpoint_another_job_wrote_after_it_was_read(tmp_path: Path) -> None:
+    # Read (resume) happens before the directory's lock is taken: a job that finished or
+    # died in between may have moved the checkpoint on. Checked under the lock, before
+    # any round: running the old rounds again would charge them again.
+    job = SimpleNamespace(job_id="job-a")
+    _check_unchanged(tmp_path, job, 0)  # a new job, nothing there: fine
+    (tmp_path / CHECKPOINT_FILE).write_text(json.dumps({"job_id": "job-a", "round": 1}))
+    _check_unchanged(tmp_path, job, 2)  # resumed after round 2 (index 1), as read
+    with pytest.raises(InvalidRequestError, match="now at round 2 of job job-a"):
+        _check_unchanged(tmp_path, job, 1)  # read when it held round 1 only
+    with pytest.raises(InvalidRequestError, match="changed after this job read it"):
+        _check_unchanged(tmp_path, SimpleNamespace(job_id="job-b"), 0)  # another job's now
+
+
+def test_resume_compares_exactly_the_columns_the_job_encodes() -> None:
+    spec = ModelSpec("mlp", "credit", ("income", "housing"), "defaulted", (4,))
+    before = CREDIT_SCHEMA
+    columns = {c.name: c for c in before.columns}
+    assert _encoding_changes(before, before, spec) == []
+    # A bound moved by 0.4 moves every scaled input (a "%g" comparison would miss it).
+    income = columns["income"]
+    assert income.upper is not None
+    nudged = dataclasses.replace(income, upper=income.upper + 0.4)
+    now = dataclasses.replace(
+        before, columns=tuple(nudged if c.name == "income" else c for c in before.columns)
+    )
+    (line,) = _encoding_changes(before, now, spec)
+    assert line.startswith("column 'income':")
+    # A column the job does not use may change (or appear) without stopping it.
+    extra = Column("branch", ColumnType.CATEGORY, domain=("a", "b"))
+    wider = dataclasses.replace(before, columns=(*before.columns, extra))
+    assert _encoding_changes(before, wider, spec) == []

@@ -40,6 +40,7 @@ from federation.errors import (
     FederationError,
     InvalidRequestError,
     NodeUnavailableError,
+    PolicyError,
 )
 from federation.models import ModelSpec
 from federation.schema import Column, ColumnType, DatasetSchema
@@ -81,16 +82,22 @@ class _Node:
     interrupts the main thread as a user's Ctrl-C would)."""
 
     def __init__(
-        self, name: str, shift: float, faults: dict[int, str] | None = None, cap: float = 0.0
+        self,
+        name: str,
+        shift: float,
+        faults: dict[int, str] | None = None,
+        cap: float = 0.0,
+        delta_cap: float | None = None,
     ) -> None:
         self.name = name
         self.shift = np.float32(shift)
         self.faults = faults or {}
         self.cap = cap  # its per-release cap, as its Describe shows (0: not stated)
+        self.delta_cap = delta_cap  # its per-release delta cap (None: not stated)
         self.charged = 0  # rounds this node charged (its result was sent)
 
     def describe(self) -> SimpleNamespace:
-        return _described(SCHEMA, self.cap)
+        return _described(SCHEMA, self.cap, self.delta_cap)
 
     def train(
         self,
@@ -140,11 +147,13 @@ class _Node:
         return NodeClient._read_update(reader, stream(), headers, on_result)  # type: ignore[arg-type]
 
 
-def _described(schema: DatasetSchema, cap: float = 0.0) -> SimpleNamespace:
-    """What a node's Describe tells: its dataset's schema and its per-release cap."""
+def _described(
+    schema: DatasetSchema, cap: float = 0.0, delta_cap: float | None = None
+) -> SimpleNamespace:
+    """What a node's Describe tells: its dataset's schema and its per-release caps."""
     return SimpleNamespace(
         dataset=lambda _name: schema,
-        budget=SimpleNamespace(max_epsilon_per_release=cap, max_delta_per_release=0.0),
+        budget=SimpleNamespace(max_epsilon_per_release=cap, max_delta_per_release=delta_cap),
     )
 
 
@@ -261,6 +270,23 @@ def test_a_job_some_node_caps_below_its_epsilon_asks_nobody_when_quorum_cannot_b
     assert [r.answered for r in result.history] == [("A",), ("A",)]
     assert "per-release cap of 0.5" in dict(result.history[0].failures)["B"]
     assert b.charged == 0
+
+
+def test_a_node_whose_delta_cap_is_below_the_jobs_is_not_asked() -> None:
+    # B's budget is pure DP (delta 0, so its delta cap is 0: stated, not "unknown"): it
+    # would refuse every round, after A had paid. It is left out before anyone is asked.
+    a, b = _Node("A", 0.0, delta_cap=1e-6), _Node("B", 1.0, delta_cap=0.0)
+    with pytest.raises(PolicyError, match=r"delta 1e-07 exceeds node 'B''s per-release cap of 0"):
+        _train(_Coordinator([a, b]), delta=1e-7)
+    assert a.charged == b.charged == 0
+    result = _train(_Coordinator([a, b]), delta=1e-7, min_nodes=1)
+    assert [r.answered for r in result.history] == [("A",), ("A",)]
+    assert b.charged == 0
+    # A cap not stated (an older node) is not a reason to leave a node out.
+    assert _train(_Coordinator([a, _Node("B", 1.0)]), delta=1e-7).history[-1].answered == (
+        "A",
+        "B",
+    )
 
 
 def test_ctrl_c_during_a_round_cancels_the_nodes_calls_instead_of_waiting_for_them() -> None:

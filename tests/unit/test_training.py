@@ -1406,3 +1406,27 @@ def test_a_large_batch_goes_through_the_fast_path_in_bounded_chunks(
     assert max(seen) <= rows < 2_000
     for name, array in whole.weights.items():
         np.testing.assert_allclose(chunked.weights[name], array, rtol=1e-6, atol=1e-7)
+
+
+def test_whether_a_round_takes_dense_sums_is_decided_from_the_dp_count_not_the_batch(
+    engine: TrainingEngine,
+) -> None:
+    # The dense float64 sums cost 8 bytes a parameter: taken or not by the released DP
+    # count, its noise scale and the sample rate, before any batch is drawn.
+    spec = ModelSpec("mlp", "credit", FEATURES, "defaulted", (16, 8))
+    plan = _plan(spec=spec)
+    data = engine._tensors(plan.spec.features, plan.spec.target)
+    model = build_model(plan.spec, input_dim=plan.input_dim)
+    stream = GaussianStream(bytes(16))
+    layers = training_module._linear_stack(model)
+    assert layers is not None
+    rows = training_module._ghost_rows(layers)
+    few = _Stepper(model, data, dataclasses.replace(plan, sample_rate=1e-4), stream, examples=1e4)
+    assert few.dense is None
+    every = _Stepper(model, data, dataclasses.replace(plan, sample_rate=1.0), stream, examples=1e6)
+    assert every.dense is not None
+    assert rows < 1e6  # a batch of every record would not fit one chunk
+    # Same count, whatever the data behind it: the same decision.
+    empty = dataclasses.replace(data, train_x=data.train_x[:0], train_y=data.train_y[:0])
+    again = _Stepper(model, empty, dataclasses.replace(plan, sample_rate=1.0), stream, examples=1e6)
+    assert again.dense is not None

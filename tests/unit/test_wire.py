@@ -156,7 +156,7 @@ budgets = st.builds(
     remaining_epsilon=_non_negative,
     releases=st.integers(min_value=0, max_value=2**63),
     max_epsilon_per_release=_non_negative,
-    max_delta_per_release=st.floats(min_value=0.0, max_value=0.999),
+    max_delta_per_release=st.none() | st.floats(min_value=0.0, max_value=0.999),
 )
 _noise = st.builds(
     NoiseInfo,
