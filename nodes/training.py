@@ -139,11 +139,12 @@ log = logging.getLogger(__name__)
 
 _EVAL_BATCH = 65_536
 # Built-in stacks (ghost clipping): at most this many activation values (records x the
-# stack's summed layer widths; more for a large model, see _ghost_rows) at once, forward
-# and backward, float32 and float64 copies together about 80 MiB. A batch past it goes
-# through in chunks of records into float64 sums the size of the model, so a large sample
-# rate can never make memory grow with the data after the charge (a failure there would
-# depend on the batch size: on the data).
+# stack's summed layer widths) at once, forward and backward, float32 and float64 copies
+# together about 80 MiB; a batch held whole (factored) may take up to a quarter of the
+# parameter count if that is more (_ghost_rows). A larger batch goes through in chunks of
+# records into float64 sums the size of the model, so a large sample rate can never make
+# memory grow with the data after the charge (a failure there would depend on the batch
+# size: on the data).
 _GHOST_VALUES = 1 << 22
 # At most this many per-sample gradient values at once (64 MiB of float32; vmap's
 # intermediates take a few times that): an operator's architecture's batches go through
@@ -749,14 +750,19 @@ def _ghost_factors(
     return scaled, norms.to(x.dtype)
 
 
-def _ghost_rows(layers: list[nn.Module]) -> int:
-    """Records per chunk of the ghost-clipping pass: ``_GHOST_VALUES`` activation values,
-    or half the parameter count if more (each value is held in about 20 bytes, so a chunk
-    then takes about what the dense float64 sums it would otherwise need do)."""
+def _ghost_rows(layers: list[nn.Module], *, factored: bool = False) -> int:
+    """Records per chunk of the ghost-clipping pass: ``_GHOST_VALUES`` activation values
+    (about 20 bytes each, float32 and float64 copies together). ``factored``: the most
+    records a batch may have to be held whole, without dense sums; a quarter of the
+    parameter count in values if that is more (about 5 bytes a parameter, under the 8 of
+    the dense float64 sums it saves)."""
     linear = [m for m in layers if isinstance(m, nn.Linear)]
     width = sum(m.in_features + m.out_features for m in linear)
-    params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linear)
-    return max(1, max(_GHOST_VALUES, params // 2) // max(width, 1))
+    values = _GHOST_VALUES
+    if factored:
+        params = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for m in linear)
+        values = max(values, params // 4)
+    return max(1, values // max(width, 1))
 
 
 def _dense_sums(layers: list[nn.Module]) -> dict[int, torch.Tensor]:
@@ -1008,7 +1014,7 @@ class _Stepper:
         if self.layers is not None:
             count_scale = plan.examples_charge.noise_scale
             high = plan.sample_rate * (max(examples, 0.0) + 10.0 * count_scale)
-            if high + 10.0 * math.sqrt(high + 1.0) > _ghost_rows(self.layers):
+            if high + 10.0 * math.sqrt(high + 1.0) > _ghost_rows(self.layers, factored=True):
                 self.dense = _dense_sums(self.layers)
 
     def step(self, rng: RandomSource) -> None:
@@ -1037,7 +1043,7 @@ class _Stepper:
             totals, _ = _chunked_clipped_sum(self.model, x, y, self.plan.clip_norm)
             return [_rows(totals[name]) for name in self.names]
         # A Linear/ReLU stack: its parameters are exactly its layers' weights and biases.
-        if self.dense is not None or x.shape[0] > _ghost_rows(self.layers):
+        if self.dense is not None or x.shape[0] > _ghost_rows(self.layers, factored=True):
             # A batch too large to hold factored: chunks of records into dense float64
             # sums (memory the model's size, never the batch's).
             if self.dense is None:  # a batch far past its expected size (see __init__)

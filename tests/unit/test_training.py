@@ -1420,7 +1420,7 @@ def test_whether_a_round_takes_dense_sums_is_decided_from_the_dp_count_not_the_b
     stream = GaussianStream(bytes(16))
     layers = training_module._linear_stack(model)
     assert layers is not None
-    rows = training_module._ghost_rows(layers)
+    rows = training_module._ghost_rows(layers, factored=True)
     few = _Stepper(model, data, dataclasses.replace(plan, sample_rate=1e-4), stream, examples=1e4)
     assert few.dense is None
     every = _Stepper(model, data, dataclasses.replace(plan, sample_rate=1.0), stream, examples=1e6)
