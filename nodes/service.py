@@ -450,6 +450,10 @@ class NodeService(pb_grpc.NodeServicer):
         err: FederationError,
     ) -> None:
         """Record a refusal in the audit chain (no cost); a failure to record is only logged."""
+        if isinstance(err.__cause__, sqlite3.OperationalError):
+            # The ledger itself was locked past its wait: recording would wait as long
+            # again before the caller hears "busy". The operator's log keeps it.
+            return
         try:
             consumer = self.guard.identify(context)
         except FederationError:

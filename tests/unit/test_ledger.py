@@ -12,6 +12,7 @@ import sqlite3
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from federation.errors import (
 from federation.privacy import Charge, Spend, gaussian_charge, laplace_charge
 from nodes.config import ConsumerPolicy
 from nodes.ledger import Ledger
+from nodes.service import NodeService
 
 # The ledger allows a relative 1e-9 over the budget so that pieces summing to the whole
 # budget in floating point are not refused (nodes/ledger.py, _SLACK).
@@ -372,3 +374,22 @@ def test_a_ledger_locked_past_its_wait_is_busy_and_charges_nothing(
     finally:
         other.close()
         opened.close()
+
+
+def test_a_busy_ledger_refusal_is_not_audited_through_the_same_lock() -> None:
+    # Recording it would wait on the lock that just timed out, delaying "busy" by as long.
+    def must_not_record(**kwargs: Any) -> None:
+        raise AssertionError("recorded a refusal through the locked ledger")
+
+    service = SimpleNamespace(
+        guard=SimpleNamespace(identify=lambda context: "acme"),
+        ledger=SimpleNamespace(record_refusal=must_not_record),
+    )
+    busy = NodeBusyError("the node's budget ledger stayed locked")
+    busy.__cause__ = sqlite3.OperationalError("database is locked")
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    NodeService._audit_refusal(service, None, "analyze", code, busy)  # type: ignore[arg-type]
+    recorded = []
+    service.ledger = SimpleNamespace(record_refusal=lambda **kw: recorded.append(kw))
+    NodeService._audit_refusal(service, None, "analyze", code, NodeBusyError("slots"))  # type: ignore[arg-type]
+    assert [r["code"] for r in recorded] == ["RESOURCE_EXHAUSTED"]
