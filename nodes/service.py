@@ -244,7 +244,19 @@ class NodeService(pb_grpc.NodeServicer):
         rounds.check_layout(plan, headers)  # before a byte of weights is read
         rounds.check_job(plan, self.ledger.job_record(policy.name, plan.job_id), policy)
         rounds.check_affordable(plan, spend=self.ledger.spend(policy.name), policy=policy)
-        if not self._train_slots.acquire(timeout=_slot_wait_s(context, admission)):
+        slot = self._wait_for_training_slot(context, admission)
+        if slot is None:
+            # Cancelled, or past a deadline, while it waited: nobody is left to answer, and
+            # the slot goes to whoever is still waiting.
+            log.warning(
+                "train job %s round %d for %r ended while waiting for the training slot; "
+                "nothing was charged",
+                plan.job_id,
+                plan.round,
+                consumer,
+            )
+            return
+        if not slot:
             raise NodeBusyError(
                 f"node {self.config.name!r} is busy training (limit "
                 f"{self._max_trainings} at once); nothing was charged: retry"
@@ -341,6 +353,28 @@ class NodeService(pb_grpc.NodeServicer):
                 )
             assembler.add(chunk)
         return assembler.finish()
+
+    def _wait_for_training_slot(
+        self, context: grpc.ServicerContext, admission: Admission
+    ) -> bool | None:
+        """Take a training slot: True, or False after :func:`_slot_wait_s` (busy).
+
+        None, without the slot, if the call ends (cancelled, or past its deadline or the
+        node's) while it waits: a caller that gave up neither keeps a worker thread for the
+        rest of the wait nor takes the slot ahead of one still waiting.
+        """
+        if self._train_slots.acquire(blocking=False):
+            return True
+        log.info("a train call is waiting for the training slot (limit %d)", self._max_trainings)
+        until = time.monotonic() + _slot_wait_s(context, admission)
+        while True:
+            left = until - time.monotonic()
+            if self._train_slots.acquire(timeout=max(0.0, min(left, _SLOT_POLL_S))):
+                return True
+            if admission.deadline.expired or not context.is_active():
+                return None
+            if left <= _SLOT_POLL_S:
+                return False
 
     def _run_stream(
         self,
@@ -467,6 +501,7 @@ class NodeService(pb_grpc.NodeServicer):
             log.exception("could not record the refusal of %s in the audit chain", operation)
 
 
+_SLOT_POLL_S = 0.1  # how often a Train call waiting for a slot checks that its caller is there
 _BUSY_ANSWER_S = 1.0  # time left for a busy refusal to reach the caller before its deadline
 
 

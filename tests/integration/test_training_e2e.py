@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from federation.coordinator.training import (
     load_schema,
 )
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
-from federation.local import LocalFederation
+from federation.local import LocalFederation, NodeProcess
 from federation.metrics import evaluator, predict, roc_auc
 from federation.models import ModelSpec, build_model, encode_features, initial_arrays, input_dim
 from federation.training import TrainConfig
@@ -472,19 +472,19 @@ def test_a_job_cannot_be_redeclared_under_its_id_and_nothing_is_charged(
     assert releases(fed) == before
 
 
-def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
-    trained_fed: LocalFederation,
-) -> None:
-    # Each node trains one round at a time. A second Train waits for the slot for half the
-    # time left before its deadline, then hears NodeBusyError (retry), not a spent budget.
-    fed = _fed(trained_fed)
-    before = releases(fed)
-    node = trained_fed.processes["shenzhen"]
-    assert trained_fed.identity is not None
+@contextmanager
+def _training_slot_held(local: LocalFederation, node: str, job_id: str) -> Iterator[None]:
+    """Hold ``node``'s one training slot with a Train call that withholds its weights.
+
+    On exit the holder's stream ends without weights: refused INVALID_ARGUMENT, uncharged.
+    """
+    process = local.processes[node]
+    assert local.identity is not None
     weights = _good_weights()
-    headers = wire.tensor_headers(weights)
-    config = dataclasses.replace(_RAW_CONFIG, job_id="slot-holder")
-    opening = pb.TrainRequest(config=wire.train_config_to_proto(config, tensors=headers))
+    config = dataclasses.replace(_RAW_CONFIG, job_id=job_id)
+    opening = pb.TrainRequest(
+        config=wire.train_config_to_proto(config, tensors=wire.tensor_headers(weights))
+    )
     done = threading.Event()
 
     def withhold_weights() -> Iterator[pb.TrainRequest]:
@@ -492,32 +492,92 @@ def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
         done.wait(60)
 
     channel = grpc.secure_channel(
-        node.address,
-        pki.channel_credentials(trained_fed.identity),
-        options=[("grpc.ssl_target_name_override", "shenzhen")],
+        process.address,
+        pki.channel_credentials(local.identity),
+        options=[("grpc.ssl_target_name_override", node)],
     )
     with channel:
         holder = pb_grpc.NodeStub(channel).Train(withhold_weights(), timeout=60)
         try:
-            deadline = time.monotonic() + 20
-            while "job slot-holder round 0" not in node.log_path.read_text(errors="replace"):
-                assert time.monotonic() < deadline, "the node never took the training slot"
-                time.sleep(0.05)
-            client = fed.clients["shenzhen"]
-            with pytest.raises(NodeBusyError, match="busy training .*nothing was charged"):
-                client.train(
-                    dataclasses.replace(_RAW_CONFIG, job_id="second"),
-                    weights,
-                    on_result=lambda _: lambda *_: None,
-                    timeout_s=6.0,  # the node answers busy after 3 s
-                )
+            _wait_for_log(process, f"job {job_id} round 0", "the node never took the slot")
+            yield
         finally:
             done.set()
         with pytest.raises(grpc.RpcError) as info:
             for _ in holder:
                 pass
-    # The holder's stream ended without its weights: refused, and nothing charged either.
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def _wait_for_log(process: NodeProcess, text: str, why: str, *, after: int = 0) -> None:
+    """Wait (up to 20 s) until ``text`` is in the node's log past its first ``after`` chars."""
+    deadline = time.monotonic() + 20
+    while text not in process.log_path.read_text(errors="replace")[after:]:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+
+
+def test_a_training_while_the_slot_is_held_is_refused_busy_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    # Each node trains one round at a time. A second Train waits for the slot for half the
+    # time left before its deadline, then hears NodeBusyError (retry), not a spent budget.
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    with (
+        _training_slot_held(trained_fed, "shenzhen", "slot-holder"),
+        pytest.raises(NodeBusyError, match="busy training .*nothing was charged"),
+    ):
+        fed.clients["shenzhen"].train(
+            dataclasses.replace(_RAW_CONFIG, job_id="second"),
+            _good_weights(),
+            on_result=lambda _: lambda *_: None,
+            timeout_s=6.0,  # the node answers busy after 3 s
+        )
+    # Neither the holder (its stream ended without weights) nor the refused call charged.
+    assert releases(fed) == before
+
+
+def test_a_call_cancelled_while_waiting_for_the_slot_gives_up_its_place(
+    trained_fed: LocalFederation,
+) -> None:
+    # A caller that gives up while it waits (Ctrl-C, a coordinator's own round deadline)
+    # must not keep a node thread for the rest of the wait (30 s here), nor take the slot
+    # when it frees, ahead of a caller still waiting.
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    process = trained_fed.processes["hong-kong"]
+    assert trained_fed.identity is not None
+    weights = _good_weights()
+    config = dataclasses.replace(_RAW_CONFIG, job_id="gave-up")
+    messages = [
+        pb.TrainRequest(
+            config=wire.train_config_to_proto(config, tensors=wire.tensor_headers(weights))
+        )
+    ]
+    messages += [pb.TrainRequest(chunk=c) for c in wire.iter_tensor_chunks(weights)]
+    with _training_slot_held(trained_fed, "hong-kong", "slot-holder-2"):
+        mark = len(process.log_path.read_text(errors="replace"))
+        channel = grpc.secure_channel(
+            process.address,
+            pki.channel_credentials(trained_fed.identity),
+            options=[("grpc.ssl_target_name_override", "hong-kong")],
+        )
+        with channel:
+            waiting = pb_grpc.NodeStub(channel).Train(iter(messages), timeout=60)
+            _wait_for_log(process, "waiting for the training slot", "never waited", after=mark)
+            waiting.cancel()
+            _wait_for_log(
+                process,
+                f"job gave-up round 0 for {trained_fed.consumer!r} ended while waiting",
+                "the node kept waiting for a caller that had gone",
+                after=mark,
+            )
+    # The slot went back to nobody: the cancelled call never took it, nothing was charged.
+    assert (
+        f"job gave-up round 0 for {trained_fed.consumer!r}: training slot taken"
+        not in (process.log_path.read_text(errors="replace")[mark:])
+    )
     assert releases(fed) == before
 
 
