@@ -1379,10 +1379,16 @@ class TrainingEngine:
         n = data.holdout_x.shape[0]
         logits_of = _record_logits(model)
         layers = _linear_stack(model)
-        # A wide stack's activations over 65,536 rows would take gigabytes, after the charge:
-        # a forward pass holds two layers' activations, so the widest bounds the batch.
-        widest = max((m.out_features for m in layers or () if isinstance(m, nn.Linear)), default=1)
-        batch = min(_EVAL_BATCH, max(1, _GHOST_VALUES // widest))
+        # A wide model's activations over 65,536 rows would take gigabytes, after the
+        # charge. A built-in stack's forward holds two layers' activations, so the widest
+        # bounds the batch; an operator's is measured: its modules' outputs for one row.
+        if layers is not None:
+            per_row = max((m.out_features for m in layers if isinstance(m, nn.Linear)), default=1)
+        elif n:
+            per_row = _output_values(model, lambda: logits_of(data.holdout_x[:1]))
+        else:
+            per_row = 1
+        batch = min(_EVAL_BATCH, max(1, _GHOST_VALUES // per_row))
         with torch.no_grad():
             for start in range(0, n, batch):
                 x = data.holdout_x[start : start + batch]
@@ -1453,6 +1459,30 @@ def _check_probe(
             "weights do not carry (non-persistent) must not be set from random values; "
             "nothing was charged"
         )
+
+
+def _output_values(model: nn.Module, run: Callable[[], object]) -> int:
+    """How many values ``model``'s modules output, all of them counted, while ``run`` runs.
+
+    Run on one record, an upper bound on the activations a row of an operator's forward
+    keeps (a container's output is its last child's, counted twice; values made between
+    modules, like a functional ``relu``, are not counted, so it is an estimate).
+    """
+    total = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        total += sum(t.numel() for t in outputs if isinstance(t, torch.Tensor))
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(total, 1)
 
 
 def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -598,6 +598,62 @@ def test_what_an_architecture_writes_while_evaluating_never_reaches_the_release(
     np.testing.assert_array_equal(update.weights["0.seen"], weights["0.seen"])
 
 
+class _Wide(nn.Module):
+    """One wide hidden layer, its activation functional: not a built-in stack."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(dim, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def test_an_operator_architectures_evaluation_batch_is_bounded_by_its_width(
+    table: Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held-out rows went through an operator's forward 65,536 at a time whatever its
+    # width: a wide model's activations could take gigabytes, after the charge. Its batch
+    # is now bounded by what its modules output for one row, with the same metrics.
+    def wide(spec: ModelSpec, dim: int) -> nn.Module:
+        return _Wide(dim, 512)
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "wide": wide}
+    policy = dataclasses.replace(POLICY, allowed_models=("wide",))
+    spec = ModelSpec("wide", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    key = bytes(range(16))
+    whole = engine.train(plan, weights, rng=np.random.default_rng(3), noise_key=key)
+    seen: list[int] = []
+    real = training_module._record_logits
+
+    def spy(model: nn.Module) -> Any:
+        logits = real(model)
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return logits(x)
+
+        return counted
+
+    # 512 + 1 + 1 module output values a row: batches of 40 rows.
+    monkeypatch.setattr(training_module, "_GHOST_VALUES", 514 * 40)
+    monkeypatch.setattr(training_module, "_record_logits", spy)
+    bounded = engine.train(plan, weights, rng=np.random.default_rng(3), noise_key=key)
+    held = int(holdout_mask(table).sum())
+    assert held > 400
+    assert seen[0] == 1  # the measurement
+    assert max(seen[1:]) == 40
+    assert sum(seen[1:]) == held
+    assert bounded.metrics == whole.metrics
+
+
 class _Centring(nn.Module):
     """Subtracts the batch's mean: each output depends on every row of the batch."""
 
