@@ -10,9 +10,13 @@ Combining is post-processing of DP releases, so it costs no privacy. Rules:
   and noisy counts C_i (the ratio of totals, not an average of node means, so a node with
   more records weighs more). Interval: parametric bootstrap, the percentiles of the same
   ratio recomputed on ``observed - simulated noise``.
-* quantile: the nodes' noisy histograms over the same public bins are added, negative bins
-  set to 0, and the quantile read off the cumulative counts with linear interpolation inside
-  a bin (resolution: the bin width). Interval: parametric bootstrap as for the mean.
+* quantile: the nodes' noisy histograms over the same public bins are added, their
+  cumulative counts made monotone (``_monotone_cdf``: no per-bin clipping, which would
+  bias every quantile), and the quantile read off them with linear interpolation inside a
+  bin. Interval: a simultaneous confidence band on the cumulative counts
+  (``_quantile_band``), ending on bin edges (inside a bin the histogram cannot place the
+  records): it covers the records' quantile at least at the stated rate, whatever the
+  noise or the data size.
 
 The intervals cover the DP noise: they contain the exact statistic *of the nodes' data*
 with the stated probability (not a population parameter: sampling error is not included).
@@ -311,25 +315,87 @@ def _mean(parts: Sequence[GroupRelease], alpha: float, rng: np.random.Generator)
     return Estimate(value=value, low=float(low), high=float(high))
 
 
+def _monotone_cdf(hist: Floats) -> Floats:
+    """The cumulative counts at the bin edges (..., bins + 1) of noisy histogram(s), made
+    non-decreasing and non-negative.
+
+    The prefix sums of the raw noisy bins are unbiased for the true cumulative counts;
+    setting each negative bin to 0 first would not be: every empty bin would keep its
+    positive noise, and over a few hundred mostly empty bins that false mass moves every
+    quantile (a review measured 0-89% coverage of the 95% interval). The mean of the
+    running maximum from the left and the running minimum from the right is monotone and
+    keeps most of that unbiasedness.
+    """
+    zero = np.zeros((*hist.shape[:-1], 1))
+    cdf = np.concatenate([zero, np.cumsum(hist, axis=-1)], axis=-1)
+    up = np.maximum.accumulate(cdf, axis=-1)
+    down = np.flip(np.minimum.accumulate(np.flip(cdf, axis=-1), axis=-1), axis=-1)
+    return np.asarray(np.maximum((up + down) / 2.0, 0.0), dtype=np.float64)
+
+
 def _quantile_of(hist: Floats, edges: Floats, qs: Sequence[float]) -> Floats:
-    """Quantiles of histogram(s) ``hist`` (..., bins) with linear interpolation in a bin."""
-    clipped = np.maximum(hist, 0.0)
-    cdf = np.cumsum(clipped, axis=-1)
-    total = cdf[..., -1:]
-    out = np.empty((*hist.shape[:-1], len(qs)))
+    """Quantiles of histogram(s) ``hist`` (..., bins) with linear interpolation in a bin.
+
+    The q-quantile is where the cumulative count (``_monotone_cdf``) reaches q times the
+    total: q = 0 is the left edge of the first bin with mass, q = 1 the right edge of the
+    last. With no mass at all, the middle of the bounds.
+    """
+    mono = _monotone_cdf(hist)
+    mass = np.diff(mono, axis=-1)
+    total = mono[..., -1]
+    bins = hist.shape[-1]
     widths = np.diff(edges)
+    # The bin after the last one with mass (its left edge is the data's upper end).
+    after_last = bins - np.argmax(mass[..., ::-1] > 0, axis=-1)
+    top = np.where(total > 0, edges[after_last], (edges[0] + edges[-1]) / 2.0)
+    out = np.empty((*hist.shape[:-1], len(qs)))
     for j, q in enumerate(qs):
         target = q * total
-        idx = np.minimum((cdf < target).sum(axis=-1), hist.shape[-1] - 1)
-        below = np.where(
-            idx > 0,
-            np.take_along_axis(cdf, np.maximum(idx - 1, 0)[..., None], axis=-1)[..., 0],
-            0.0,
-        )
-        inside = np.take_along_axis(clipped, idx[..., None], axis=-1)[..., 0]
-        frac = np.where(inside > 0, (target[..., 0] - below) / np.maximum(inside, 1e-12), 0.5)
-        out[..., j] = edges[idx] + np.clip(frac, 0.0, 1.0) * widths[idx]
+        # The first bin whose right-edge count passes the target: its left-edge count is
+        # at most the target, so the bin has mass and the fraction is in [0, 1).
+        passes = mono[..., 1:] > target[..., None]
+        idx = np.argmax(passes, axis=-1)
+        below = np.take_along_axis(mono, idx[..., None], axis=-1)[..., 0]
+        inside = np.take_along_axis(mass, idx[..., None], axis=-1)[..., 0]
+        frac = np.clip((target - below) / np.where(inside > 0, inside, 1.0), 0.0, 1.0)
+        out[..., j] = np.where(passes.any(axis=-1), edges[idx] + frac * widths[idx], top)
     return out
+
+
+def _quantile_band(
+    hist: Floats, noise: Floats, edges: Floats, qs: Sequence[float], confidence: float
+) -> tuple[Floats, Floats]:
+    """Intervals for the quantiles of the records, from a simultaneous band on the CDF.
+
+    The q-quantile of the records (the smallest value with at least q n of the n records at
+    or below it; for q = 0, the smallest record) lies in the bin ending at the first edge k
+    where ``D_k = C_k - q C_n >= 0`` (``C_k``: true records below edge k; for q = 0,
+    ``D_k = C_k - 1``). The noisy ``D^_k`` has the noise ``W_k - q W_n``, a linear function
+    of the bins' independent noises (``noise``: simulated draws of them, one row per draw).
+    With ``m`` its maximum magnitude over all edges at probability ``confidence``, every
+    ``D_k`` is within ``m`` of ``D^_k`` at once, so the bin lies between the first edge
+    where ``D^_k + m >= 0`` and the first where ``D^_k - m >= 0``. Valid whatever the
+    noise, the data size or the bias of the point estimate (a percentile bootstrap of the
+    estimate was not: a review measured 15-53% coverage of its 95% interval at 200
+    records per node and epsilon 0.1), and conservative: inside a bin the histogram says
+    nothing of where the records lie, so the interval ends on bin edges.
+    """
+    observed = np.concatenate([[0.0], np.cumsum(hist)])
+    walks = np.concatenate([np.zeros((noise.shape[0], 1)), np.cumsum(noise, axis=1)], axis=1)
+    last = len(edges) - 1
+    low = np.empty(len(qs))
+    high = np.empty(len(qs))
+    for j, q in enumerate(qs):
+        term = walks - q * walks[:, -1:]
+        margin = float(np.quantile(np.abs(term).max(axis=1), confidence))
+        gap = observed - q * observed[-1] - (1.0 if q == 0 else 0.0)
+        maybe = gap + margin >= 0  # edges at or past the quantile's bin, as far as we know
+        surely = gap - margin >= 0
+        first_maybe = int(np.argmax(maybe)) if maybe.any() else last
+        first_surely = int(np.argmax(surely)) if surely.any() else last
+        low[j] = edges[max(first_maybe - 1, 0)]
+        high[j] = edges[min(max(first_surely, 1), last)]
+    return low, high
 
 
 def _quantiles(
@@ -344,9 +410,9 @@ def _quantiles(
         return tuple(SUPPRESSED for _ in qs)
     hist = np.sum([np.asarray(m.values, dtype=np.float64) for m in bins], axis=0)
     value = _quantile_of(hist, edges, qs)
-    sims = _quantile_of(hist[None, :] - np.sum([_noise(m, rng) for m in bins], axis=0), edges, qs)
-    low, high = np.quantile(sims, [alpha, 1 - alpha], axis=0)
+    noise = np.sum([_noise(m, rng) for m in bins], axis=0)
+    low, high = _quantile_band(hist, noise, edges, qs, 1.0 - 2.0 * alpha)
     return tuple(
-        Estimate(value=float(v), low=float(lo), high=float(hi))
+        Estimate(value=float(v), low=float(min(lo, v)), high=float(max(hi, v)))
         for v, lo, hi in zip(value, low, high, strict=True)
     )

@@ -228,30 +228,37 @@ def _histogram_releases(*hists: Sequence[float], scale: float = 0.0) -> dict[str
 
 
 @pytest.mark.parametrize(
-    ("q", "expected"),
+    ("q", "expected", "interval"),
     [
-        (0.0, 0.0),
-        (0.1, 1.0),  # exactly the first 10 of 100: the end of bin 0
-        (0.25, 1.75),  # 10 below bin 1, 15 of its 20
-        (0.5, 2.0 + 20.0 / 30.0),
-        (0.9, 3.75),
-        (1.0, 4.0),
+        (0.0, 0.0, (0.0, 1.0)),  # the smallest record is somewhere in bin 0
+        (0.1, 1.0, (0.0, 1.0)),  # exactly the first 10 of 100: the end of bin 0
+        (0.25, 1.75, (1.0, 2.0)),  # 10 below bin 1, 15 of its 20
+        (0.5, 2.0 + 20.0 / 30.0, (2.0, 3.0)),
+        (0.9, 3.75, (3.0, 4.0)),
+        (1.0, 4.0, (3.0, 4.0)),
     ],
 )
-def test_quantile_interpolates_linearly_in_a_bin(q: float, expected: float) -> None:
-    # Total histogram [10, 20, 30, 40], split over two nodes.
+def test_quantile_interpolates_linearly_in_a_bin(
+    q: float, expected: float, interval: tuple[float, float]
+) -> None:
+    # Total histogram [10, 20, 30, 40], split over two nodes, without noise: the value is
+    # interpolated, the interval is the bin the records' quantile is in (the histogram
+    # cannot say where in it).
     releases = _histogram_releases([4.0, 10.0, 15.0, 20.0], [6.0, 10.0, 15.0, 20.0])
     labels, [group] = _combine(Quantile("credit", "age", quantiles=(q,), bins=4), releases)
     assert labels == (f"q{q:g}",)
     [estimate] = group.estimates
     assert estimate.value == pytest.approx(expected)
-    assert estimate.low == estimate.high == estimate.value  # no noise
+    assert (estimate.low, estimate.high) == interval
 
 
-def test_quantile_sets_negative_noisy_bins_to_zero() -> None:
-    releases = _histogram_releases([-5.0, 10.0, 0.0, 0.0], [-3.0, 10.0, 0.0, 0.0])
+def test_quantile_reads_the_raw_noisy_bins_cumulated_not_each_clipped_at_zero() -> None:
+    # True bins [0, 10, 0, 0]: median 1.5. Clipping each noisy bin at 0 keeps the empty
+    # bins' positive noise and drops their negative noise ([0, 10, 2, 0]: 1.6); the raw
+    # prefix sums [0, -2, 8, 10, 8], made monotone ([0, 0, 8, 9, 9]), give 1.5625.
+    releases = _histogram_releases([-1.0, 5.0, 1.0, -1.0], [-1.0, 5.0, 1.0, -1.0])
     _, [group] = _combine(Quantile("credit", "age", quantiles=(0.5,), bins=4), releases)
-    assert group.estimates[0].value == pytest.approx(1.5)
+    assert group.estimates[0].value == pytest.approx(1.5625)
 
 
 def test_quantile_intervals_contain_the_estimates_and_stay_in_bounds() -> None:
@@ -265,4 +272,6 @@ def test_quantile_intervals_contain_the_estimates_and_stay_in_bounds() -> None:
     assert values == sorted(values)
     for estimate in group.estimates:
         assert EDGES[0] <= estimate.low <= estimate.value <= estimate.high <= EDGES[-1]
-        assert estimate.high - estimate.low < 0.5
+        assert estimate.low in EDGES  # whole bins
+        assert estimate.high in EDGES
+        assert estimate.high - estimate.low <= 2.0
