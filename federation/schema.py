@@ -7,14 +7,23 @@ bounds and category domains are declared, so publishing them leaks nothing about
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from federation.errors import InvalidRequestError
+from federation.errors import InvalidRequestError, SchemaMismatchError
 
-__all__ = ["Column", "ColumnType", "DatasetSchema", "check_compatible"]
+__all__ = [
+    "Column",
+    "ColumnType",
+    "DatasetSchema",
+    "check_compatible",
+    "check_schema_digest",
+    "refuse_changed_schema",
+]
 
 
 class ColumnType(enum.Enum):
@@ -109,6 +118,27 @@ class DatasetSchema:
         if len(set(names)) != len(names):
             raise InvalidRequestError(f"dataset {self.name!r} declares a column twice")
 
+    def contract_digest(self) -> str:
+        """SHA-256 (hex) of what ``check_compatible`` compares: each column's name, type,
+        exact bounds and domain (in its order), in column-name order; descriptions aside.
+
+        A coordinator sends the digest of the schema it agreed with the nodes in each
+        request; a node whose own schema has another refuses before it charges anything
+        (its operator changed bounds or a domain since the coordinator described it).
+        """
+        columns = sorted(
+            [
+                c.name,
+                c.type.value,
+                None if c.lower is None else float(c.lower),
+                None if c.upper is None else float(c.upper),
+                list(c.domain),
+            ]
+            for c in self.columns
+        )
+        text = json.dumps([self.name, columns], separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dictionary (public metadata only)."""
         return {
@@ -199,7 +229,39 @@ def _describe(col: Column | None) -> str:
         return "missing"
     text = col.type.value
     if col.has_bounds:
-        text += f" [{col.lower:g}, {col.upper:g}]"
+        # Exact: 1e+06 and 1000010 differ (":g" showed both as 1e+06, so they agreed).
+        text += f" [{float(col.lower)!r}, {float(col.upper)!r}]"  # type: ignore[arg-type]
     if col.type is ColumnType.CATEGORY:
         text += " {" + ", ".join(col.domain) + "}"
     return text
+
+
+_DIGEST_CHARS = frozenset("0123456789abcdef")
+
+
+def check_schema_digest(digest: str) -> str:
+    """Return ``digest`` if it is "" (no check) or a SHA-256 in lowercase hex.
+
+    Raises:
+        InvalidRequestError: anything else.
+    """
+    if digest and (len(digest) != 64 or not set(digest) <= _DIGEST_CHARS):
+        raise InvalidRequestError(
+            f"schema_sha256 must be empty or 64 lowercase hex digits; got {digest[:80]!r}"
+        )
+    return digest
+
+
+def refuse_changed_schema(schema: DatasetSchema, digest: str, *, node: str) -> None:
+    """Refuse a request made for another version of ``schema`` (``digest`` "" = no check).
+
+    Raises:
+        SchemaMismatchError: ``digest`` is not ``schema.contract_digest()``.
+    """
+    if digest and digest != schema.contract_digest():
+        raise SchemaMismatchError(
+            f"node {node!r}'s schema of dataset {schema.name!r} is not the one this request "
+            "was made for: its operator changed a column's bounds, type or domain since you "
+            "described the node. Describe it again (a Coordinator does so by itself on its "
+            "next request); nothing was charged"
+        )

@@ -38,6 +38,7 @@ from blake3 import blake3
 from federation.errors import InvalidRequestError
 from federation.models import PROBE_ROWS
 from federation.releases import BudgetStatus, NoiseInfo, Receipt
+from federation.schema import check_schema_digest
 
 if TYPE_CHECKING:
     from federation.models import ModelSpec
@@ -91,9 +92,13 @@ class TrainConfig:
     # node refuses the round, uncharged, if its own build computes another function.
     # Empty: no check (a built-in architecture is the same code on both sides).
     probe_logits: tuple[float, ...] = ()
+    # DatasetSchema.contract_digest of the dataset the job encodes records with: a node
+    # whose schema changed since refuses the round, uncharged. "": no check.
+    schema_sha256: str = ""
 
     def __post_init__(self) -> None:
         check_tensor_digest(self.tensor_digest)
+        check_schema_digest(self.schema_sha256)
         if len(self.probe_logits) not in (0, PROBE_ROWS) or not all(
             math.isfinite(v) for v in self.probe_logits
         ):

@@ -43,7 +43,7 @@ from federation.releases import (
     Receipt,
     Release,
 )
-from federation.schema import Column, ColumnType, DatasetSchema
+from federation.schema import Column, ColumnType, DatasetSchema, check_schema_digest
 from federation.training import (
     LEGACY_TENSOR_DIGEST,
     TrainConfig,
@@ -316,6 +316,8 @@ class AnalyzeRequest:
     epsilon: float
     delta: float
     mechanism: Mechanism
+    # DatasetSchema.contract_digest of the dataset as the coordinator agreed it; "" = none.
+    schema_sha256: str = ""
 
 
 def analyze_request_to_proto(request: AnalyzeRequest) -> pb.AnalyzeRequest:
@@ -325,6 +327,7 @@ def analyze_request_to_proto(request: AnalyzeRequest) -> pb.AnalyzeRequest:
         epsilon=request.epsilon,
         delta=request.delta,
         mechanism=_MECHANISMS[request.mechanism],
+        schema_sha256=request.schema_sha256,
     )
 
 
@@ -346,6 +349,7 @@ def analyze_request_from_proto(msg: pb.AnalyzeRequest) -> AnalyzeRequest:
         epsilon=msg.epsilon,
         delta=msg.delta,
         mechanism=mechanism,
+        schema_sha256=check_schema_digest(msg.schema_sha256),
     )
 
 
@@ -989,6 +993,7 @@ def train_config_to_proto(
         tensors=[tensor_header_to_proto(h) for h in tensors],
         tensor_digest=config.tensor_digest,
         probe_logits=config.probe_logits,
+        schema_sha256=config.schema_sha256,
     )
 
 
@@ -1018,6 +1023,7 @@ def train_config_from_proto(
         metrics_epsilon=msg.metrics_epsilon,
         tensor_digest=check_tensor_digest(msg.tensor_digest or LEGACY_TENSOR_DIGEST),
         probe_logits=tuple(msg.probe_logits),
+        schema_sha256=msg.schema_sha256,
     )
     return config, tuple(tensor_header_from_proto(h) for h in msg.tensors)
 

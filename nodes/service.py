@@ -38,6 +38,7 @@ from federation.errors import (
 from federation.models import ModelBuilder
 from federation.privacy import RandomSource
 from federation.releases import NodeDescription, Release
+from federation.schema import refuse_changed_schema
 from nodes import rounds
 from nodes._unary import CallEndedError, CapturedHandlers, read_single
 from nodes.analytics import DatasetEngine, Plan, plan_query
@@ -185,6 +186,7 @@ class NodeService(pb_grpc.NodeServicer):
                 f"node {self.config.name!r} has no dataset {analyze.query.dataset!r}; "
                 f"it has: {known}"
             )
+        refuse_changed_schema(engine.table.schema, analyze.schema_sha256, node=self.config.name)
         plan = plan_query(analyze, schema=engine.table.schema, policy=policy)
         record = self.ledger.charge(
             plan.charge,
@@ -238,6 +240,7 @@ class NodeService(pb_grpc.NodeServicer):
                 f"node {self.config.name!r} trains on no dataset {config.spec.dataset!r}; "
                 f"it trains on: {known}"
             )
+        refuse_changed_schema(trainer.table.schema, config.schema_sha256, node=self.config.name)
         plan = rounds.plan_round(
             config, schema=trainer.table.schema, policy=policy, registry=self.registry
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -171,11 +172,18 @@ class Coordinator:
         self._descriptions.update(found)
         return failures
 
+    def _forget_description(self, name: str) -> None:
+        """Describe ``name`` again before its next request (its schema changed)."""
+        self._descriptions.pop(name, None)
+
     def _agreed_schema(self, dataset: str, names: Sequence[str]) -> DatasetSchema:
         """The schema of ``dataset`` at the described nodes ``names``, which must agree."""
         schemas = {n: self._descriptions[n].dataset(dataset) for n in names}
         problems = check_compatible(schemas)
         if problems:
+            # Described again next time: their operators may fix the disagreement.
+            for name in names:
+                self._forget_description(name)
             raise SchemaMismatchError(
                 f"nodes disagree on the schema of dataset {dataset!r}:\n  " + "\n  ".join(problems)
             )
@@ -197,11 +205,11 @@ class Coordinator:
             except InvalidRequestError as err:
                 misfits[name] = err
             else:
-                problems = check_compatible({"the job": schema, name: theirs})
+                problems = check_compatible({"agreed": schema, name: theirs})
                 if problems:
                     misfits[name] = SchemaMismatchError(
                         f"node {name!r} holds another schema of dataset {dataset!r} than the "
-                        "job's:\n  " + "\n  ".join(problems)
+                        "one agreed for this job or query:\n  " + "\n  ".join(problems)
                     )
             if name in misfits:
                 del self._descriptions[name]
@@ -261,8 +269,25 @@ class Coordinator:
         described = [n for n in self.clients if n not in failures]
         # What the Describes say already settles some queries: fail before anyone pays.
         _check_enough(len(described), failures, needed, total=len(self.clients))
-        self._agreed_schema(query.dataset, described)
+        schema = self._agreed_schema(query.dataset, described)
+        # Each node refuses, uncharged, if its schema is no longer the one agreed here.
+        request = dataclasses.replace(request, schema_sha256=schema.contract_digest())
         releases, refused = self._fan_out(lambda c: c.analyze(request), described)
+        stale = [n for n, err in refused.items() if isinstance(err, SchemaMismatchError)]
+        if stale:
+            # Their operators changed the schema since they were described: describe them
+            # again and ask those whose schema is still the one agreed (the others answered
+            # under it); one that now differs is left out, named, and charged nothing.
+            for name in stale:
+                del refused[name]
+                self._forget_description(name)
+            refused.update(self._describe_missing(stale))
+            again = [n for n in stale if n not in refused]
+            refused.update(self._schema_misfits(query.dataset, schema, again))
+            again = [n for n in again if n not in refused]
+            more, more_refused = self._fan_out(lambda c: c.analyze(request), again)
+            releases.update(more)
+            refused.update(more_refused)
         failures.update(refused)
         return self._result(query, releases, failures, needed, confidence, seed)
 
@@ -469,11 +494,12 @@ def _check_enough(
     """Raise unless ``answered`` of ``total`` nodes meet ``needed`` and none refused outright.
 
     A node that cannot answer (unreachable; busy after the client's retries; out of
-    budget) charged nothing: it counts against ``min_nodes`` instead of failing a query
-    others have paid for. A policy or request refusal is raised as it is. A raised refusal
-    names the nodes in ``charged`` (they answered, and paid, for nothing).
+    budget; its schema changed since the nodes agreed) charged nothing: it counts against
+    ``min_nodes`` instead of failing a query others have paid for. A policy or request
+    refusal is raised as it is. A raised refusal names the nodes in ``charged`` (they
+    answered, and paid, for nothing).
     """
-    cannot = (NodeUnavailableError, NodeBusyError, BudgetExhaustedError)
+    cannot = (NodeUnavailableError, NodeBusyError, BudgetExhaustedError, SchemaMismatchError)
     refusals = {n: e for n, e in failures.items() if not isinstance(e, cannot)}
     if not refusals and answered < needed:
         refusals = {n: e for n, e in failures.items() if isinstance(e, BudgetExhaustedError)}

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from federation._html import query_result_html
+from federation.errors import SchemaMismatchError
 from federation.privacy import sample_discrete_gaussian, sample_discrete_laplace
 from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
 from federation.receipts import ReceiptRecord
@@ -202,6 +203,7 @@ def combine(
     """
     rng = rng if rng is not None else np.random.default_rng()
     alpha = (1.0 - confidence) / 2.0
+    _check_aligned(releases)
     first = next(iter(releases.values()))
     group_names = [g.group for g in first.groups]
     by_group = {
@@ -233,6 +235,30 @@ def combine(
         for group, parts in by_group.items()
     )
     return (name,), results
+
+
+def _check_aligned(releases: Mapping[str, Release]) -> None:
+    """Refuse to add up releases whose groups or bins differ (their schemas did).
+
+    Raises:
+        SchemaMismatchError: a release's groups, bin edges or bin labels are not the
+            first's (naming both nodes).
+    """
+    (first_node, first), *rest = releases.items()
+
+    def layout(release: Release) -> tuple[object, ...]:
+        return (
+            frozenset(g.group for g in release.groups),  # matched by name, in any order
+            tuple(release.bin_edges),
+            tuple(release.bin_labels),
+        )
+
+    for node, release in rest:
+        if layout(release) != layout(first):
+            raise SchemaMismatchError(
+                f"node {node!r} released other groups or bins than node {first_node!r} "
+                "(their schemas of the dataset differ): the releases cannot be added up"
+            )
 
 
 def _estimate_dict(label: str, e: Estimate) -> dict[str, object]:

@@ -64,6 +64,7 @@ from federation.errors import (
     FederationError,
     InvalidRequestError,
     NodeUnavailableError,
+    SchemaMismatchError,
 )
 from federation.models import (
     PROBE_ROWS,
@@ -589,6 +590,7 @@ def _round(
         job_id=job.job_id,
         tensor_digest=job.tensor_digest,
         probe_logits=_probe(job),
+        schema_sha256="" if job.schema is None else job.schema.contract_digest(),
         **job.config,
     )
     # A node not described yet (say, unreachable when the job started) is described and its
@@ -660,6 +662,10 @@ def _round(
             "round %d of %d: node %s dropped: %s", round_index + 1, job.rounds, name, outcome.error
         )
         failures[name] = outcome.error
+        if isinstance(outcome.error, SchemaMismatchError):
+            # Its operator changed the schema since it was described (refused, uncharged):
+            # the next round describes it again and checks it against the job's.
+            coordinator._forget_description(name)
         if outcome.contributed:
             partial.append(name)
         if outcome.charged is not None:

@@ -55,6 +55,7 @@ from federation.datasets import CREDIT_SCHEMA, synthetic_credit
 from federation.local import LocalFederation, NodeProcess
 from federation.metrics import evaluator, predict, roc_auc
 from federation.models import ModelSpec, build_model, encode_features, initial_arrays, input_dim
+from federation.schema import DatasetSchema
 from federation.training import TrainConfig
 from nodes.ledger import Ledger
 
@@ -579,6 +580,35 @@ def test_a_call_cancelled_while_waiting_for_the_slot_gives_up_its_place(
         not in (process.log_path.read_text(errors="replace")[mark:])
     )
     assert releases(fed) == before
+
+
+def test_a_round_made_for_another_schema_is_refused_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    # The coordinator sends the digest of the schema its job encodes records with; a node
+    # whose operator changed a bound since would encode them otherwise: refused, uncharged.
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    moved = DatasetSchema(
+        "credit",
+        tuple(
+            dataclasses.replace(c, upper=c.upper + 1.0) if c.name == "age" else c
+            for c in CREDIT_SCHEMA.columns
+        ),
+    )
+    config = dataclasses.replace(_RAW_CONFIG, schema_sha256=moved.contract_digest())
+    error = _raw_train(trained_fed, "shenzhen", _good_weights(), config=config)
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "changed a column's bounds, type or domain" in (error.details() or "")
+    assert releases(fed) == before
+    # The digest of the schema the node holds goes through (as the coordinator sends it).
+    config = dataclasses.replace(_RAW_CONFIG, schema_sha256=CREDIT_SCHEMA.contract_digest())
+    fed.clients["shenzhen"].train(
+        dataclasses.replace(config, job_id="digest-ok"),
+        _good_weights(),
+        on_result=lambda _: lambda *_: None,
+        timeout_s=60,
+    )
 
 
 def test_nan_weights_are_invalid_argument_and_charge_nothing(

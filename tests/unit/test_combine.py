@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from federation.coordinator.analytics import Estimate, GroupResult, combine
+from federation.errors import SchemaMismatchError
 from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
 from federation.releases import (
     BudgetStatus,
@@ -275,3 +276,22 @@ def test_quantile_intervals_contain_the_estimates_and_stay_in_bounds() -> None:
         assert estimate.low in EDGES  # whole bins
         assert estimate.high in EDGES
         assert estimate.high - estimate.low <= 2.0
+
+
+def test_releases_over_other_bins_or_groups_are_not_added_up() -> None:
+    # A node restarted with other bounds releases other bin edges: adding its bins to
+    # another node's by position answered a median of 50 for records that were all 90.
+    hist = [0.0, 0.0, 0.0, 10.0]
+    query = Quantile("credit", "age", quantiles=(0.5,), bins=4)
+    shifted = {
+        "a": _release({"": [_m("bins", hist)]}, edges=EDGES),
+        "b": _release({"": [_m("bins", hist)]}, edges=tuple(2 * e for e in EDGES)),
+    }
+    with pytest.raises(SchemaMismatchError, match="node 'b' released other groups or bins"):
+        _combine(query, shifted)
+    regrouped = {
+        "a": _release({"x": [_m("count", [1.0])], "y": [_m("count", [1.0])]}),
+        "b": _release({"y": [_m("count", [1.0])], "z": [_m("count", [1.0])]}),
+    }
+    with pytest.raises(SchemaMismatchError, match="than node 'a'"):
+        _combine(Count("credit", group_by="g"), regrouped)

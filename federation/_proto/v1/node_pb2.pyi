@@ -204,16 +204,18 @@ class Query(_message.Message):
     def __init__(self, kind: _Optional[_Union[QueryKind, str]] = ..., dataset: _Optional[str] = ..., column: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., group_by: _Optional[str] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., bins: _Optional[int] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("query", "epsilon", "delta", "mechanism")
+    __slots__ = ("query", "epsilon", "delta", "mechanism", "schema_sha256")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_SHA256_FIELD_NUMBER: _ClassVar[int]
     query: Query
     epsilon: float
     delta: float
     mechanism: Mechanism
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., mechanism: _Optional[_Union[Mechanism, str]] = ...) -> None: ...
+    schema_sha256: str
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., mechanism: _Optional[_Union[Mechanism, str]] = ..., schema_sha256: _Optional[str] = ...) -> None: ...
 
 class Noise(_message.Message):
     __slots__ = ("mechanism", "scale", "sensitivity", "granularity")
@@ -334,7 +336,7 @@ class ModelSpec(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., hidden: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors", "tensor_digest", "probe_logits")
+    __slots__ = ("model", "round", "total_rounds", "target_epsilon", "delta", "sample_rate", "local_steps", "learning_rate", "clip_norm", "job_id", "metrics_epsilon", "tensors", "tensor_digest", "probe_logits", "schema_sha256")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +351,7 @@ class TrainConfig(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PROBE_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_SHA256_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     round: int
     total_rounds: int
@@ -363,7 +366,8 @@ class TrainConfig(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     tensor_digest: str
     probe_logits: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., tensor_digest: _Optional[str] = ..., probe_logits: _Optional[_Iterable[float]] = ...) -> None: ...
+    schema_sha256: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., sample_rate: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., job_id: _Optional[str] = ..., metrics_epsilon: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., tensor_digest: _Optional[str] = ..., probe_logits: _Optional[_Iterable[float]] = ..., schema_sha256: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("config", "chunk")
