@@ -26,7 +26,7 @@ from federation.errors import (
     PolicyError,
     SchemaMismatchError,
 )
-from federation.queries import Count, Mechanism, Query
+from federation.queries import Count, Mean, Mechanism, Query
 from federation.receipts import release_payload
 from federation.releases import Budgets, BudgetStatus, NodeDescription, Release
 from federation.schema import DatasetSchema, check_compatible
@@ -289,7 +289,8 @@ class Coordinator:
             releases.update(more)
             refused.update(more_refused)
         failures.update(refused)
-        return self._result(query, releases, failures, needed, confidence, seed)
+        bounds = _mean_bounds(query, schema)
+        return self._result(query, releases, failures, needed, confidence, seed, bounds)
 
     def _result(
         self,
@@ -299,11 +300,16 @@ class Coordinator:
         needed: int,
         confidence: float,
         seed: int | None,
+        bounds: tuple[float, float] | None,
     ) -> QueryResult:
         _check_enough(len(releases), failures, needed, total=len(self.clients), charged=releases)
         ordered = {n: releases[n] for n in self.clients if n in releases}
         labels, groups = combine(
-            query, ordered, confidence=confidence, rng=np.random.default_rng(seed)
+            query,
+            ordered,
+            confidence=confidence,
+            rng=np.random.default_rng(seed),
+            bounds=bounds,
         )
         spends = tuple(
             NodeSpend(
@@ -481,6 +487,16 @@ class Coordinator:
     ) -> None:
         """Close channels."""
         self.close()
+
+
+def _mean_bounds(query: Query, schema: DatasetSchema) -> tuple[float, float] | None:
+    """The public bounds of a mean query's column (every record's value is inside them)."""
+    if not isinstance(query, Mean):
+        return None
+    column = schema.column(query.column)
+    if column.lower is None or column.upper is None:
+        return None
+    return (float(column.lower), float(column.upper))
 
 
 def _check_enough(

@@ -188,6 +188,7 @@ def combine(
     *,
     confidence: float = 0.95,
     rng: np.random.Generator | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[tuple[str, ...], tuple[GroupResult, ...]]:
     """Combine per-node releases of ``query`` into labels and per-group estimates.
 
@@ -196,6 +197,8 @@ def combine(
         releases: node name -> that node's release (at least one).
         confidence: interval coverage, e.g. 0.95.
         rng: generator for the noise simulations (seeded for reproducible intervals).
+        bounds: a mean's public column bounds: the mean and its interval are clamped to
+            them (post-processing; the true mean is inside them). None: not clamped.
 
     Returns:
         The labels of the estimates (bins, quantiles, or the statistic's name) and one
@@ -225,7 +228,8 @@ def combine(
         return first.bin_labels, results
     if isinstance(query, Mean):
         results = tuple(
-            GroupResult(name, (_mean(parts, alpha, rng),)) for name, parts in by_group.items()
+            GroupResult(name, (_clamped(_mean(parts, alpha, rng), bounds),))
+            for name, parts in by_group.items()
         )
         return ("mean",), results
     assert isinstance(query, Count | Sum)
@@ -357,6 +361,19 @@ def _monotone_cdf(hist: Floats) -> Floats:
     up = np.maximum.accumulate(cdf, axis=-1)
     down = np.flip(np.minimum.accumulate(np.flip(cdf, axis=-1), axis=-1), axis=-1)
     return np.asarray(np.maximum((up + down) / 2.0, 0.0), dtype=np.float64)
+
+
+def _clamped(estimate: Estimate, bounds: tuple[float, float] | None) -> Estimate:
+    """``estimate`` clamped to ``bounds``: a mean of few noisy records can land far outside
+    them (a review saw -4.5e6 for incomes in [0, 5e5]); the truth cannot."""
+    if bounds is None or estimate.suppressed:
+        return estimate
+    low, high = bounds
+    return Estimate(
+        value=min(max(estimate.value, low), high),
+        low=min(max(estimate.low, low), high),
+        high=min(max(estimate.high, low), high),
+    )
 
 
 def _quantile_of(hist: Floats, edges: Floats, qs: Sequence[float]) -> Floats:

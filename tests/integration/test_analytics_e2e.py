@@ -99,3 +99,12 @@ def test_request_bounds_override_public_bounds(fed: Coordinator, frames) -> None
     result = fed.analyze(Mean("credit", "income", bounds=(0.0, 100_000.0)), epsilon=EPS)
     truth = np.clip(pooled(frames, "income"), 0, 100_000).mean()
     assert result.value == pytest.approx(truth, rel=2e-2)
+
+
+def test_a_mean_of_almost_nobody_stays_within_the_public_bounds(fed: Coordinator) -> None:
+    # No record matches: the noisy sum over a noisy count near 0 lands far outside [18, 90]
+    # unclamped; the coordinator clamps the mean and its interval to the column's bounds.
+    where = parse_filter("age > 89.5 and age < 89.6")
+    result = fed.analyze(Mean("credit", "age", where=where), epsilon=0.05, seed=3)
+    estimate = result.estimate()
+    assert 18.0 <= estimate.low <= estimate.value <= estimate.high <= 90.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def _release(
 
 
 def _combine(
-    query: Query, releases: Mapping[str, Release], **kwargs: float
+    query: Query, releases: Mapping[str, Release], **kwargs: Any
 ) -> tuple[tuple[str, ...], tuple[GroupResult, ...]]:
     return combine(query, releases, rng=np.random.default_rng(11), **kwargs)
 
@@ -198,6 +199,21 @@ def test_mean_uses_each_nodes_own_center() -> None:
     }
     _, [group] = _combine(Mean("credit", "age"), releases)
     assert group.estimates[0].value == pytest.approx((5.0 + 40.0 - 3.0 - 2.0) / 6.0)
+
+
+def test_a_mean_and_its_interval_are_clamped_to_the_public_bounds() -> None:
+    # Few records, much noise: (-900 + 50 * 1 + 10 + 50 * 1) / 2 = -395 for ages in
+    # [18, 90]. The truth is inside the bounds, so clamping (post-processing) only helps.
+    releases = {
+        "a": _release({"": [_m("sum", [-900.0], scale=300.0, center=50.0), _m("count", [1.0])]}),
+        "b": _release({"": [_m("sum", [10.0], scale=300.0, center=50.0), _m("count", [1.0])]}),
+    }
+    _, [group] = _combine(Mean("credit", "age"), releases)
+    assert group.estimates[0].value == pytest.approx(-395.0)
+    _, [group] = _combine(Mean("credit", "age"), releases, bounds=(18.0, 90.0))
+    [estimate] = group.estimates
+    assert estimate.value == 18.0
+    assert 18.0 <= estimate.low <= estimate.value <= estimate.high <= 90.0
 
 
 def test_mean_interval_contains_the_estimate() -> None:
