@@ -405,8 +405,27 @@ def test_consumers_never_share_cache_entries(data: dict[str, np.ndarray]) -> Non
     for policy in (EXACT_POLICY, beta, EXACT_POLICY):
         plan = plan_query(_request(query, EXACT_EPSILON), schema=SCHEMA, policy=policy)
         engine.execute(plan, rng=NoNoise())
-    owners = sorted(key[1] for key in engine._cache)
+    owners = sorted(key[1] for cache in engine._caches.values() for key in cache)
     assert owners == ["acme", "acme", "beta", "beta"]  # (bins, codes) each
+
+
+def test_one_consumers_queries_never_evict_anothers_entries(data: dict[str, np.ndarray]) -> None:
+    # With one shared LRU, beta's queries evicted acme's entries: acme could time, by its
+    # own cache misses, how much beta was asking (found by review). Each has its own.
+    engine = DatasetEngine(table_from_arrays(data, schema=SCHEMA))
+    beta = dataclasses.replace(EXACT_POLICY, name="beta")
+
+    def ask(policy: ConsumerPolicy, upper: float) -> None:
+        query = Histogram("credit", "income", bins=8, bounds=(0.0, upper))
+        plan = plan_query(_request(query, EXACT_EPSILON), schema=SCHEMA, policy=policy)
+        engine.execute(plan, rng=NoNoise())
+
+    ask(EXACT_POLICY, 90_000.0)
+    mine = dict(engine._caches["acme"])
+    for upper in range(1, 3 * DatasetEngine._CACHE_ENTRIES):
+        ask(beta, 1000.0 * upper)
+    assert dict(engine._caches["acme"]) == mine
+    assert len(engine._caches["beta"]) == DatasetEngine._CACHE_ENTRIES
 
 
 def test_value_on_a_bin_edge_is_counted_in_the_bin_its_label_names() -> None:
