@@ -141,9 +141,23 @@ def _plan_query(request: AnalyzeRequest, *, schema: DatasetSchema, policy: Consu
         return _plan(request, column, bounds, group_column, parts, (), ())
     assert isinstance(query, Histogram | Quantile)
     edges = tuple(float(e) for e in np.linspace(bounds[0], bounds[1], query.bins + 1))
-    labels = tuple(f"[{a:g}, {b:g})" for a, b in zip(edges[:-1], edges[1:], strict=True))
+    # The last bin holds its upper edge (and every value clamped to it): "]", not ")".
+    labels = tuple(
+        f"[{_edge(a)}, {_edge(b)}{']' if i == len(edges) - 2 else ')'}"
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+    )
     part = _count_part(request, share=1.0, name="bins")
     return _plan(request, column, bounds, group_column, (part,), labels, edges)
+
+
+def _edge(x: float) -> str:
+    """A bin edge for a label, exact: whole numbers in digits (``1000010``, where ``:g``
+    wrote ``1.00001e+06`` and would write 1000001 as ``1e+06``), others short where that is
+    exact (``0.5``), else in full (``repr``)."""
+    if x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
 
 
 def _plan(

@@ -81,7 +81,7 @@ def test_a_node_whose_schema_changed_is_left_out_uncharged_and_rejoins_when_it_a
         # b refused (its bins are [0, 200]), was described again, and now differs from the
         # agreed schema: left out, charged nothing. a's bins alone make the answer.
         assert result.missing == ("b",)
-        assert result.labels == ("[0, 25)", "[25, 50)", "[50, 75)", "[75, 100)")
+        assert result.labels == ("[0, 25)", "[25, 50)", "[50, 75)", "[75, 100]")
         assert [n.node for n in result.nodes] == ["a"]
         assert fed.clients["b"].describe().budget.spent_epsilon == spent
         # Without min_nodes the nodes now disagree before anyone is asked.

@@ -235,7 +235,7 @@ def test_sum_sensitivity_is_the_largest_clamped_magnitude(query: Query, sensitiv
 def test_histogram_plan_has_public_edges_and_labels() -> None:
     plan = _plan(Histogram("credit", "age", bounds=(20.0, 60.0), bins=4))
     assert plan.bin_edges == (20.0, 30.0, 40.0, 50.0, 60.0)
-    assert plan.bin_labels == ("[20, 30)", "[30, 40)", "[40, 50)", "[50, 60)")
+    assert plan.bin_labels == ("[20, 30)", "[30, 40)", "[40, 50)", "[50, 60]")
     assert _plan(Histogram("credit", "region")).bin_labels == REGIONS
     assert _plan(Histogram("credit", "owner")).bin_labels == ("false", "true")
 
@@ -428,11 +428,23 @@ def test_one_consumers_queries_never_evict_anothers_entries(data: dict[str, np.n
     assert len(engine._caches["beta"]) == DatasetEngine._CACHE_ENTRIES
 
 
+def test_bin_labels_are_exact_and_the_last_bin_is_closed() -> None:
+    # ":g" wrote 1000010 as 1e+06, and every bin as half-open although the last one holds
+    # the upper bound and every value clamped to it (found by review).
+    schema = DatasetSchema("wide", (Column("v", ColumnType.FLOAT, lower=0, upper=2_000_020),))
+    request = _request(Histogram("wide", "v", bins=2), EXACT_EPSILON)
+    plan = plan_query(request, schema=schema, policy=EXACT_POLICY)
+    assert plan.bin_labels == ("[0, 1000010)", "[1000010, 2000020]")
+    table = table_from_arrays({"v": np.array([2_000_020.0, 5e9])}, schema=schema)
+    [group] = DatasetEngine(table).execute(plan, rng=NoNoise())
+    assert group.measurement("bins").values == (0.0, 2.0)
+
+
 def test_value_on_a_bin_edge_is_counted_in_the_bin_its_label_names() -> None:
     schema = DatasetSchema("edges", (Column("n", ColumnType.INT, lower=0, upper=98),))
     table = table_from_arrays({"n": np.array([49, 49, 49], dtype=np.int64)}, schema=schema)
     request = _request(Histogram("edges", "n", bins=2), EXACT_EPSILON)
     plan = plan_query(request, schema=schema, policy=EXACT_POLICY)
-    assert plan.bin_labels == ("[0, 49)", "[49, 98)")
+    assert plan.bin_labels == ("[0, 49)", "[49, 98]")
     [group] = DatasetEngine(table).execute(plan, rng=NoNoise())
     assert group.measurement("bins").values == (0.0, 3.0)
