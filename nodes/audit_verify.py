@@ -483,6 +483,71 @@ def check_at_start(
     return result
 
 
+def reconcile_budgets(
+    conn: sqlite3.Connection, deltas: Mapping[str, float]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """After an override, never serve a budget below what the audit chain shows was spent.
+
+    A broken chain may come with a damaged budget: the ``spend`` table is a running total,
+    and serving from a deleted or edited row would give a consumer its spent epsilon back.
+    Each consumer's spend is recomposed from the charges the chain audits (their budget
+    rows intact, by digest), plus any budget charge the chain lacks; where that is more
+    than the stored spend at the consumer's delta (``deltas``; 1e-6 for one no longer
+    configured), the stored spend is raised to it. A consumer with an audited charge whose
+    budget row is missing or altered cannot be recomposed: it is frozen (the node charges
+    it nothing more) until its operator restores the ledger.
+
+    Returns:
+        Consumers whose spend was raised (with from/to), and frozen consumers (with why).
+    """
+    rows = {
+        str(i): (str(c), str(j))
+        for i, c, j in conn.execute("SELECT id, consumer, charge FROM charges")
+    }
+    composed: dict[str, Spend] = {}
+    frozen: dict[str, str] = {}
+    audited: set[str] = set()
+    for seq, entry_id, body in conn.execute(
+        "SELECT seq, id, body FROM audit WHERE kind = 'charge' ORDER BY seq"
+    ):
+        parsed = _parse(str(body)) or {}
+        consumer = str(parsed.get("consumer", ""))
+        row = rows.get(str(entry_id))
+        audited.add(str(entry_id))
+        intact = row is not None and (
+            row[0] == consumer
+            and hashlib.sha256(row[1].encode("utf-8")).hexdigest() == parsed.get("charge_sha256")
+        )
+        if row is None or not intact:
+            frozen.setdefault(
+                consumer,
+                f"its audited charge at entry {seq} is missing from the budget or altered",
+            )
+            continue
+        composed[consumer] = composed.get(consumer, Spend()).plus(Charge.from_json(row[1]))
+    for entry_id, (consumer, charge_json) in rows.items():
+        if entry_id not in audited:  # in the budget, not the chain: counted, to be safe
+            composed[consumer] = composed.get(consumer, Spend()).plus(Charge.from_json(charge_json))
+    stored = {str(c): Spend.from_json(str(st)) for c, st in conn.execute("SELECT * FROM spend")}
+    raised: dict[str, str] = {}
+    for consumer in sorted(set(composed) - set(frozen)):
+        delta = deltas.get(consumer, 1e-6)
+        before = stored.get(consumer, Spend())
+        after = composed[consumer]
+        if after == before or after.epsilon_at(delta) <= before.epsilon_at(delta):
+            continue
+        conn.execute(
+            "INSERT INTO spend (consumer, state) VALUES (?, ?)"
+            " ON CONFLICT(consumer) DO UPDATE SET state = excluded.state",
+            (consumer, after.to_json()),
+        )
+        raised[consumer] = (
+            f"epsilon {before.epsilon_at(delta):.6g} -> {after.epsilon_at(delta):.6g} "
+            f"({before.releases} -> {after.releases} releases)"
+        )
+    return raised, frozen
+
+
 # ------------------------------------------------------------------ receipts vs ledger
 
 
@@ -564,13 +629,32 @@ def open_ledger(config: NodeConfig, *, allow_broken_audit: bool = False) -> Ledg
         trusted.append(ed25519_signer(config.state_dir).key_id)  # an earlier plaintext run
     try:
         ca_pem = config.tls.ca.read_bytes() if config.tls is not None else None
-        check_at_start(
+        result = check_at_start(
             ledger.connection(),
             ledger.audit,
             allow_broken=allow_broken_audit,
             ca_pem=ca_pem,
             trusted_keys=trusted,
         )
+        if result.problems:  # serving past problems (now or at an earlier override)
+            raised, frozen = reconcile_budgets(
+                ledger.connection(), {n: c.delta for n, c in config.consumers.items()}
+            )
+            for consumer, change in raised.items():
+                log.critical(
+                    "consumer %r: its stored budget was below the composition of its "
+                    "audited charges; raised, %s",
+                    consumer,
+                    change,
+                )
+            for consumer, why in frozen.items():
+                log.critical(
+                    "consumer %r: budget FROZEN, nothing more is charged to it until the "
+                    "ledger is restored: %s",
+                    consumer,
+                    why,
+                )
+            ledger.freeze(frozen)
     except BaseException:
         ledger.close()
         raise

@@ -18,6 +18,7 @@ composition and Rényi-DP composition at the consumer's delta (both valid bounds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class Ledger:
         """
         self.path = path
         self._local = threading.local()
+        # Consumers whose budget records are damaged (``freeze``): charged nothing more.
+        self._frozen: dict[str, str] = {}
         self.audit = AuditChain(
             node_name=node_name,
             jurisdiction=jurisdiction,
@@ -164,9 +167,18 @@ class Ledger:
             spend = spend.plus(Charge.from_json(charge))
         return spend
 
+    def freeze(self, consumers: Mapping[str, str]) -> None:
+        """Refuse every charge to ``consumers`` (name -> why) from now on, whatever their
+        budget says: their records were found damaged (``reconcile_budgets``)."""
+        self._frozen.update(consumers)
+
     def status(self, policy: ConsumerPolicy) -> BudgetStatus:
-        """Return the consumer's budget status under its current policy."""
-        return _status(self.spend(policy.name), policy)
+        """Return the consumer's budget status under its current policy (none left if
+        its budget is frozen)."""
+        status = _status(self.spend(policy.name), policy)
+        if policy.name in self._frozen:
+            status = dataclasses.replace(status, remaining_epsilon=0.0)
+        return status
 
     def charge(
         self,
@@ -202,6 +214,13 @@ class Ledger:
                 f"its {_LOCK_WAIT_S:g} s wait; nothing was charged: retry"
             ) from err
         try:
+            if policy.name in self._frozen:
+                raise BudgetExhaustedError(
+                    f"consumer {policy.name!r}: this node's budget records for it are "
+                    f"damaged ({self._frozen[policy.name]}); it charges nothing more to it "
+                    "until its operator restores the ledger; remaining_epsilon=0",
+                    remaining_epsilon=0.0,
+                )
             if abandoned is not None and abandoned():
                 raise NodeUnavailableError(
                     f"{operation}: the call ended or ran past its deadline before it was "

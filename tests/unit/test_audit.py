@@ -36,11 +36,17 @@ from federation.receipts import (
 )
 from federation.releases import GroupRelease, Measurement, NoiseInfo, Receipt
 from nodes import audit
-from nodes.audit import Signer, entry_hash, entry_message
+from nodes.audit import LEDGER_FILE, Signer, entry_hash, entry_message
 from nodes.audit_cli import main as audit_main
 from nodes.audit_report import build_report, parse_since, plot_spend, render
-from nodes.audit_verify import check_at_start, check_receipts, verify_chain
-from nodes.config import ConsumerPolicy
+from nodes.audit_verify import (
+    check_at_start,
+    check_receipts,
+    open_ledger,
+    reconcile_budgets,
+    verify_chain,
+)
+from nodes.config import ConsumerPolicy, NodeConfig, parse_config
 from nodes.ledger import ChargeRecord, Ledger
 
 POLICY = ConsumerPolicy(name="acme", epsilon=1.0, delta=0.0, max_epsilon_per_release=1.0)
@@ -660,3 +666,91 @@ def test_verify_against_another_ca_says_not_anchored_not_broken(
     assert "BROKEN: first broken" in out
     assert "NOT ANCHORED" not in out
     ledger.close()
+
+
+def _node_config(state: Path) -> NodeConfig:
+    (state / "credit.csv").write_text("age\n30\n")
+    policy = {"epsilon": 1.0, "delta": 0.0, "max_epsilon_per_release": 1.0}
+    return parse_config(
+        {
+            "node": {
+                "name": "hong-kong",
+                "jurisdiction": "HK",
+                "listen": "127.0.0.1:0",
+                "state_dir": str(state),
+            },
+            "datasets": [
+                {
+                    "name": "credit",
+                    "source": "credit.csv",
+                    "columns": [{"name": "age", "type": "int", "lower": 18, "upper": 90}],
+                }
+            ],
+            "consumers": {"acme": policy, "beta": {**policy, "epsilon": 2.0}},
+        },
+        base_dir=state,
+    )
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A state dir whose ledger holds ``busy``'s entries (acme: 3 charges, beta: 1)."""
+    made = Ledger(tmp_path / LEDGER_FILE, node_name="hong-kong", jurisdiction="HK")
+    busy_ledger(made)
+    made.close()
+    return tmp_path
+
+
+def busy_ledger(ledger: Ledger) -> None:
+    release(ledger, POLICY, 1.0)
+    release(ledger, OTHER, 2.0)
+    release(ledger, POLICY, 3.0)
+    ledger.charge(CHARGE, policy=POLICY, operation="analyze", details={"query": "sum"})
+
+
+def test_an_override_never_serves_a_budget_below_its_audited_charges(state: Path) -> None:
+    # Found by review: with the budget rows deleted, --allow-broken-audit served from
+    # zero, and a consumer that had spent its budget had all of it back.
+    with sqlite3.connect(state / LEDGER_FILE, isolation_level=None) as attacker:
+        attacker.execute("DELETE FROM spend")
+    attacker.close()
+    with pytest.raises(ConfigError, match="the budget counts 0 releases, the audit chain 3"):
+        open_ledger(_node_config(state))
+    ledger = open_ledger(_node_config(state), allow_broken_audit=True)
+    try:
+        assert ledger.spend("acme").releases == 3
+        assert ledger.status(POLICY).spent_epsilon == pytest.approx(0.3)
+        assert ledger.spend("beta").releases == 1
+    finally:
+        ledger.close()
+    # Recorded: the next start, acknowledged, serves the same spend.
+    again = open_ledger(_node_config(state))
+    try:
+        assert again.status(POLICY).spent_epsilon == pytest.approx(0.3)
+    finally:
+        again.close()
+
+
+def test_a_consumer_whose_audited_charges_cannot_be_recomposed_is_frozen(state: Path) -> None:
+    # acme's charge rows and spend gone: what it spent cannot be recomposed, so nothing
+    # more is charged to it. beta's records are intact: it is served as before.
+    with sqlite3.connect(state / LEDGER_FILE, isolation_level=None) as attacker:
+        attacker.execute("DELETE FROM charges WHERE consumer = 'acme'")
+        attacker.execute("DELETE FROM spend WHERE consumer = 'acme'")
+    attacker.close()
+    ledger = open_ledger(_node_config(state), allow_broken_audit=True)
+    try:
+        assert ledger.status(POLICY).remaining_epsilon == 0.0
+        with pytest.raises(BudgetExhaustedError, match="budget records for it are damaged"):
+            release(ledger, POLICY)
+        assert ledger.status(OTHER).spent_epsilon == pytest.approx(0.1)
+        release(ledger, OTHER)
+        assert ledger.status(OTHER).spent_epsilon == pytest.approx(0.2)
+    finally:
+        ledger.close()
+
+
+def test_reconciling_an_intact_ledger_changes_nothing(busy: Ledger) -> None:
+    before = {c: busy.spend(c) for c in ("acme", "beta")}
+    assert reconcile_budgets(busy.connection(), {"acme": 0.0, "beta": 0.0}) == ({}, {})
+    assert {c: busy.spend(c) for c in ("acme", "beta")} == before
