@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from federation.errors import FederationError
+from federation.pki import is_server_certificate
 from federation.releases import GroupRelease, Receipt, Release
 
 __all__ = [
@@ -245,18 +246,28 @@ class VerificationKey:
         """Check that the federation CA issued this certificate to ``node_name``.
 
         Raises:
-            ReceiptError: a bare key (no certificate), another issuer, or another name.
+            ReceiptError: a bare key (no certificate), another issuer, another name, or a
+                certificate that cannot serve a node (a consumer's: clientAuth only).
         """
         if self.certificate is None:
             raise ReceiptError(
                 f"node {node_name!r} signs with a bare key, not a CA-issued certificate; "
-                "pass the key itself (--node-key) if you trust it"
+                "if you trust that key, pass it itself (receipts verify: --node-cert "
+                "NODE=PEM; audit verify: --trust-key)"
             )
         if not self.issued_by(ca_pem):
             raise ReceiptError(f"certificate of node {node_name!r} was not issued by the given CA")
         if node_name not in _cert_names(self.certificate):
             raise ReceiptError(
                 f"certificate names {sorted(_cert_names(self.certificate))}, not node {node_name!r}"
+            )
+        if not is_server_certificate(self.certificate.public_bytes(serialization.Encoding.PEM)):
+            # The same CA issues consumers' certificates: one named like a node must not
+            # vouch for that node's receipts or audit chain.
+            raise ReceiptError(
+                f"certificate named {node_name!r} is not a node's (no serverAuth usage: a "
+                "consumer's certificate), so it cannot sign for node "
+                f"{node_name!r}"
             )
 
 

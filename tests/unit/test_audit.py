@@ -471,6 +471,28 @@ def _fields(receipt: Receipt) -> dict[str, object]:
     return {name: getattr(receipt, name) for name in receipt.__dataclass_fields__}
 
 
+def test_a_consumer_certificate_named_like_a_node_cannot_sign_for_it(tmp_path: Path) -> None:
+    # Found by review: the CA issues consumers' certificates too, and one named
+    # "hong-kong" signed a forged receipt (and could sign a rewritten chain) that verified
+    # against the CA. A node's certificate has serverAuth; a consumer's has clientAuth only.
+    ca = pki.init_ca(tmp_path / "ca")
+    cert, key = pki.issue(tmp_path / "ca", name="hong-kong", role="consumer")
+    signer = Signer.from_private_key(
+        audit._private_key(key.read_bytes(), key), certificate_pem=cert.read_bytes()
+    )
+    ledger = Ledger(tmp_path / "ledger.sqlite", node_name="hong-kong", signer=signer)
+    receipt = release(ledger)
+    verification = VerificationKey.from_pem(cert.read_bytes())
+    with pytest.raises(ReceiptError, match="not a node's .*cannot sign for node 'hong-kong'"):
+        verify_receipt(receipt, key=verification, payload=payload(), ca_pem=ca.read_bytes())
+    assert first_problem(ledger, ca_pem=ca.read_bytes()) == (
+        1,
+        "untrusted signing key: certificate named 'hong-kong' is not a node's (no serverAuth "
+        "usage: a consumer's certificate), so it cannot sign for node 'hong-kong'",
+    )
+    ledger.close()
+
+
 def test_receipt_round_trips_through_json(busy: Ledger) -> None:
     receipt = release(busy)
     assert receipt_from_dict(json.loads(json.dumps(receipt_to_dict(receipt)))) == receipt
