@@ -17,6 +17,8 @@ from typing import Any
 from federation.errors import InvalidRequestError, SchemaMismatchError
 
 __all__ = [
+    "MAX_ABS_BOUND",
+    "MIN_BOUNDS_WIDTH",
     "Column",
     "ColumnType",
     "DatasetSchema",
@@ -24,6 +26,10 @@ __all__ = [
     "check_schema_digest",
     "refuse_changed_schema",
 ]
+
+
+MAX_ABS_BOUND = 1e15  # keeps grids, bin edges and sums finite and exact in float64
+MIN_BOUNDS_WIDTH = 1e-9  # narrower bounds than this are refused (queries and node configs)
 
 
 class ColumnType(enum.Enum):

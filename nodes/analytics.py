@@ -50,7 +50,7 @@ from federation.queries import (
     Sum,
 )
 from federation.releases import GroupRelease, Measurement, NoiseInfo
-from federation.schema import Column, ColumnType, DatasetSchema
+from federation.schema import MAX_ABS_BOUND, MIN_BOUNDS_WIDTH, Column, ColumnType, DatasetSchema
 from federation.wire import AnalyzeRequest
 from nodes.cohort import COUNT_SHARE_FOR_SUM
 from nodes.config import ConsumerPolicy
@@ -215,10 +215,6 @@ def _group_column(name: str | None, schema: DatasetSchema) -> Column | None:
             "column (its groups come from the public domain)"
         )
     return column
-
-
-MAX_ABS_BOUND = 1e15  # keeps grids, bin edges and sums finite and exact in float64
-MIN_BOUNDS_WIDTH = 1e-9
 
 
 def _bounds(requested: tuple[float, float] | None, column: Column) -> tuple[float, float]:

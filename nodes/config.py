@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, cast
 
 from federation.errors import ConfigError, InvalidRequestError
-from federation.schema import Column, ColumnType, DatasetSchema
+from federation.schema import MAX_ABS_BOUND, MIN_BOUNDS_WIDTH, Column, ColumnType, DatasetSchema
 from nodes.limits import REQUEST_READ_S
 
 if TYPE_CHECKING:
@@ -622,6 +622,17 @@ def _column(table: Mapping[str, object], where: str) -> Column:
         )
     lower = _number(table, where, "lower") if "lower" in table else None
     upper = _number(table, where, "upper") if "upper" in table else None
+    if (
+        lower is not None
+        and upper is not None
+        and lower < upper  # inverted bounds: Column says so
+        and (max(abs(lower), abs(upper)) > MAX_ABS_BOUND or upper - lower < MIN_BOUNDS_WIDTH)
+    ):
+        # Every query on the column would be refused, and training would scale it to 0.
+        raise ConfigError(
+            f"{where}: bounds [{lower:g}, {upper:g}] must lie within ±{MAX_ABS_BOUND:g} and "
+            f"be at least {MIN_BOUNDS_WIDTH:g} apart"
+        )
     try:
         return Column(
             name=name,

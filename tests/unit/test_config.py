@@ -394,6 +394,17 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "unknown key 'min' in datasets[0].columns[0]",
     ),
     ("tls typo", _set("tls/crl", "x"), "unknown key 'crl' in tls"),
+    # bounds no query could use (every query refused; training scaled the column to 0)
+    (
+        "huge bounds",
+        _set("datasets/0/columns/0/upper", 1e308),
+        "datasets[0].columns[0]: bounds [18, 1e+308] must lie within ±1e+15",
+    ),
+    (
+        "narrow bounds",
+        _set("datasets/0/columns/0/upper", 18 + 1e-12),
+        "datasets[0].columns[0]: bounds [18, 18] must lie within ±1e+15 and be at least 1e-09",
+    ),
     # wrong types
     (
         "bool epsilon",
