@@ -39,9 +39,9 @@ from federation import pki
 from federation._frames import frame_to_columns
 from federation._workdir import make_workdir
 from federation.architectures import WIDE_MLP, WIDE_MLP_MAX_PARAMETERS
-from federation.coordinator import Coordinator
+from federation.coordinator import Coordinator, NodeClient
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit, write_dataset
-from federation.errors import NodeUnavailableError
+from federation.errors import InvalidRequestError, NodeUnavailableError
 from federation.schema import ColumnType, DatasetSchema
 
 if TYPE_CHECKING:
@@ -387,7 +387,21 @@ class LocalFederation:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> Coordinator:
-        """Start every node, wait until each is healthy, and connect a coordinator."""
+        """Start every node, wait until each is healthy, and connect a coordinator.
+
+        Started already: the same coordinator (a notebook cell run twice starts nothing).
+
+        Raises:
+            InvalidRequestError: stopped, and its work dir (configs, data) removed.
+            NodeUnavailableError: a node did not become healthy (every node is stopped).
+        """
+        if self.coordinator is not None:
+            return self.coordinator
+        if not all(path.exists() for path in self.node_configs.values()):
+            raise InvalidRequestError(
+                "this LocalFederation was stopped and its work dir removed; make a new one "
+                "(LocalFederation.synthetic(...), from_arrays(...) or from_frames(...))"
+            )
         try:
             self._spawn_all()
             for proc in self.processes.values():
@@ -406,14 +420,25 @@ class LocalFederation:
         return self.node_configs[name].parent / "state"
 
     def restart(self, name: str) -> None:
-        """Stop node ``name`` and start it again from the same config and state."""
+        """Stop node ``name`` and start it again from the same config and state.
+
+        The coordinator ``start`` returned stays the one to use: its client for ``name``
+        is reconnected to the node's new address, and the node described again on its
+        next request (its config, say its schema, may have changed).
+        """
         self.processes[name].stop()
         proc = self._spawn(name, self.node_configs[name])
+        self.processes[name] = proc  # recorded first: stopped with the rest if it fails
         self._wait_healthy(proc)
-        self.processes[name] = proc
         if self.coordinator is not None:
-            self.coordinator.close()
-            self.coordinator = self._connect()
+            self.coordinator._replace_client(
+                NodeClient(
+                    name,
+                    proc.address,
+                    identity=self.identity,
+                    consumer=None if self.identity else self.consumer,
+                )
+            )
 
     def stop(self) -> None:
         """Stop nodes, close the coordinator and remove the work dir if we made it.
@@ -486,7 +511,17 @@ class LocalFederation:
         # threads can abort the child; without it, Python spawns with posix_spawn.
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file, env=env)
+            # A session of its own: Jupyter's "interrupt kernel" and a terminal's Ctrl-C
+            # signal the whole process group, and a node stops on SIGINT (found by review:
+            # an interrupted cell killed every node). The user's code gets the
+            # KeyboardInterrupt; the nodes keep serving until stop() or the parent is gone.
+            process = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,
+            )
         return process, log_path
 
     def _wait_healthy(self, proc: NodeProcess) -> None:

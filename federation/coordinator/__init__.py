@@ -68,6 +68,7 @@ class Coordinator:
             raise InvalidRequestError("a coordinator needs at least one node")
         self.clients = {c.name: c for c in clients}
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(clients)))
+        self._closed = False
         self._descriptions: dict[str, NodeDescription] = {}
         # Objects that must live as long as this coordinator: a LocalFederation puts itself
         # here, so its node processes outlive a `LocalFederation.synthetic().start()` call.
@@ -458,6 +459,7 @@ class Coordinator:
     def _fan_out(
         self, call: Callable[[NodeClient], T], names: Sequence[str]
     ) -> tuple[dict[str, T], dict[str, FederationError]]:
+        self._check_open()
         futures = {name: self._pool.submit(call, self.clients[name]) for name in names}
         results: dict[str, T] = {}
         failures: dict[str, FederationError] = {}
@@ -469,8 +471,22 @@ class Coordinator:
                 failures[name] = err
         return results, failures
 
+    def _check_open(self) -> None:
+        """Raise ``InvalidRequestError`` if ``close`` was called (its channels are gone)."""
+        if self._closed:
+            raise InvalidRequestError("this coordinator is closed; connect a new one")
+
+    def _replace_client(self, client: NodeClient) -> None:
+        """Talk to node ``client.name`` through ``client`` from now on (it moved: a
+        restarted local node); the old client is closed and the node described again."""
+        old = self.clients[client.name]
+        self.clients[client.name] = client
+        self._forget_description(client.name)
+        old.close()
+
     def close(self) -> None:
-        """Close every channel and the worker pool."""
+        """Close every channel and the worker pool. Safe to call twice."""
+        self._closed = True
         for client in self.clients.values():
             client.close()
         self._pool.shutdown(wait=True)

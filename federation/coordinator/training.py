@@ -341,6 +341,7 @@ def train(
         nodes=len(coordinator.clients),
         min_nodes=min_nodes,
     )
+    rounds = int(rounds)  # np.int64 passes the check; the checkpoint wants a plain int
     if checkpoint_dir is not None:
         prepare_checkpoint_dir(Path(checkpoint_dir), resume=resume)
     lr = DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr
@@ -351,8 +352,6 @@ def train(
             f"{', '.join(EXTENDED_REGISTRY)}; one the nodes' operators registered needs its "
             "builder here too (architectures=..., --architecture NAME=TARGET)"
         )
-    schema = coordinator.schema(spec.dataset)
-    dim = input_dim(spec, schema)
     # Plain Python numbers: a numpy scalar (np.int64 steps) would pass every check and
     # then fail to serialise in the first checkpoint, after the nodes charged the round.
     config = {
@@ -364,6 +363,9 @@ def train(
         "clip_norm": _real("clip_norm", clip_norm),
         "metrics_epsilon": _real("metrics_epsilon", metrics_epsilon),
     }
+    _check_ranges(config)
+    schema = coordinator.schema(spec.dataset)
+    dim = input_dim(spec, schema)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is not None:
         job = _resumed_job(
@@ -490,14 +492,33 @@ def _check_arguments(
     nodes: int,
     min_nodes: int | None,
 ) -> None:
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    if _integer("rounds", rounds) < 1:
         raise InvalidRequestError(f"rounds must be an integer >= 1; got {rounds!r}")
-    if not (math.isfinite(round_timeout_s) and round_timeout_s > 0):
+    timeout = _real("round_timeout_s", round_timeout_s)
+    if not (math.isfinite(timeout) and timeout > 0):
         raise InvalidRequestError(f"round_timeout_s must be > 0; got {round_timeout_s!r}")
     if resume and checkpoint_dir is None:
         raise InvalidRequestError("resume=True needs checkpoint_dir (where the checkpoint is)")
-    if min_nodes is not None and not 1 <= min_nodes <= nodes:
+    if min_nodes is not None and not 1 <= _integer("min_nodes", min_nodes) <= nodes:
         raise InvalidRequestError(f"min_nodes must be between 1 and {nodes}; got {min_nodes}")
+
+
+def _check_ranges(config: Mapping[str, float]) -> None:
+    """Refuse settings outside their mathematical range before anything is computed from
+    them (review: sample_rate 0 or local_steps 0 made Opacus' noise search never end,
+    before any node was asked). Each node also checks its operator's narrower limits."""
+    for name in ("target_epsilon", "learning_rate", "clip_norm"):
+        if not (math.isfinite(config[name]) and config[name] > 0):
+            raise InvalidRequestError(f"{name} must be a finite number > 0; got {config[name]!r}")
+    if not 0 < config["delta"] < 1:
+        raise InvalidRequestError(f"delta must be in (0, 1); got {config['delta']!r}")
+    if not 0 < config["sample_rate"] <= 1:
+        raise InvalidRequestError(f"sample_rate must be in (0, 1]; got {config['sample_rate']!r}")
+    if config["local_steps"] < 1:
+        raise InvalidRequestError(f"local_steps must be >= 1; got {config['local_steps']!r}")
+    metrics = config["metrics_epsilon"]
+    if not (math.isfinite(metrics) and metrics >= 0):
+        raise InvalidRequestError(f"metrics_epsilon must be a finite number >= 0; got {metrics!r}")
 
 
 def _run(

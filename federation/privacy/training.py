@@ -43,8 +43,16 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
     """Opacus' RDP ``get_noise_multiplier`` for the whole job (cached: about a second).
 
     Raises:
-        InvalidRequestError: no noise multiplier up to 1e6 reaches ``epsilon``.
+        InvalidRequestError: no noise multiplier up to 1e6 reaches ``epsilon``, or a
+            setting out of its range (Opacus' search would never end at a sample rate of
+            0 or 0 steps: their epsilon is 0 whatever the noise).
     """
+    if not (steps >= 1 and 0 < sample_rate <= 1 and 0 < delta < 1 and epsilon > 0):
+        raise InvalidRequestError(
+            f"no noise multiplier for epsilon {epsilon!r}, delta {delta!r}, sample_rate "
+            f"{sample_rate!r}, steps {steps!r}: need epsilon > 0, delta in (0, 1), "
+            "sample_rate in (0, 1] and steps >= 1"
+        )
     get_noise_multiplier = opacus_noise_multiplier()
     try:
         with warnings.catch_warnings():

@@ -24,6 +24,7 @@ import pytest
 from federation import Count, LocalFederation, Mean
 from federation._workdir import remove_stale_workdirs
 from federation.datasets import CREDIT_SCHEMA, synthetic_credit
+from federation.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow  # each test starts real nodes (seconds); all run in CI
 
@@ -63,6 +64,26 @@ WITH_BLOCK = textwrap.dedent(
 )
 
 
+INTERRUPTED_CELL = textwrap.dedent(
+    """
+    import json, signal, time
+    from federation import Count, LocalFederation
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a kernel does
+    local = LocalFederation.synthetic(rows=500, tls=False)
+    fed = local.start()
+    pids = [p.process.pid for p in local.processes.values()]
+    print(json.dumps({"pids": pids, "workdir": str(local.workdir)}), flush=True)
+    try:
+        time.sleep(600)  # a long cell
+    except KeyboardInterrupt:  # the kernel shows it, and the notebook goes on
+        pass
+    print(json.dumps({"count": fed.analyze(Count("credit"), epsilon=0.5).value}), flush=True)
+    local.stop()
+    """
+)
+
+
 def _is_gone(pid: int) -> bool:
     """Whether the process has exited (a zombie awaiting its reaper counts as exited)."""
     try:
@@ -93,8 +114,13 @@ def run_parent(tmp_path: Path) -> Iterator[object]:
 
     def run(script: str, *args: str) -> tuple[subprocess.Popen[str], list[int], Path]:
         env = os.environ | {"TMPDIR": str(tmp_path)}
+        # A group of its own, as a kernel's: signalling the group must not reach pytest.
         parent = subprocess.Popen(
-            [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", script, *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
         )
         started.append(parent)
         assert parent.stdout is not None
@@ -135,6 +161,45 @@ def test_interrupted_with_block_stops_nodes_and_removes_the_dir(run_parent: obje
     assert parent.wait(timeout=DEADLINE_S) != 0  # KeyboardInterrupt
     assert _wait_gone(pids) == []
     assert not workdir.exists()
+
+
+def test_interrupting_a_cell_leaves_the_nodes_serving(run_parent: object) -> None:
+    # Jupyter's "interrupt kernel" and a terminal's Ctrl-C signal the whole process group;
+    # nodes in the kernel's group stopped on it, and the next cell found none (review).
+    parent, pids, workdir = run_parent(INTERRUPTED_CELL)  # type: ignore[operator]
+    os.killpg(parent.pid, signal.SIGINT)
+    assert parent.stdout is not None
+    after = json.loads(parent.stdout.readline())
+    assert after["count"] > 0
+    assert parent.wait(timeout=DEADLINE_S) == 0
+    assert _wait_gone(pids) == []
+    assert not workdir.exists()
+
+
+def test_starting_twice_is_the_same_federation_and_a_stopped_one_says_so() -> None:
+    local = LocalFederation.synthetic(rows=500, tls=False)
+    fed = local.start()
+    pids = [p.process.pid for p in local.processes.values()]
+    try:
+        assert local.start() is fed  # a notebook cell run again starts nothing new
+        assert [p.process.pid for p in local.processes.values()] == pids
+    finally:
+        local.stop()
+    assert _wait_gone(pids) == []
+    with pytest.raises(InvalidRequestError, match="stopped and its work dir removed"):
+        local.start()
+    with pytest.raises(InvalidRequestError, match="this coordinator is closed"):
+        fed.analyze(Count("credit"), epsilon=0.5)
+
+
+def test_restarting_a_node_keeps_the_researchers_coordinator_working() -> None:
+    local = LocalFederation.synthetic(rows=500, tls=False)
+    with local as fed:
+        before = local.processes["shenzhen"].address
+        local.restart("shenzhen")
+        assert local.processes["shenzhen"].address != before
+        assert local.coordinator is fed
+        assert fed.analyze(Count("credit"), epsilon=0.5).missing == ()
 
 
 @pytest.mark.parametrize("how", ["exit", "with"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -560,3 +561,37 @@ def test_a_failed_evaluation_is_checkpointed_even_where_warnings_are_errors(
             )
     checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert len(checkpoint["history"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        # Each of these made Opacus' noise search run forever, before any node was asked.
+        ("sample_rate", 0.0, "sample_rate must be in (0, 1]"),
+        ("local_steps", 0, "local_steps must be >= 1"),
+        ("local_steps", -3, "local_steps must be >= 1"),
+        ("sample_rate", 2.0, "sample_rate must be in (0, 1]"),
+        ("delta", 0.0, "delta must be in (0, 1)"),
+        ("clip_norm", 0.0, "clip_norm must be a finite number > 0"),
+        ("target_epsilon", -1.0, "target_epsilon must be a finite number > 0"),
+        ("round_timeout_s", "5", "round_timeout_s must be a number"),
+        ("min_nodes", 1.5, "min_nodes must be an integer"),
+    ],
+)
+def test_settings_out_of_range_are_refused_before_anything_is_computed(
+    setting: str, value: object, message: str
+) -> None:
+    a, b = _Node("A", 0.0), _Node("B", 1.0)
+    options: dict[str, Any] = {setting: value}
+    if setting == "target_epsilon":
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            train(_Coordinator([a, b]), SPEC, rounds=2, progress=False, **options)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            _train(_Coordinator([a, b]), **options)
+    assert a.charged == b.charged == 0
+
+
+def test_a_numpy_round_count_is_taken_as_an_int() -> None:
+    result = _train(_Coordinator([_Node("A", 0.0)]), rounds=np.int64(2))
+    assert len(result.history) == 2
