@@ -238,11 +238,40 @@ def training_result_html(result: TrainingResult) -> str:
                     receipt_id[:12],
                 ]
             )
+        charged = {n.node: n for n in record.charged}
         for node, reason in record.failures:
-            blank: list[str | float] = ["—"] * (5 + len(metric_names))
-            rows.append([str(record.round), node, *blank, f"dropped: {reason}"])
+            paid = charged.get(node)
+            if paid is None:
+                blank: list[str | float] = ["—"] * (5 + len(metric_names))
+                rows.append([str(record.round), node, *blank, f"dropped: {reason}"])
+                continue
+            # It charged the round (its result arrived), but its update was not used: the
+            # cost counts, as in the CLI's table and the job's spend.
+            rows.append(
+                [
+                    str(record.round),
+                    node,
+                    paid.epsilon,
+                    paid.job_epsilon,
+                    paid.remaining_epsilon,
+                    paid.noisy_examples,
+                    paid.noise_multiplier,
+                    *(["—"] * len(metric_names)),
+                    f"charged, update not used: {reason}",
+                ]
+            )
     numeric = [False, False, True, True, True, True, True] + [True] * len(metric_names) + [False]
     history = table(headers, rows, numeric=numeric)
+    planned = result.planned_epsilon
+    spent = {n: e for r in result.history for n, e in r.job_epsilon.items()}
+    over = [
+        f"{node}: job ε {value:.4g} is above the {planned:.4g} this job was planned to cost "
+        "(a round that was retried, after a timeout, a lost node or a resume, is charged again)"
+        for node, value in sorted(spent.items())
+        if planned is not None and value > planned * (1 + 1e-3)
+    ]
+    if over:
+        history += "".join(f"<div>{escape(line)}</div>" for line in over)
     summary = (
         f"<div><strong>{escape(arch)}</strong> on {escape(spec.dataset)}: predicts "
         f"{escape(spec.target)} from {len(spec.features)} features; "

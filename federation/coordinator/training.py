@@ -324,9 +324,12 @@ def train(
         The global model and the per-round history.
 
     Raises:
-        InvalidRequestError: bad arguments, ``resume`` without a matching checkpoint, a
-            checkpoint in ``checkpoint_dir`` without ``resume``, or a ``checkpoint_dir``
-            that cannot be written (all checked before the first round).
+        InvalidRequestError: bad arguments, ``resume`` with a checkpoint of another job
+            (other settings, schema or optimizer), a checkpoint in ``checkpoint_dir``
+            without ``resume``, or a ``checkpoint_dir`` that cannot be written (all
+            checked before the first round).
+        ConfigError: ``resume`` and no checkpoint in ``checkpoint_dir``, or one that
+            cannot be read (not JSON, another format); nothing was charged.
         SchemaMismatchError: the nodes disagree on the dataset's schema.
         NodeUnavailableError: fewer than ``min_nodes`` nodes completed a round.
         BudgetExhaustedError, NodeBusyError, PolicyError: a refusal left fewer than

@@ -214,6 +214,11 @@ def test_a_node_whose_stream_breaks_is_partial_and_its_charge_stays_in_the_histo
     assert "B last missed round 2: " in table
     assert "the connection dropped" in table
     assert table.splitlines()[2].split()[2:4] == ["0.6", "0.6"]
+    # Jupyter's table shows B's cost too (it showed "—", as if nothing was charged).
+    html = result._repr_html_()
+    [row] = [r for r in re.findall(r"<tr>(.*?)</tr>", html, re.S) if "charged, update not" in r]
+    assert ">B<" in row
+    assert ">0.3<" in row
     # Its receipt is kept as evidence of the charge, without released values: the
     # coordinator does not hold the update it commits to, so nothing claims to verify it.
     receipt = last.charged[0].receipt
@@ -234,8 +239,10 @@ def test_the_summary_flags_a_node_whose_job_spend_ended_above_the_plan() -> None
     result = _train(_Coordinator([_Node("A", 0.0)]), rounds=4)
     assert result.planned_epsilon == pytest.approx(1.0)  # target 1, no metrics
     assert "job ε 1.2 is above the 1 this job was planned to cost" in format_history(result)
+    assert "job ε 1.2 is above the 1 this job was planned to cost" in result._repr_html_()
     result.planned_epsilon = 1.2
     assert "planned to cost" not in format_history(result)
+    assert "planned to cost" not in result._repr_html_()
 
 
 def test_a_failed_quorum_says_which_nodes_charged_the_unapplied_round() -> None:
