@@ -229,6 +229,9 @@ class LocalFederation:
                 ``"/path/file.py:function"``; list their names in ``allowed_models`` too,
                 and pass the same builders to ``train(architectures=...)``.
         """
+        if isinstance(nodes, str) or len(set(nodes)) != len(nodes) or not nodes:
+            # A string is a sequence of one-letter names ("hong-kong": 9 nodes).
+            raise InvalidRequestError(f"nodes must be a list of distinct node names; got {nodes!r}")
         frames = {
             name: synthetic_credit(jurisdiction=name, rows=rows, seed=seed + i)
             for i, name in enumerate(nodes)

@@ -89,6 +89,11 @@ class ModelSpec:
     hidden: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.features, str):  # "age" would be the columns a, g, e
+            raise InvalidRequestError(
+                f"model.features must be a list of column names; got the string "
+                f"{self.features!r} (write [{self.features!r}])"
+            )
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "hidden", tuple(self.hidden))
         if not _NAME_RE.fullmatch(self.architecture):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ from federation.errors import (
     PolicyError,
     SchemaMismatchError,
 )
-from federation.queries import Count, Mean, Mechanism, Query
+from federation.queries import Count, Histogram, Mean, Mechanism, Quantile, Query, Sum
 from federation.receipts import release_payload
 from federation.releases import Budgets, BudgetStatus, NodeDescription, Release
 from federation.schema import DatasetSchema, check_compatible
@@ -249,12 +250,31 @@ class Coordinator:
             budget refusal only when it leaves fewer than ``min_nodes``). The message
             names the nodes that answered, and so were charged, before the refusal.
         """
-        mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
+        if not isinstance(query, Count | Sum | Mean | Histogram | Quantile):
+            raise InvalidRequestError(
+                f"query must be a Count, Sum, Mean, Histogram or Quantile; got {query!r}"
+            )
+        try:
+            mech = Mechanism(mechanism) if isinstance(mechanism, str) else mechanism
+        except ValueError:
+            known = ", ".join(m.value for m in Mechanism)
+            raise InvalidRequestError(
+                f"mechanism must be one of {known}; got {mechanism!r}"
+            ) from None
+        for name, value in (("epsilon", epsilon), ("delta", delta), ("confidence", confidence)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidRequestError(f"{name} must be a number; got {value!r}")
         if not 0 < confidence < 1:
             raise InvalidRequestError(f"confidence must be in (0, 1); got {confidence!r}")
-        request = AnalyzeRequest(query=query, epsilon=epsilon, delta=delta, mechanism=mech)
+        request = AnalyzeRequest(
+            query=query, epsilon=float(epsilon), delta=float(delta), mechanism=mech
+        )
         needed = len(self.clients) if min_nodes is None else min_nodes
-        if not 1 <= needed <= len(self.clients):
+        if (
+            isinstance(needed, bool)
+            or not isinstance(needed, numbers.Integral)
+            or not 1 <= needed <= len(self.clients)
+        ):
             raise InvalidRequestError(
                 f"min_nodes must be between 1 and {len(self.clients)}; got {min_nodes}"
             )
