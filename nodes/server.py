@@ -29,6 +29,7 @@ from federation.architectures import load_builder, registry_with
 from federation.errors import ConfigError, InvalidRequestError
 from federation.models import ModelBuilder
 from nodes.analytics import DatasetEngine
+from nodes.audit import LEDGER_FILE
 from nodes.audit_verify import open_ledger
 from nodes.config import NodeConfig, load_config
 from nodes.data import load_table
@@ -112,10 +113,20 @@ def start_node(
         )
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_ledger(config.state_dir / LEDGER_FILE)
     except OSError as err:  # a file in the way, no permission
         raise ConfigError(
             f"node.state_dir: cannot use {config.state_dir} as a directory: {err.strerror or err}"
         ) from err
+    if config.state_dir.stat().st_mode & 0o077:
+        # mkdir's mode applies only to a directory it creates (review: an existing 0755
+        # state dir held a world-readable ledger). The files are 0600 regardless.
+        log.warning(
+            "node.state_dir %s can be read by group or others (mode %o); the ledger inside "
+            "is 0600, but consider chmod 700",
+            config.state_dir,
+            config.state_dir.stat().st_mode & 0o777,
+        )
     # Load the accountant while data loads, not inside the first charge's write lock.
     threading.Thread(target=privacy.preload, name="preload-accountant", daemon=True).start()
     ledger = open_ledger(config, allow_broken_audit=allow_broken_audit)
@@ -205,6 +216,20 @@ def _bind(server: grpc.Server, config: NodeConfig) -> int:
     if port == 0:
         raise ConfigError(f"node.listen: cannot bind {config.listen} (address in use?)")
     return port
+
+
+def _private_ledger(path: Path) -> None:
+    """Make the ledger database, and the WAL files SQLite gives its mode, 0600 (owner
+    only): create it so if new (whatever the umask), tighten it if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            existing = path.with_name(name)
+            if existing.exists() and existing.stat().st_mode & 0o077:
+                existing.chmod(0o600)
+    else:
+        os.close(fd)
 
 
 def serve(config_path: Path, *, insecure: bool = False, allow_broken_audit: bool = False) -> int:
