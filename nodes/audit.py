@@ -337,13 +337,36 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def open_state_dir(state_dir: Path) -> sqlite3.Connection:
     """Open a node's ledger for reading (an auditor's copy or a running node's).
 
+    Read-only (SQLite's ``mode=ro``): an auditor's copy may sit on read-only storage. There,
+    SQLite cannot make the shared-memory file a WAL database needs, so a ledger without a
+    pending write-ahead log is opened ``immutable`` instead.
+
     Raises:
-        ConfigError: there is no ledger in ``state_dir``.
+        ConfigError: there is no ledger in ``state_dir``, or it cannot be opened (read-only
+            storage with a pending write-ahead log, not a database).
     """
     path = state_dir / LEDGER_FILE
     if not path.is_file():
         raise ConfigError(f"no audit ledger at {path}; pass the node's state_dir")
-    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    uri = path.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the file
+        except sqlite3.Error:
+            conn.close()
+            raise
+    except sqlite3.OperationalError as err:
+        wal = path.with_name(f"{path.name}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise ConfigError(
+                f"cannot open the audit ledger {path} read-only ({err}): it has a pending "
+                "write-ahead log, which SQLite cannot read without write access to the "
+                "directory; copy the state dir to writable storage and audit the copy"
+            ) from err
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+    except sqlite3.Error as err:
+        raise ConfigError(f"cannot open the audit ledger {path}: {err}") from err
     conn.execute("PRAGMA query_only = ON")
     return conn
 

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from federation.errors import ConfigError
 from federation.receipts import ReceiptError, VerificationKey, find_receipt_records
 from nodes.audit import open_state_dir
@@ -94,10 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ReceiptError, OSError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    except sqlite3.DatabaseError as err:  # not a ledger, or one SQLite cannot read
+        sys.stderr.write(f"error: cannot read the audit ledger in {args.state_dir}: {err}\n")
+        return 2
 
 
 def _verify(conn: sqlite3.Connection, args: argparse.Namespace, *, full: bool) -> Verification:
     ca_pem = args.ca.read_bytes() if args.ca else None
+    if ca_pem is not None:
+        try:  # a wrong file is the caller's mistake (exit 2), not a broken chain (exit 1)
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as err:
+            raise ConfigError(f"--ca {args.ca} is not a PEM certificate: {err}") from err
     trusted = [VerificationKey.from_pem(p.read_bytes()).key_id for p in args.trust_key]
     head = _parse_head(args.expect_head) if getattr(args, "expect_head", None) else None
     return verify_chain(conn, full=full, ca_pem=ca_pem, trusted_keys=trusted, expect_head=head)

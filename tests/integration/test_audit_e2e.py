@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -176,9 +177,8 @@ def test_node_refuses_a_broken_chain_unless_told_and_records_the_override(
     node = one_node.processes["hong-kong"]
     node.stop()
     state = state_dir(one_node, "hong-kong")
-    with open_state_dir(state) as conn:
-        conn.execute("PRAGMA query_only = OFF")
-        conn.execute("DELETE FROM audit WHERE seq = 3")
+    with sqlite3.connect(state / "ledger.sqlite", isolation_level=None) as conn:
+        conn.execute("DELETE FROM audit WHERE seq = 3")  # as an attacker editing the file
     conn.close()
     serve = [sys.executable, "-m", "nodes", "serve", "--config", str(node.config_path)]
     refused = subprocess.run(serve, capture_output=True, text=True, timeout=120, check=False)

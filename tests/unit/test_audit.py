@@ -11,6 +11,7 @@ import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -776,3 +777,54 @@ def test_reconciling_an_intact_ledger_changes_nothing(busy: Ledger) -> None:
     before = {c: busy.spend(c) for c in ("acme", "beta")}
     assert reconcile_budgets(busy.connection(), {"acme": 0.0, "beta": 0.0}) == ({}, {})
     assert {c: busy.spend(c) for c in ("acme", "beta")} == before
+
+
+def test_an_auditor_opens_a_ledger_read_only(busy: Ledger) -> None:
+    conn = audit.open_state_dir(busy.path.parent)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 9
+        conn.execute("PRAGMA query_only = OFF")  # mode=ro holds below it
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only"):
+            conn.execute("DELETE FROM audit")
+    finally:
+        conn.close()
+
+
+def test_a_ca_file_that_is_no_certificate_is_a_usage_error(busy: Ledger, tmp_path: Path) -> None:
+    # Found by review: it was reported NOT ANCHORED (exit 1, "tampered") with 54 lines.
+    not_a_cert = tmp_path / "credit.csv"
+    not_a_cert.write_text("age\n30\n")
+    state = str(busy.path.parent)
+    assert audit_main(["verify", "--state-dir", state, "--ca", str(not_a_cert)]) == 2
+
+
+def test_a_ledger_on_read_only_storage_is_opened_immutable_or_refused_clearly(
+    busy: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by review: on a read-only mount, opening the ledger (SQLite wants its -shm
+    # file) raised a traceback with exit 1, the code that means "tampered". Read-only
+    # storage is simulated: SQLite refuses "mode=ro" as it does there.
+    busy.close()
+    state = busy.path.parent
+    real = sqlite3.connect
+
+    def read_only_media(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if "mode=ro" in str(database):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_media)
+    conn = audit.open_state_dir(state)
+    try:  # no pending write-ahead log: the file alone is the ledger, opened immutable
+        assert conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 9
+    finally:
+        conn.close()
+    (state / "ledger.sqlite-wal").write_bytes(b"pending")
+    with pytest.raises(ConfigError, match="pending write-ahead log.*copy the state dir"):
+        audit.open_state_dir(state)
+    (state / "ledger.sqlite-wal").unlink()
+    monkeypatch.setattr(sqlite3, "connect", real)
+    garbage = state / "garbage"
+    garbage.mkdir()
+    (garbage / "ledger.sqlite").write_bytes(b"not a database at all")
+    assert audit_main(["verify", "--state-dir", str(garbage)]) == 2
