@@ -42,7 +42,7 @@ from typing import Literal
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
@@ -56,6 +56,7 @@ __all__ = [
     "channel_credentials",
     "check_validity",
     "check_node_certificate",
+    "check_trust_anchor",
     "common_name",
     "fingerprint",
     "init_ca",
@@ -307,6 +308,45 @@ def check_node_certificate(cert_pem: bytes, node_name: str) -> None:
             f"DNS names: {', '.join(names) or 'none'}); coordinators verify a node by its "
             f"name and would refuse this one; {hint}"
         )
+
+
+def check_trust_anchor(identity: Identity) -> None:
+    """Check that a node's ``tls.ca`` holds a CA certificate that issued its ``tls.cert``.
+
+    A node verifies every consumer against ``tls.ca``: with a leaf certificate there (the
+    node's own, say) or another CA's, it starts, and then every consumer's handshake fails
+    with a message that blames the consumer's certificate (found by review).
+
+    Raises:
+        ConfigError: no CA certificate (basicConstraints CA) in ``tls.ca``, or none of
+            them issued ``tls.cert``.
+    """
+    cas = [c for c in x509.load_pem_x509_certificates(identity.ca_pem) if _is_ca(c)]
+    if not cas:
+        raise ConfigError(
+            "tls.ca: holds no CA certificate (basicConstraints CA:TRUE), so no consumer "
+            "certificate can be verified; give the federation CA's certificate (ca.pem), "
+            "not a node's or consumer's"
+        )
+    leaf = _cert(identity.cert_pem)
+    for ca in cas:
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return
+    raise ConfigError(
+        "tls.cert was not issued by a CA in tls.ca: consumers, issued by the federation CA, "
+        "verify this node with the same CA; give that CA's certificate in tls.ca (a bundle "
+        "may list several)"
+    )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _dns_matches(pattern: str, name: str) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from federation.errors import ConfigError, InvalidRequestError
 from federation.schema import MAX_ABS_BOUND, MIN_BOUNDS_WIDTH, Column, ColumnType, DatasetSchema
+from federation.wire import CHUNK_BYTES
 from nodes.limits import REQUEST_READ_S
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ _CODE_RULE = "must be a code of at most 64 characters without spaces"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 _MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+_TRAIN_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024  # a weights chunk and its framing
 _MAX_CONCURRENT_REQUESTS = 1024
 _DEVICE_RE = re.compile(r"cpu|mps|(cuda|xpu)(:[0-9]{1,3})?")
 _MAX_REQUEST_S = 86_400.0  # a day: beyond that a "deadline" no longer protects anything
@@ -297,6 +299,15 @@ class NodeConfig:
             raise _FieldError(
                 "max_message_bytes",
                 f"must be an integer 1024-{_MAX_GRPC_MESSAGE_BYTES}; got {self.max_message_bytes}",
+            )
+        trainers = sorted(n for n, c in self.consumers.items() if "train" in c.operations)
+        if trainers and self.max_message_bytes < _TRAIN_MESSAGE_BYTES:
+            # Found by review: accepted, then every training job failed at its first chunk.
+            raise _FieldError(
+                "max_message_bytes",
+                f"must be at least {_TRAIN_MESSAGE_BYTES} when a consumer may train "
+                f"({', '.join(trainers)}): weights stream in {CHUNK_BYTES}-byte chunks; got "
+                f"{self.max_message_bytes}",
             )
         if not (math.isfinite(self.max_request_s) and 0 < self.max_request_s <= _MAX_REQUEST_S):
             raise _FieldError(

@@ -142,6 +142,11 @@ def start_node(
         }
     except ConfigError as err:
         raise ConfigError(f"node.device: {err}") from err
+    if config.tls is not None and config.tls.revocation is not None:
+        try:  # at start, a config error like any other (while serving, it fails closed)
+            pki.read_revocation_file(config.tls.revocation)
+        except ConfigError as err:
+            raise ConfigError(f"tls.revocation: {err}") from err
     guard = Guard(config, use_tls=use_tls)
     service = NodeService(
         config,
@@ -208,6 +213,7 @@ def _bind(server: grpc.Server, config: NodeConfig) -> int:
         if config.tls is not None:
             identity = pki.Identity.load(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
             pki.check_node_certificate(identity.cert_pem, config.name)
+            pki.check_trust_anchor(identity)
             port = server.add_secure_port(config.listen, pki.server_credentials(identity))
         else:
             port = server.add_insecure_port(config.listen)

@@ -268,6 +268,44 @@ def test_a_second_node_on_a_serving_nodes_address_fails_to_start(
     assert f"node.listen: cannot bind {running.address}" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # Found by review: the node served, refusing every certificate (a log line only).
+        ("revocation", "tls.revocation: "),
+        # Found by review: the node served; every consumer's handshake failed, blaming it.
+        ("ca", "tls.ca: holds no CA certificate"),
+    ],
+)
+def test_node_serve_refuses_unusable_tls_files_naming_the_key(
+    local_fed: LocalFederation, tmp_path: Path, edit: str, message: str
+) -> None:
+    running = local_fed.processes["hong-kong"]
+    lines = [
+        'listen = "127.0.0.1:0"'
+        if line.startswith("listen =")
+        else f'state_dir = "{tmp_path / "state"}"'
+        if line.startswith("state_dir =")
+        else line
+        for line in running.config_path.read_text().splitlines()
+    ]
+    at = lines.index("[tls]")
+    cert = next(line for line in lines[at:] if line.startswith("cert ="))
+    if edit == "revocation":
+        revoked = tmp_path / "revoked.txt"
+        revoked.write_text("not-a-serial!!\n")
+        lines.insert(at + 1, f'revocation = "{revoked}"')
+    else:
+        lines = [
+            cert.replace("cert =", "ca =") if line.startswith("ca =") else line for line in lines
+        ]
+    config = tmp_path / "node.toml"
+    config.write_text("\n".join(lines) + "\n")
+    proc = run("node", "serve", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
 def test_node_init_writes_a_starter_config_without_data_values(tmp_path: Path) -> None:
     data = tmp_path / "loans.csv"
     table = pa.table({"amount": [12345.67, 89012.34], "approved": [True, False]})

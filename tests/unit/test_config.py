@@ -394,6 +394,12 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "unknown key 'min' in datasets[0].columns[0]",
     ),
     ("tls typo", _set("tls/crl", "x"), "unknown key 'crl' in tls"),
+    # too small for a weights chunk while a consumer may train (every job failed)
+    (
+        "message limit below a chunk",
+        _set("node/max_message_bytes", 1048576),
+        "node.max_message_bytes: must be at least 2162688 when a consumer may train (acme-ai)",
+    ),
     # bounds no query could use (every query refused; training scaled the column to 0)
     (
         "huge bounds",

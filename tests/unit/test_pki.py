@@ -380,3 +380,21 @@ def test_only_a_client_only_certificate_counts_as_one_that_cannot_serve(
     assert pki.is_server_certificate(_server_cert(ca_dir, "x", [], usages=any_use))
     client = [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not pki.is_server_certificate(_server_cert(ca_dir, "x", [], usages=client))
+
+
+def test_a_nodes_trust_anchor_must_be_the_ca_that_issued_it(ca_dir: Path, tmp_path: Path) -> None:
+    # Found by review: a leaf or another CA's certificate in tls.ca was accepted, and every
+    # consumer's handshake then failed with a message that blamed the consumer.
+    cert, key = pki.issue(ca_dir, name="hong-kong", role="node", out_dir=tmp_path / "n")
+    good = pki.Identity.load(ca=ca_dir / "ca.pem", cert=cert, key=key)
+    pki.check_trust_anchor(good)
+    own_leaf = pki.Identity.load(ca=cert, cert=cert, key=key)
+    with pytest.raises(ConfigError, match="tls.ca: holds no CA certificate"):
+        pki.check_trust_anchor(own_leaf)
+    other = pki.init_ca(tmp_path / "other", name="other-ca")
+    foreign = pki.Identity.load(ca=other, cert=cert, key=key)
+    with pytest.raises(ConfigError, match="tls.cert was not issued by a CA in tls.ca"):
+        pki.check_trust_anchor(foreign)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(other.read_bytes() + (ca_dir / "ca.pem").read_bytes())
+    pki.check_trust_anchor(pki.Identity.load(ca=bundle, cert=cert, key=key))
