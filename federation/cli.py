@@ -399,6 +399,8 @@ def _certs(args: argparse.Namespace) -> int:
         path = pki.init_ca(args.out, name=args.name)
         print(f"CA written: {path} (keep {path.with_suffix('.key').name} secret and offline)")
         return 0
+    if args.days < 1:
+        raise ConfigError(f"--days must be >= 1; got {args.days}")
     hosts = [h for h in args.host.split(",") if h]
     cert, key = pki.issue(
         args.ca,
@@ -409,4 +411,6 @@ def _certs(args: argparse.Namespace) -> int:
         validity_days=args.days,
     )
     print(f"issued {args.role} certificate {cert} and key {key} (mode 0600)")
+    if args.role == "consumer" and "." in args.name:
+        print(f'in a node config, quote the name: [consumers."{args.name}"]')
     return 0

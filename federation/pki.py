@@ -77,6 +77,7 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # nodes.config's node.name rule
 _HEX_RE = re.compile(r"[0-9a-f]+")
 _FINGERPRINT_HEX_CHARS = 64  # SHA-256
 _MAX_SERIAL_HEX_CHARS = 40  # RFC 5280 section 4.1.2.2: at most 20 octets
@@ -216,6 +217,12 @@ def issue(
     if role not in ("node", "consumer"):
         raise ConfigError(f"role must be 'node' or 'consumer'; got {role!r}")
     _check_name(name, what=f"{role} name")
+    if role == "node" and not _NODE_NAME_RE.fullmatch(name):
+        # node.name's rule (no '.'): a certificate no node config could name is useless.
+        raise ConfigError(
+            f"node name {name!r} is invalid: a node's name (node.name in its config) is 1 to "
+            "64 letters, digits, '-' or '_'"
+        )
     if role == "consumer" and hosts:
         raise ConfigError(f"consumer {name!r} cannot have hosts; got {list(hosts)!r}")
     _check_validity_days(validity_days)

@@ -667,6 +667,13 @@ def _consumers(data: Mapping[str, object]) -> dict[str, ConsumerPolicy]:
     for name, value in consumers.items():
         where = _key_path("consumers", name)
         table = _table(value, where, f"[{where}]")
+        nested = [k for k, v in table.items() if isinstance(v, Mapping) and k not in _CONSUMER_KEYS]
+        if nested:  # [consumers.acme.ai] is the table "ai" inside consumer "acme"
+            dotted = f"{name}.{nested[0]}"
+            raise ConfigError(
+                f"{where}.{nested[0]}: a table where a policy key belongs; a consumer name "
+                f'with a dot must be quoted: [consumers."{dotted}"]'
+            )
         _check_keys(table, where, _CONSUMER_KEYS)
         try:
             policies[name] = _policy(name, table, where)

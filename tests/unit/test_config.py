@@ -400,6 +400,13 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         _set("node/max_message_bytes", 1048576),
         "node.max_message_bytes: must be at least 2162688 when a consumer may train (acme-ai)",
     ),
+    # a consumer certificate's name with a dot, unquoted (review)
+    (
+        "dotted consumer name",
+        _set("consumers/acme", {"ai": {"epsilon": 1.0}}),
+        "consumers.acme.ai: a table where a policy key belongs; a consumer name with a dot "
+        'must be quoted: [consumers."acme.ai"]',
+    ),
     # bounds no query could use (every query refused; training scaled the column to 0)
     (
         "huge bounds",

@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federation import cli as federation_cli
 from federation import pki
 from federation.errors import ConfigError, InvalidRequestError
 
@@ -398,3 +399,21 @@ def test_a_nodes_trust_anchor_must_be_the_ca_that_issued_it(ca_dir: Path, tmp_pa
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(other.read_bytes() + (ca_dir / "ca.pem").read_bytes())
     pki.check_trust_anchor(pki.Identity.load(ca=bundle, cert=cert, key=key))
+
+
+def test_a_node_certificate_takes_only_a_name_a_node_config_can_have(
+    ca_dir: Path, tmp_path: Path
+) -> None:
+    # Found by review: "hk.node" was issued, but node.name refuses '.', so no node could
+    # ever use it. A consumer's name may have dots (quoted in a node config).
+    with pytest.raises(ConfigError, match="node name 'hk.node' is invalid"):
+        pki.issue(ca_dir, name="hk.node", role="node", out_dir=tmp_path)
+    pki.issue(ca_dir, name="acme.ai", role="consumer", out_dir=tmp_path)
+
+
+def test_certs_issue_names_its_own_days_flag(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["certs", "issue", "--ca", str(ca_dir), "--name", "acme", "--role", "consumer"]
+    assert federation_cli.main([*argv, "--out", str(tmp_path), "--days", "0"]) == 2
+    assert "--days must be >= 1; got 0" in capsys.readouterr().err
