@@ -526,9 +526,12 @@ class Coordinator:
 
 
 def _mean_bounds(query: Query, schema: DatasetSchema) -> tuple[float, float] | None:
-    """The public bounds of a mean query's column (every record's value is inside them)."""
+    """The bounds a mean query's nodes clamped each record to: the query's own, else its
+    column's public bounds (as the node's planner chooses)."""
     if not isinstance(query, Mean):
         return None
+    if query.bounds is not None:
+        return (float(query.bounds[0]), float(query.bounds[1]))
     column = schema.column(query.column)
     if column.lower is None or column.upper is None:
         return None
@@ -554,7 +557,12 @@ def _check_enough(
     cannot = (NodeUnavailableError, NodeBusyError, BudgetExhaustedError, SchemaMismatchError)
     refusals = {n: e for n, e in failures.items() if not isinstance(e, cannot)}
     if not refusals and answered < needed:
-        refusals = {n: e for n, e in failures.items() if isinstance(e, BudgetExhaustedError)}
+        # Too few: the reason is the budget or the schema, if either, not "unavailable".
+        refusals = {
+            n: e
+            for n, e in failures.items()
+            if isinstance(e, BudgetExhaustedError | SchemaMismatchError)
+        }
     if refusals:
         raise _naming_charged(_first_failure(refusals), charged or {})
     if answered < needed:

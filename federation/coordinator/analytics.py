@@ -244,9 +244,12 @@ def combine(
 def _check_aligned(releases: Mapping[str, Release]) -> None:
     """Refuse to add up releases whose groups or bins differ (their schemas did).
 
+    Labels are not compared: they only name the bins (nodes from before 2026-12-06 wrote
+    the last one half-open, "[75, 100)"), and the first release's are shown.
+
     Raises:
-        SchemaMismatchError: a release's groups, bin edges or bin labels are not the
-            first's (naming both nodes).
+        SchemaMismatchError: a release's groups or bin edges are not the first's (naming
+            both nodes).
     """
     (first_node, first), *rest = releases.items()
 
@@ -254,7 +257,6 @@ def _check_aligned(releases: Mapping[str, Release]) -> None:
         return (
             frozenset(g.group for g in release.groups),  # matched by name, in any order
             tuple(release.bin_edges),
-            tuple(release.bin_labels),
         )
 
     for node, release in rest:

@@ -219,20 +219,27 @@ def test_node_serve_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> No
     assert "datasets[0].name" in proc.stderr
 
 
+def _copied_config(
+    local_fed: LocalFederation, tmp_path: Path, *, listen: str = "127.0.0.1:0"
+) -> list[str]:
+    """The lines of hong-kong's running config, listening on ``listen``, with a state dir
+    of its own under ``tmp_path``."""
+    return [
+        f'listen = "{listen}"'
+        if line.startswith("listen =")
+        else f'state_dir = "{tmp_path / "state"}"'
+        if line.startswith("state_dir =")
+        else line
+        for line in local_fed.processes["hong-kong"].config_path.read_text().splitlines()
+    ]
+
+
 def test_node_serve_refuses_an_allowed_model_it_cannot_build(
     local_fed: LocalFederation, tmp_path: Path
 ) -> None:
     # A typo in allowed_models would otherwise show only as every training request for it
     # being refused; the node names the key, the nearest architecture and the known ones.
-    running = local_fed.processes["hong-kong"]
-    lines = [
-        'listen = "127.0.0.1:0"'
-        if line.startswith("listen =")
-        else f'state_dir = "{tmp_path / "state"}"'
-        if line.startswith("state_dir =")
-        else line
-        for line in running.config_path.read_text().splitlines()
-    ]
+    lines = _copied_config(local_fed, tmp_path)
     at = next(i for i, line in enumerate(lines) if line.startswith("[consumers."))
     lines.insert(at + 1, 'allowed_models = ["logistic", "mlpp"]')
     config = tmp_path / "node.toml"
@@ -252,15 +259,7 @@ def test_a_second_node_on_a_serving_nodes_address_fails_to_start(
     # The same node config with its own ledger: sharing the port (SO_REUSEPORT) would let
     # the kernel split a consumer's calls between two budgets.
     running = local_fed.processes["hong-kong"]
-    lines = running.config_path.read_text().splitlines()
-    lines = [
-        f'listen = "{running.address}"'
-        if line.startswith("listen =")
-        else f'state_dir = "{tmp_path / "state"}"'
-        if line.startswith("state_dir =")
-        else line
-        for line in lines
-    ]
+    lines = _copied_config(local_fed, tmp_path, listen=running.address)
     config = tmp_path / "node.toml"
     config.write_text("\n".join(lines) + "\n")
     proc = run("node", "serve", "--config", str(config))
@@ -280,15 +279,7 @@ def test_a_second_node_on_a_serving_nodes_address_fails_to_start(
 def test_node_serve_refuses_unusable_tls_files_naming_the_key(
     local_fed: LocalFederation, tmp_path: Path, edit: str, message: str
 ) -> None:
-    running = local_fed.processes["hong-kong"]
-    lines = [
-        'listen = "127.0.0.1:0"'
-        if line.startswith("listen =")
-        else f'state_dir = "{tmp_path / "state"}"'
-        if line.startswith("state_dir =")
-        else line
-        for line in running.config_path.read_text().splitlines()
-    ]
+    lines = _copied_config(local_fed, tmp_path)
     at = lines.index("[tls]")
     cert = next(line for line in lines[at:] if line.startswith("cert ="))
     if edit == "revocation":

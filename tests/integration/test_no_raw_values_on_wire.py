@@ -105,7 +105,8 @@ def test_responses_carry_no_raw_values(local_fed: LocalFederation, frames) -> No
             leaked = np.intersect1d(np.asarray(floats, dtype=np.float64), raw)
             assert leaked.size == 0, f"raw values in a {type(response).__name__}: {leaked[:5]}"
             for text in strings:
-                is_label = re.fullmatch(r"\[[-0-9.e+]+, [-0-9.e+]+\)", text) is not None
+                # Bin labels: "[a, b)", the last bin "[a, b]".
+                is_label = re.fullmatch(r"\[[-0-9.e+]+, [-0-9.e+]+[)\]]", text) is not None
                 # ids and key ids (32 hex), receipt digests (SHA-256, 64 hex)
                 is_id = re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{64}", text) is not None
                 assert text in allowed or is_label or is_id, f"unexpected string {text!r}"

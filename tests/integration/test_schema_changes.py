@@ -17,6 +17,7 @@ import pytest
 
 from federation import Histogram, Quantile
 from federation.coordinator import Coordinator
+from federation.errors import SchemaMismatchError
 from federation.local import LocalFederation
 from federation.schema import Column, ColumnType, DatasetSchema
 
@@ -76,6 +77,16 @@ def test_a_node_whose_schema_changed_is_left_out_uncharged_and_rejoins_when_it_a
         _set_upper(local, "b", "100.0", "200.0")
         spent = fed.clients["b"].describe().budget.spent_epsilon
 
+        # Every node needed: the schema is the reason (not "unavailable"), and a, which
+        # answered before b was described again, is named as charged for nothing.
+        with pytest.raises(SchemaMismatchError, match="already charged for this query.*: a"):
+            fed.analyze(query, epsilon=1.0)
+        assert fed.clients["b"].describe().budget.spent_epsilon == spent
+        _set_upper(local, "b", "200.0", "100.0")
+        assert fed.analyze(query, epsilon=1.0).missing == ()
+        _set_upper(local, "b", "100.0", "200.0")
+        spent = fed.clients["b"].describe().budget.spent_epsilon
+
         result = fed.analyze(Histogram("d", "x", bins=4), epsilon=1.0, min_nodes=1)
 
         # b refused (its bins are [0, 200]), was described again, and now differs from the
@@ -100,7 +111,6 @@ def test_a_node_refuses_a_request_made_for_another_schema_and_charges_nothing(
     local: LocalFederation,
 ) -> None:
     # The coordinator's retry hides the refusal; the node's own answer, asked directly.
-    from federation.errors import SchemaMismatchError
     from federation.queries import Mechanism
     from federation.wire import AnalyzeRequest
 

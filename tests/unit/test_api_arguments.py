@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from federation import Count, LocalFederation
-from federation.coordinator import Coordinator
+from federation import Count, LocalFederation, Mean
+from federation.coordinator import Coordinator, _mean_bounds
 from federation.errors import InvalidRequestError
 from federation.models import ModelSpec
+from federation.schema import Column, ColumnType, DatasetSchema
 
 
 @pytest.fixture
@@ -48,3 +49,12 @@ def test_a_string_is_not_a_list_of_names() -> None:
         LocalFederation.synthetic(nodes=["hong-kong", "hong-kong"])
     with pytest.raises(InvalidRequestError, match=r"got the string 'age' \(write \['age'\]\)"):
         ModelSpec("mlp", "credit", "age", "defaulted")  # type: ignore[arg-type]
+
+
+def test_a_mean_is_clamped_to_the_bounds_its_nodes_used() -> None:
+    # Found by review: with the query's own bounds (100, 200) on ages declared [18, 90],
+    # the mean was clamped to the column's bounds: 90, with a zero-width interval.
+    schema = DatasetSchema("d", (Column("age", ColumnType.INT, 18, 90),))
+    assert _mean_bounds(Mean("d", "age"), schema) == (18.0, 90.0)
+    assert _mean_bounds(Mean("d", "age", bounds=(100.0, 200.0)), schema) == (100.0, 200.0)
+    assert _mean_bounds(Count("d"), schema) is None

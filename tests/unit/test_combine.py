@@ -305,6 +305,13 @@ def test_releases_over_other_bins_or_groups_are_not_added_up() -> None:
     }
     with pytest.raises(SchemaMismatchError, match="node 'b' released other groups or bins"):
         _combine(query, shifted)
+    # Labels only name the bins: an older node's "[3, 4)" for the last bin still adds up.
+    relabelled = {
+        "a": _release({"": [_m("bins", hist)]}, edges=EDGES, labels=("0", "1", "2", "[3, 4]")),
+        "b": _release({"": [_m("bins", hist)]}, edges=EDGES, labels=("0", "1", "2", "[3, 4)")),
+    }
+    labels, _ = _combine(Histogram("credit", "age", bins=4), relabelled)
+    assert labels == ("0", "1", "2", "[3, 4]")
     regrouped = {
         "a": _release({"x": [_m("count", [1.0])], "y": [_m("count", [1.0])]}),
         "b": _release({"y": [_m("count", [1.0])], "z": [_m("count", [1.0])]}),
