@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from federation.errors import ConfigError
+from federation.errors import ConfigError, InvalidRequestError
 from federation.privacy import Charge, Spend
 from federation.receipts import (
     ReceiptError,
@@ -382,7 +382,12 @@ def _check_budget(
     ).fetchone()
     if unbudgeted is not None:
         walk.flag(int(unbudgeted[0]), "audited charge is missing from the budget's charges")
-    stored = {str(c): Spend.from_json(str(s)) for c, s in conn.execute("SELECT * FROM spend")}
+    stored: dict[str, Spend] = {}
+    for consumer, state in conn.execute("SELECT consumer, state FROM spend"):
+        try:
+            stored[str(consumer)] = Spend.from_json(str(state))
+        except (InvalidRequestError, ValueError):
+            walk.flag(head, f"consumer {consumer!r}: its stored spend does not parse")
     if full:
         _check_composition(conn, walk, charges, stored, head)
         return
@@ -486,66 +491,88 @@ def check_at_start(
 def reconcile_budgets(
     conn: sqlite3.Connection, deltas: Mapping[str, float]
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """After an override, never serve a budget below what the audit chain shows was spent.
+    """After an override, never serve a budget below what the ledger shows was spent.
 
     A broken chain may come with a damaged budget: the ``spend`` table is a running total,
     and serving from a deleted or edited row would give a consumer its spent epsilon back.
-    Each consumer's spend is recomposed from the charges the chain audits (their budget
-    rows intact, by digest), plus any budget charge the chain lacks; where that is more
-    than the stored spend at the consumer's delta (``deltas``; 1e-6 for one no longer
-    configured), the stored spend is raised to it. A consumer with an audited charge whose
-    budget row is missing or altered cannot be recomposed: it is frozen (the node charges
-    it nothing more) until its operator restores the ledger.
+    Each consumer's spend is recomposed from every charge the ledger holds for it (the
+    budget's charge rows, intact or not: counting more is safe), and the stored spend is
+    raised to the element-wise maximum of the two (epsilon and delta sums, every RDP order,
+    releases), an upper bound of both now and after any later charge. A consumer is frozen
+    (the node charges it nothing more until its operator restores the ledger) where what
+    it spent cannot be recomposed: an audited charge whose budget row is missing or
+    altered, or a row that does not parse. The consumer is taken from every place that
+    names it (the budget row, the audit entry's column and body), so a damaged entry
+    cannot shift the freeze onto another name.
 
     Returns:
-        Consumers whose spend was raised (with from/to), and frozen consumers (with why).
+        Consumers whose spend was raised (with from/to, at their delta: ``deltas``, 1e-6
+        for one no longer configured), and frozen consumers (with why).
     """
-    rows = {
-        str(i): (str(c), str(j))
-        for i, c, j in conn.execute("SELECT id, consumer, charge FROM charges")
-    }
-    composed: dict[str, Spend] = {}
     frozen: dict[str, str] = {}
-    audited: set[str] = set()
-    for seq, entry_id, body in conn.execute(
-        "SELECT seq, id, body FROM audit WHERE kind = 'charge' ORDER BY seq"
+    composed: dict[str, Spend] = {}
+    rows: dict[str, tuple[str, str]] = {}
+    for entry_id, consumer, charge_json in conn.execute("SELECT id, consumer, charge FROM charges"):
+        rows[str(entry_id)] = (str(consumer), str(charge_json))
+        try:
+            charge = Charge.from_json(str(charge_json))
+        except (InvalidRequestError, ValueError) as err:
+            frozen.setdefault(str(consumer), f"its budget charge {entry_id} does not parse: {err}")
+            continue
+        composed[str(consumer)] = composed.get(str(consumer), Spend()).plus(charge)
+    for seq, entry_id, column, body in conn.execute(
+        "SELECT seq, id, consumer, body FROM audit WHERE kind = 'charge' ORDER BY seq"
     ):
         parsed = _parse(str(body)) or {}
-        consumer = str(parsed.get("consumer", ""))
         row = rows.get(str(entry_id))
-        audited.add(str(entry_id))
-        intact = row is not None and (
-            row[0] == consumer
+        names = {str(column), str(parsed.get("consumer", column))}
+        if row is not None:
+            names.add(row[0])
+        intact = (
+            row is not None
+            and names == {row[0]}
             and hashlib.sha256(row[1].encode("utf-8")).hexdigest() == parsed.get("charge_sha256")
         )
-        if row is None or not intact:
-            frozen.setdefault(
-                consumer,
-                f"its audited charge at entry {seq} is missing from the budget or altered",
-            )
-            continue
-        composed[consumer] = composed.get(consumer, Spend()).plus(Charge.from_json(row[1]))
-    for entry_id, (consumer, charge_json) in rows.items():
-        if entry_id not in audited:  # in the budget, not the chain: counted, to be safe
-            composed[consumer] = composed.get(consumer, Spend()).plus(Charge.from_json(charge_json))
-    stored = {str(c): Spend.from_json(str(st)) for c, st in conn.execute("SELECT * FROM spend")}
+        if not intact:
+            why = f"its audited charge at entry {seq} is missing from the budget or altered"
+            for name in sorted(names - {""}):
+                frozen.setdefault(name, why)
+    stored: dict[str, Spend] = {}
+    unreadable: set[str] = set()
+    for consumer, state in conn.execute("SELECT consumer, state FROM spend"):
+        try:
+            stored[str(consumer)] = Spend.from_json(str(state))
+        except (InvalidRequestError, ValueError) as err:
+            frozen.setdefault(str(consumer), f"its stored spend does not parse: {err}")
+            unreadable.add(str(consumer))
     raised: dict[str, str] = {}
-    for consumer in sorted(set(composed) - set(frozen)):
-        delta = deltas.get(consumer, 1e-6)
+    # Frozen consumers too: their budget then shows at least what the ledger holds.
+    for consumer in sorted(set(composed) - unreadable):
         before = stored.get(consumer, Spend())
-        after = composed[consumer]
-        if after == before or after.epsilon_at(delta) <= before.epsilon_at(delta):
+        after = _upper(before, composed[consumer])
+        if after == before:
             continue
         conn.execute(
             "INSERT INTO spend (consumer, state) VALUES (?, ?)"
             " ON CONFLICT(consumer) DO UPDATE SET state = excluded.state",
             (consumer, after.to_json()),
         )
+        delta = deltas.get(consumer, 1e-6)
         raised[consumer] = (
             f"epsilon {before.epsilon_at(delta):.6g} -> {after.epsilon_at(delta):.6g} "
             f"({before.releases} -> {after.releases} releases)"
         )
     return raised, frozen
+
+
+def _upper(a: Spend, b: Spend) -> Spend:
+    """A spend at least as large as ``a`` and ``b`` by every measure the ledger composes."""
+    return Spend(
+        epsilon_sum=max(a.epsilon_sum, b.epsilon_sum),
+        delta_sum=max(a.delta_sum, b.delta_sum),
+        rdp=tuple(max(x, y) for x, y in zip(a.rdp, b.rdp, strict=True)),
+        releases=max(a.releases, b.releases),
+    )
 
 
 # ------------------------------------------------------------------ receipts vs ledger

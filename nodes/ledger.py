@@ -30,7 +30,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.errors import BudgetExhaustedError, NodeBusyError, NodeUnavailableError
+from federation.errors import (
+    BudgetExhaustedError,
+    InvalidRequestError,
+    NodeBusyError,
+    NodeUnavailableError,
+)
 from federation.privacy import Charge, Spend
 from federation.releases import BudgetStatus, Receipt
 from nodes.audit import SCHEMA as AUDIT_SCHEMA
@@ -175,10 +180,13 @@ class Ledger:
     def status(self, policy: ConsumerPolicy) -> BudgetStatus:
         """Return the consumer's budget status under its current policy (none left if
         its budget is frozen)."""
-        status = _status(self.spend(policy.name), policy)
-        if policy.name in self._frozen:
-            status = dataclasses.replace(status, remaining_epsilon=0.0)
-        return status
+        if policy.name not in self._frozen:
+            return _status(self.spend(policy.name), policy)
+        try:
+            spend = self.spend(policy.name)
+        except InvalidRequestError:  # its stored spend may be what was damaged
+            spend = Spend()
+        return dataclasses.replace(_status(spend, policy), remaining_epsilon=0.0)
 
     def charge(
         self,

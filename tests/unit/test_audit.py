@@ -828,3 +828,57 @@ def test_a_ledger_on_read_only_storage_is_opened_immutable_or_refused_clearly(
     garbage.mkdir()
     (garbage / "ledger.sqlite").write_bytes(b"not a database at all")
     assert audit_main(["verify", "--state-dir", str(garbage)]) == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # The audit entry's body names another consumer, or does not parse: the freeze
+        # follows the budget row and the entry's column too, not the body alone (review).
+        'UPDATE audit SET body = replace(body, \'"consumer":"acme"\', \'"consumer":"zzz"\')'
+        " WHERE seq = 2",
+        "UPDATE audit SET body = 'garbage' WHERE seq = 2",
+        # Rows that do not parse: the node still starts, and freezes their consumer.
+        "INSERT INTO charges (id, consumer, operation, created_at, charge, details,"
+        " spent_epsilon) VALUES ('x', 'acme', 'analyze', 0, 'garbage', '{}', 0)",
+        "UPDATE spend SET state = 'garbage' WHERE consumer = 'acme'",
+    ],
+)
+def test_an_override_freezes_the_consumer_whose_records_are_damaged(
+    state: Path, damage: str
+) -> None:
+    garbled_spend = damage.startswith("UPDATE spend")
+    with sqlite3.connect(state / LEDGER_FILE, isolation_level=None) as attacker:
+        if not garbled_spend:
+            attacker.execute("DELETE FROM spend WHERE consumer = 'acme'")
+        attacker.execute(damage)
+    attacker.close()
+    ledger = open_ledger(_node_config(state), allow_broken_audit=True)
+    try:
+        assert ledger.status(POLICY).remaining_epsilon == 0.0
+        with pytest.raises(BudgetExhaustedError, match="budget records for it are damaged"):
+            release(ledger, POLICY)
+        if not garbled_spend:  # its spend shows every charge the ledger holds
+            assert ledger.spend("acme").releases == 3
+        assert ledger.status(OTHER).spent_epsilon == pytest.approx(0.1)  # beta: served
+    finally:
+        ledger.close()
+
+
+def test_a_raised_spend_bounds_both_by_every_measure() -> None:
+    # Found by review: replacing the stored spend by a recomposed one that was larger at
+    # today's delta could compose to less after later charges. The maximum by every
+    # measure (sums, each RDP order, releases) is never below either, now or later.
+    from federation.privacy import Spend, gaussian_charge
+    from nodes.audit_verify import _upper
+
+    stored = Spend().plus(laplace_charge(epsilon=3.0, sensitivity=1))
+    recomposed = Spend()
+    for _ in range(37):
+        recomposed = recomposed.plus(gaussian_charge(epsilon=0.5, delta=1e-7, sensitivity=1))
+    both = _upper(stored, recomposed)
+    later = gaussian_charge(epsilon=0.5, delta=1e-7, sensitivity=1)
+    for _ in range(20):
+        both, stored, recomposed = both.plus(later), stored.plus(later), recomposed.plus(later)
+    for delta in (1e-7, 1e-6, 1e-5):
+        assert both.epsilon_at(delta) >= max(stored.epsilon_at(delta), recomposed.epsilon_at(delta))
