@@ -433,7 +433,7 @@ class LocalFederation:
         proc = self._spawn(name, self.node_configs[name])
         self.processes[name] = proc  # recorded first: stopped with the rest if it fails
         self._wait_healthy(proc)
-        if self.coordinator is not None:
+        if self.coordinator is not None and not self.coordinator._closed:
             self.coordinator._replace_client(
                 NodeClient(
                     name,

@@ -238,7 +238,8 @@ def _describe(col: Column | None) -> str:
         # Exact: 1e+06 and 1000010 differ (":g" showed both as 1e+06, so they agreed).
         text += f" [{float(col.lower)!r}, {float(col.upper)!r}]"  # type: ignore[arg-type]
     if col.type is ColumnType.CATEGORY:
-        text += " {" + ", ".join(col.domain) + "}"
+        # Quoted: ("Washington, DC", "Paris") and ("Washington", "DC, Paris") differ.
+        text += " {" + ", ".join(repr(value) for value in col.domain) + "}"
     return text
 
 

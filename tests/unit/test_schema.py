@@ -65,3 +65,15 @@ def test_a_request_for_another_schema_is_refused_and_a_malformed_digest_is_inval
     for bad in ("abc", "A" * 64, "g" * 64, "0" * 65):
         with pytest.raises(InvalidRequestError, match="schema_sha256"):
             check_schema_digest(bad)
+
+
+def test_category_domains_are_compared_value_by_value() -> None:
+    # Joined with ", ", ("Washington, DC", "Paris") and ("Washington", "DC, Paris") read
+    # the same and "agreed" (review).
+    one = DatasetSchema(
+        "d", (Column("city", ColumnType.CATEGORY, domain=("Washington, DC", "Paris")),)
+    )
+    two = DatasetSchema(
+        "d", (Column("city", ColumnType.CATEGORY, domain=("Washington", "DC, Paris")),)
+    )
+    assert check_compatible({"a": one, "b": two}) != []
