@@ -277,7 +277,9 @@ class NodeService(pb_grpc.NodeServicer):
                 "new buffers" if into is None else "the last round's buffers",
             )
             started = time.monotonic()
-            weights = self._receive_weights(frames, headers, into)
+            weights = self._receive_weights(
+                frames, headers, into, context=context, consumer=consumer
+            )
             received = time.monotonic()
             if admission.deadline.expired or not context.is_active():
                 # Cut off as the last chunk arrived: nobody would receive the update, so
@@ -342,11 +344,25 @@ class NodeService(pb_grpc.NodeServicer):
         frames: Iterator[bytes],
         headers: tuple[wire.TensorHeader, ...],
         into: dict[str, npt.NDArray[np.float32]] | None,
+        *,
+        context: grpc.ServicerContext,
+        consumer: str,
     ) -> dict[str, npt.NDArray[np.float32]]:
-        """Read the global weights (into ``into``, if given); refuse NaN/Inf as chunks arrive."""
+        """Read the global weights (into ``into``, if given); refuse NaN/Inf as chunks arrive.
+
+        Each message must arrive within the read limit (``max_request_read_s``): the call
+        holds a training slot every consumer shares, and a caller that withheld its weights
+        held it for all of ``max_request_s`` (found by review). Then the caller must end
+        its stream: anything after the declared weights is refused, not ignored.
+
+        Raises:
+            InvalidRequestError: a malformed or short stream, or one that goes on.
+            NodeUnavailableError: a message did not arrive within the read limit (the
+                call is cancelled; nothing is charged).
+        """
         assembler = wire.TensorAssembler(headers, require_finite=True, into=into)
         while not assembler.is_complete:
-            frame = next(frames, None)
+            frame = self._next_frame(frames, context, consumer)
             if frame is None:
                 break  # finish() names the short tensor
             chunk = wire.parse_train_request(frame)
@@ -355,7 +371,26 @@ class NodeService(pb_grpc.NodeServicer):
                     "after its TrainConfig, a Train stream carries only tensor chunks"
                 )
             assembler.add(chunk)
-        return assembler.finish()
+        weights = assembler.finish()
+        if self._next_frame(frames, context, consumer) is not None:
+            raise InvalidRequestError(
+                "a Train stream ends after its declared weights; this one went on (an extra "
+                "chunk, tensor or message); nothing was charged"
+            )
+        return weights
+
+    def _next_frame(
+        self, frames: Iterator[bytes], context: grpc.ServicerContext, consumer: str
+    ) -> bytes | None:
+        """The stream's next message (None at its end), within the read limit."""
+        with self.guard.read_deadline(context, "train", consumer) as read:
+            frame = next(frames, None)
+        if read.fired:
+            raise NodeUnavailableError(
+                f"train: no message within {self.config.max_request_read_s:g}s while the "
+                "weights arrived; the call was cancelled and nothing was charged"
+            )
+        return frame
 
     def _wait_for_training_slot(
         self, context: grpc.ServicerContext, admission: Admission
@@ -464,10 +499,14 @@ class NodeService(pb_grpc.NodeServicer):
     ) -> NoReturn:
         """Log and audit a refusal, and end the call with its status code."""
         code = status_for(err)
-        log.warning("refused %s: %s (%s)", operation, err, code.name)
+        # Shortened: a reason can repeat a caller's strings (a 10 kB dataset name); in
+        # full it flooded the log, and over 16 KiB gRPC itself turned the status into
+        # RESOURCE_EXHAUSTED "metadata size exceeds hard limit" (found by review).
+        message = _shortened(str(err))
+        log.warning("refused %s: %s (%s)", operation, message, code.name)
         self._audit_refusal(context, operation, code, err)
         context.set_trailing_metadata(refusal_metadata(err))
-        context.abort(code, str(err))
+        context.abort(code, message)
 
     def _fail(self, context: grpc.ServicerContext, operation: str) -> NoReturn:
         """Log the current exception under an incident id; end the call with INTERNAL."""
@@ -502,6 +541,17 @@ class NodeService(pb_grpc.NodeServicer):
         except (sqlite3.Error, OSError):
             # The request is refused either way; the operator's log keeps the refusal.
             log.exception("could not record the refusal of %s in the audit chain", operation)
+
+
+_STATUS_CHARS = 2000  # the longest refusal message sent or logged
+
+
+def _shortened(message: str) -> str:
+    """``message`` cut to about ``_STATUS_CHARS`` characters, keeping its start and end (a
+    budget refusal ends with its ``remaining_epsilon=`` tag)."""
+    if len(message) <= _STATUS_CHARS:
+        return message
+    return f"{message[:1400]} … [{len(message)} characters in all] … {message[-400:]}"
 
 
 _SLOT_POLL_S = 0.1  # how often a Train call waiting for a slot checks that its caller is there

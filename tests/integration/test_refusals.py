@@ -86,6 +86,24 @@ def test_bad_epsilon_is_invalid_argument(local_fed: LocalFederation, epsilon: fl
         assert "epsilon must be a finite number > 0" in info.value.details()
 
 
+def test_a_refusal_repeating_a_huge_name_is_shortened_and_keeps_its_code(
+    local_fed: LocalFederation,
+) -> None:
+    # Found by review: the reason repeated a 20 kB dataset name in full: the node's log
+    # took every byte, and past 16 KiB gRPC turned INVALID_ARGUMENT into RESOURCE_EXHAUSTED.
+    name = "x" * 20_000
+    channel, stub = raw_stub(local_fed, "hong-kong")
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Analyze(count_request(query=pb.Query(kind=pb.QUERY_KIND_COUNT, dataset=name)))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details()
+        assert "has no dataset" in details
+        assert "characters in all" in details
+        assert len(details) < 2100
+    assert "x" * 2000 not in local_fed.processes["hong-kong"].log_path.read_text()
+
+
 @pytest.mark.parametrize(
     ("request_msg", "message"),
     [

@@ -474,10 +474,17 @@ def test_a_job_cannot_be_redeclared_under_its_id_and_nothing_is_charged(
 
 
 @contextmanager
-def _training_slot_held(local: LocalFederation, node: str, job_id: str) -> Iterator[None]:
+def _training_slot_held(
+    local: LocalFederation,
+    node: str,
+    job_id: str,
+    *,
+    expect: grpc.StatusCode | None = grpc.StatusCode.INVALID_ARGUMENT,
+) -> Iterator[None]:
     """Hold ``node``'s one training slot with a Train call that withholds its weights.
 
-    On exit the holder's stream ends without weights: refused INVALID_ARGUMENT, uncharged.
+    On exit the holder's stream ends without weights: refused INVALID_ARGUMENT (``expect``;
+    None: any error), uncharged. The node cancels it after its read limit (10 s).
     """
     process = local.processes[node]
     assert local.identity is not None
@@ -507,7 +514,8 @@ def _training_slot_held(local: LocalFederation, node: str, job_id: str) -> Itera
         with pytest.raises(grpc.RpcError) as info:
             for _ in holder:
                 pass
-    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    if expect is not None:
+        assert info.value.code() is expect  # type: ignore[attr-defined]
 
 
 def _wait_for_log(process: NodeProcess, text: str, why: str, *, after: int = 0) -> None:
@@ -609,6 +617,58 @@ def test_a_round_made_for_another_schema_is_refused_and_charges_nothing(
         on_result=lambda _: lambda *_: None,
         timeout_s=60,
     )
+
+
+def test_a_stream_that_goes_on_after_its_weights_is_refused_and_charges_nothing(
+    trained_fed: LocalFederation,
+) -> None:
+    # Found by review: frames after the declared weights were never read, so a duplicate
+    # chunk, an undeclared tensor or a second config was served and charged.
+    fed = _fed(trained_fed)
+    before = releases(fed)
+    weights = _good_weights()
+    config = dataclasses.replace(_RAW_CONFIG, job_id="goes-on")
+    opening = pb.TrainRequest(
+        config=wire.train_config_to_proto(config, tensors=wire.tensor_headers(weights))
+    )
+    chunks = [pb.TrainRequest(chunk=c) for c in wire.iter_tensor_chunks(weights)]
+    assert trained_fed.identity is not None
+    channel = grpc.secure_channel(
+        trained_fed.processes["shenzhen"].address,
+        pki.channel_credentials(trained_fed.identity),
+        options=[("grpc.ssl_target_name_override", "shenzhen")],
+    )
+    with channel, pytest.raises(grpc.RpcError) as info:
+        stream = iter([opening, *chunks, chunks[-1]])  # the last chunk twice
+        for _ in pb_grpc.NodeStub(channel).Train(stream, timeout=60):
+            pass
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "ends after its declared weights" in (info.value.details() or "")  # type: ignore[attr-defined]
+    assert releases(fed) == before
+
+
+def test_weights_withheld_mid_stream_lose_the_training_slot_after_the_read_limit(
+    trained_fed: LocalFederation,
+) -> None:
+    # Found by review: a caller that sent its config and then no weights held the node's
+    # one training slot, which every consumer shares, for all of max_request_s (300 s).
+    # Each message of the stream now has the read limit (10 s by default).
+    process = trained_fed.processes["hong-kong"]
+    mark = len(process.log_path.read_text(errors="replace"))
+    with _training_slot_held(trained_fed, "hong-kong", "withholder", expect=None):
+        _wait_for_log(
+            process,
+            "cancelled train by",  # the read limit's watchdog: "request not received within"
+            "the node kept the slot for a caller that stopped sending",
+            after=mark,
+        )
+        fed = _fed(trained_fed)
+        fed.clients["hong-kong"].train(
+            dataclasses.replace(_RAW_CONFIG, job_id="after-withholder"),
+            _good_weights(),
+            on_result=lambda _: lambda *_: None,
+            timeout_s=60,
+        )
 
 
 def test_nan_weights_are_invalid_argument_and_charge_nothing(
