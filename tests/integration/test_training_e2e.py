@@ -638,10 +638,9 @@ def test_a_stream_that_goes_on_after_its_weights_is_refused_and_charges_nothing(
         pki.channel_credentials(trained_fed.identity),
         options=[("grpc.ssl_target_name_override", "shenzhen")],
     )
+    stream = iter([opening, *chunks, chunks[-1]])  # the last chunk twice
     with channel, pytest.raises(grpc.RpcError) as info:
-        stream = iter([opening, *chunks, chunks[-1]])  # the last chunk twice
-        for _ in pb_grpc.NodeStub(channel).Train(stream, timeout=60):
-            pass
+        list(pb_grpc.NodeStub(channel).Train(stream, timeout=60))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "ends after its declared weights" in (info.value.details() or "")  # type: ignore[attr-defined]
     assert releases(fed) == before
