@@ -654,6 +654,42 @@ def test_an_operator_architectures_evaluation_batch_is_bounded_by_its_width(
     assert bounded.metrics == whole.metrics
 
 
+class _Doubling(nn.Module):
+    """Writes its input in place, as a careless operator's forward might."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return self.linear(x)
+
+
+def test_a_forward_that_writes_its_input_never_changes_the_held_out_records(
+    table: Table,
+) -> None:
+    # Found by review: the metrics pass gave the forward views of the cached held-out
+    # rows; x.mul_(2) doubled them for every later round's metrics.
+    def doubling(spec: ModelSpec, dim: int) -> nn.Module:
+        return _Doubling(dim)
+
+    registry: dict[str, ModelBuilder] = {**MODEL_REGISTRY, "doubling": doubling}
+    policy = dataclasses.replace(POLICY, allowed_models=("doubling",))
+    spec = ModelSpec("doubling", "credit", FEATURES, "defaulted")
+    plan = plan_training(
+        **_request(spec=spec, policy=policy, local_steps=1, metrics_epsilon=0.5),
+        registry=registry,
+    )
+    weights = initial_arrays(spec, input_dim=plan.input_dim, seed=0, registry=registry)
+    engine = TrainingEngine(table, registry=registry)
+    data = engine._tensors(plan.spec.features, plan.spec.target)
+    held_out = data.holdout_x.clone()
+    for seed in range(2):
+        assert engine.train(plan, weights, rng=np.random.default_rng(seed)).metrics
+    assert torch.equal(data.holdout_x, held_out)
+
+
 class _Centring(nn.Module):
     """Subtracts the batch's mean: each output depends on every row of the batch."""
 
