@@ -1502,9 +1502,7 @@ def _record_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def one(row: torch.Tensor) -> torch.Tensor:
         # A copy of the row too: a forward that writes its input in place (x.mul_(2))
         # changed the engine's cached held-out rows for every later round (review).
-        out: torch.Tensor = functional_call(
-            model, (params, buffers), (row.unsqueeze(0).clone(),)
-        )
+        out: torch.Tensor = functional_call(model, (params, buffers), (row.unsqueeze(0).clone(),))
         if out.numel() != 1:
             raise ValueError(f"the model gave {out.numel()} outputs for one row, not 1 logit")
         return out.reshape(())
