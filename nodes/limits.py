@@ -214,6 +214,10 @@ class ConcurrencyLimiter:
                     del self._running[key]
 
 
+def _nothing() -> None:
+    """The action of a finished deadline."""
+
+
 class Deadline:
     """A request's server-side deadline; the :class:`Watchdog` fires it when due."""
 
@@ -243,9 +247,15 @@ class Deadline:
         return self._fired or self._clock() >= self.due
 
     def finish(self) -> None:
-        """Mark the request done: the deadline will not fire any more."""
+        """Mark the request done: the deadline will not fire any more.
+
+        Its action is dropped at once: the watchdog keeps a finished deadline until it
+        falls due, and the action holds its call's context (a Train stream starts one
+        deadline per weights chunk: hundreds per round, each kept for the read limit).
+        """
         with self._lock:
             self._finished = True
+            self._on_expiry = _nothing
 
     def fire(self) -> bool:
         """Run ``on_expiry`` once unless finished; return whether it ran."""
@@ -294,7 +304,8 @@ class Watchdog:
                     target=self._loop, name="request-watchdog", daemon=True
                 )
                 self._thread.start()
-            self._condition.notify()
+            if self._heap[0][2] is watch:  # due first: the thread must wait less
+                self._condition.notify()
         return watch
 
     def close(self) -> None:
