@@ -73,8 +73,8 @@ INTERRUPTED_CELL = textwrap.dedent(
     local = LocalFederation.synthetic(rows=500, tls=False)
     fed = local.start()
     pids = [p.process.pid for p in local.processes.values()]
-    print(json.dumps({"pids": pids, "workdir": str(local.workdir)}), flush=True)
-    try:
+    try:  # printed inside: the interrupt may come as soon as the line is read
+        print(json.dumps({"pids": pids, "workdir": str(local.workdir)}), flush=True)
         time.sleep(600)  # a long cell
     except KeyboardInterrupt:  # the kernel shows it, and the notebook goes on
         pass
